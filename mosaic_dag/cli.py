@@ -1,0 +1,133 @@
+"""The ``mosaic`` command: run the demo or any config, sync partitions, open the UI.
+
+Failures print one line (what is wrong and the fix) and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mosaic_dag.errors import MosaicError
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """Dagster wraps step failures; the user needs the innermost mosaic error."""
+    seen = set()
+    cur: BaseException | None = err
+    best: BaseException = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, MosaicError):
+            best = cur
+        user = getattr(cur, "user_exception", None)
+        cur = user or cur.__cause__ or cur.__context__
+    return best
+
+
+def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
+    cfg = summary.config
+    hits = sum(1 for s in summary.steps if s.asset == "hidden_states" and s.metadata.get("cache_hit"))
+    n_hidden = sum(1 for s in summary.steps if s.asset == "hidden_states")
+    print(f"\nhidden states: {n_hidden} partitions, {hits} cache hits, {summary.forward_calls()} LM forward calls")
+    print(f"results:   {cfg.data_path}")
+    print(f"dagster:   DAGSTER_HOME={summary.dagster_home}  (see it: mosaic ui, or dagster dev -w workspace.yaml)")
+    print(f"mlflow:    {summary.tracking_uri}  (mlflow ui --backend-store-uri {summary.tracking_uri})")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mosaic_dag.runner import run_experiment
+
+    summary = run_experiment(args.config, progress=not args.quiet)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_partitions(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+
+    from mosaic_dag.config import load_config
+    from mosaic_dag.runner import dagster_home, register_partitions
+
+    cfg = load_config(args.config)
+    dagster_home()
+    new_t, new_d = register_partitions(DagsterInstance.get(), cfg)
+    print(f"added {len(new_t)} target and {len(new_d)} dataset partitions")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from mosaic_dag.config import load_config
+    from mosaic_dag.partitions import dataset_keys, targets
+
+    cfg = load_config(args.config)
+    print(f"ok: {len(targets(cfg))} targets × {len(dataset_keys(cfg))} datasets")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from mosaic_dag.runner import dagster_home
+    from resources.experiment import CONFIG_ENV
+
+    home = dagster_home()
+    workspace = home / "workspace.yaml"
+    workspace.write_text(
+        "load_from:\n  - python_module:\n      module_name: mosaic_dag.definitions\n"
+        "      attribute: defs\n      location_name: mosaic\n"
+    )
+    env = dict(os.environ)
+    if args.config:
+        env[CONFIG_ENV] = str(Path(args.config).resolve())
+    cmd = ["dagster", "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
+    print("starting:", " ".join(cmd))
+    return subprocess.call(cmd, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mosaic", description="SAE features for classification and transfer (MOSAIC).")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the embedded default experiment (bundled Gemma 3 270M, demo data)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_run, config=None)
+    run = sub.add_parser("run", help="run the asset graph for a config file")
+    run.add_argument("--config", required=True, help="experiment YAML (see README)")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="check a config file and print its partitions")
+    val.add_argument("--config", default=None)
+    val.set_defaults(func=cmd_validate)
+    part = sub.add_parser("partitions", help="register the config's dynamic partitions in $DAGSTER_HOME")
+    part.add_argument("--config", default=None)
+    part.set_defaults(func=cmd_partitions)
+    ui = sub.add_parser("ui", help="start the Dagster UI on this project's instance")
+    ui.add_argument("--config", default=None)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("mosaic: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI turns every failure into one line
+        root = _root_cause(err)
+        msg = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        if not isinstance(root, MosaicError):
+            msg = f"{type(root).__name__}: {msg}"
+        print(f"mosaic: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Experiment config: one YAML file, validated before any compute.
+
+The shape follows the seed tool's config.yaml (``models`` / ``datasets`` / ``classification``)
+so its users feel at home. Every error is a single line naming the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources as importlib_resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from mosaic_dag.errors import ConfigError
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+BUNDLED_MODEL = "bundled:gemma-3-270m"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_key(value: str, field: str) -> str:
+    if not _KEY_RE.match(value):
+        raise ValueError(
+            f"{field} {value!r} may hold only letters, digits, '_' and '-' (it becomes a partition key)"
+        )
+    return value
+
+
+class SaeConfig(_Strict):
+    """Where an SAE comes from: sae-lens registry, a local sae-lens folder, or trained here."""
+
+    source: Literal["registry", "local", "train"] = "train"
+    name: str | None = None
+    release: str | None = None
+    sae_id: str | None = None
+    path: str | None = None
+    architecture: Literal["batchtopk", "jumprelu", "topk", "standard"] = "batchtopk"
+    width: int = Field(4096, ge=16)
+    k: int = Field(32, ge=1)
+    training_tokens: int = Field(200_000, ge=1_000)
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(1024, ge=16)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "SaeConfig":
+        if self.source == "registry" and not (self.release and self.sae_id):
+            raise ValueError("source 'registry' needs both 'release' and 'sae_id'")
+        if self.source == "local" and not self.path:
+            raise ValueError("source 'local' needs 'path' (a folder saved by sae-lens)")
+        if self.name is not None:
+            _check_key(self.name, "name")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Short name used in partition keys."""
+        if self.name:
+            return self.name
+        if self.source == "registry":
+            return re.sub(r"[^A-Za-z0-9_\-]+", "-", f"{self.release}-{self.sae_id}")
+        if self.source == "local":
+            return re.sub(r"[^A-Za-z0-9_\-]+", "-", Path(str(self.path)).name) or "local"
+        return f"local-{self.architecture}-{self.width}"
+
+
+class ModelConfig(_Strict):
+    """A language model and the layers whose residual stream we capture."""
+
+    name: str
+    id: str = BUNDLED_MODEL
+    revision: str | None = None
+    layers: list[int] = Field(min_length=1)
+    saes: list[SaeConfig] = Field(default_factory=lambda: [SaeConfig()])
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_length: int = Field(128, ge=2, le=32768)
+    batch_tokens: int = Field(8192, ge=64)
+    trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_key(v, "name")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(layer < 0 for layer in v):
+            raise ValueError("layers must be >= 0 (block index, 0-based)")
+        if len(set(v)) != len(v):
+            raise ValueError("layers must not repeat")
+        return sorted(v)
+
+
+class DatasetConfig(_Strict):
+    """A labelled text dataset: Hugging Face hub, local file(s), or the bundled demo."""
+
+    name: str
+    path: str | None = None
+    hf_name: str | None = None
+    config_name: str | None = None
+    split: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    language: str | None = "en"
+    label_names: dict[int, str] | None = None
+    language_field: str | None = None
+    languages: list[str] | None = None
+    split_field: str | None = None
+    max_rows: int | None = Field(None, ge=2)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_key(v, "name")
+
+    @model_validator(mode="after")
+    def _source(self) -> "DatasetConfig":
+        if self.path and self.hf_name:
+            raise ValueError("give either 'path' or 'hf_name', not both")
+        if not self.path and not self.hf_name:
+            raise ValueError("give 'path' (local file, folder or 'bundled:demo') or 'hf_name' (hub dataset)")
+        if self.language_field is None and self.language is None:
+            raise ValueError("give 'language' (one code for all rows) or 'language_field' (a column)")
+        if self.language_field is not None and not self.languages:
+            raise ValueError("with 'language_field' also list 'languages' (they become partitions)")
+        for lang in self.languages or []:
+            _check_key(lang, "languages entry")
+        if self.language is not None:
+            _check_key(self.language, "language")
+        return self
+
+
+class SplitConfig(_Strict):
+    """Seeded stratified split used when a source has no split of its own."""
+
+    validation: float = Field(0.15, gt=0, lt=0.5)
+    test: float = Field(0.25, gt=0, lt=0.5)
+    seed: int = 0
+
+
+class ClassificationConfig(_Strict):
+    poolings: list[Literal["sum", "mean", "max", "last", "topn_count"]] = ["mean", "max", "topn_count"]
+    thresholds: list[float | None] = [None, 0.0, 1.0]
+    top_n: list[int] = [20]
+    classifiers: list[Literal["logistic", "tree", "ksparse"]] = ["logistic", "tree", "ksparse"]
+    k: list[int] = [1, 5, 20, 100]
+    tfidf: list[Literal["word", "char"]] = ["word", "char"]
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = None
+    experiment: str = "mosaic"
+
+
+class ExperimentConfig(_Strict):
+    """The whole experiment, as read from one YAML file."""
+
+    name: str = "experiment"
+    data_dir: str = "mosaic_data"
+    models: list[ModelConfig] = Field(min_length=1)
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    split: SplitConfig = SplitConfig()
+    classification: ClassificationConfig = ClassificationConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    _base_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths resolve against: the config file's folder, else the cwd."""
+        return self._base_dir or Path.cwd()
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ExperimentConfig":
+        for kind, names in (("models", [m.name for m in self.models]), ("datasets", [d.name for d in self.datasets])):
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"{kind} names must be unique; repeated: {sorted(dup)}")
+        for m in self.models:
+            labels = [s.label for s in m.saes]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"models[{m.name}].saes names must be unique; set 'name' on each")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"model {name!r} is not in the config; known: {[m.name for m in self.models]}")
+
+    def dataset(self, name: str) -> DatasetConfig:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise ConfigError(f"dataset {name!r} is not in the config; known: {[d.name for d in self.datasets]}")
+
+    def dataset_languages(self, name: str) -> list[str]:
+        d = self.dataset(name)
+        if d.language_field is not None:
+            return list(d.languages or [])
+        return [str(d.language)]
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def data_path(self) -> Path:
+        return self.resolve(self.data_dir)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    msg = first["msg"].removeprefix("Value error, ")
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key; check the spelling against README's config reference"
+    elif kind == "literal_error":
+        msg = msg.replace("Input should be", "allowed:")
+    elif kind == "missing":
+        msg = "required key is missing"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {loc or '<root>'}: {msg}{more}"
+
+
+def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
+    """Validate a mapping; raise ConfigError with one line naming the key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with 'models' and 'datasets'")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> ExperimentConfig:
+    """Read a YAML config; ``None`` means the embedded demo config."""
+    if path is None:
+        text = importlib_resources.files("mosaic_dag.configs").joinpath("demo.yaml").read_text()
+        return parse_config(yaml.safe_load(text), "demo.yaml")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass --config with a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    cfg = parse_config(data, str(p))
+    cfg._base_dir = p.resolve().parent
+    return cfg
+
+
+def config_text(path: str | Path | None) -> str:
+    """The raw YAML, for hashing and for logging to MLflow."""
+    if path is None:
+        return importlib_resources.files("mosaic_dag.configs").joinpath("demo.yaml").read_text()
+    return Path(path).read_text()

@@ -1,0 +1,280 @@
+"""Read a labelled text dataset from any supported source and normalise it.
+
+Every dataset ends up as one parquet per (dataset, language) with the columns
+``id, text, label, label_name, language, split`` and splits ``train``/``validation``/``test``.
+When a source has no split (or lacks validation), a seeded stratified split is made here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from mosaic_dag.config import DatasetConfig, SplitConfig
+from mosaic_dag.demo_data import LABEL_NAMES as DEMO_LABEL_NAMES
+from mosaic_dag.demo_data import demo_dataset
+from mosaic_dag.errors import DatasetError
+from mosaic_dag.storage import stable_hash
+
+COLUMNS = ["id", "text", "label", "label_name", "language", "split"]
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
+    "test": "test", "testing": "test",
+}
+_READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    kind = _READERS.get(path.suffix.lower())
+    if kind == "csv":
+        return pd.read_csv(path)
+    if kind == "tsv":
+        return pd.read_csv(path, sep="\t")
+    if kind == "jsonl":
+        return pd.read_json(path, lines=True)
+    if kind == "json":
+        return pd.read_json(path)
+    if kind == "parquet":
+        return pd.read_parquet(path)
+    raise DatasetError(f"path {str(path)!r}: unsupported file type; use .csv, .tsv, .jsonl, .json or .parquet")
+
+
+def _read_text_lines(folder: Path, cfg: DatasetConfig) -> pd.DataFrame | None:
+    """``{split}_text.txt`` + ``{split}_labels.txt`` pairs (the XLM-T / tweet_eval layout)."""
+    frames = []
+    for f in sorted(folder.glob("*_text.txt")):
+        split = f.name.removesuffix("_text.txt")
+        labels = folder / f"{split}_labels.txt"
+        if not labels.exists():
+            raise DatasetError(f"path {str(f)!r} has no matching {labels.name}; add it or remove the text file")
+        texts = f.read_text(encoding="utf-8").splitlines()
+        labs = labels.read_text(encoding="utf-8").splitlines()
+        if len(texts) != len(labs):
+            raise DatasetError(f"path {str(folder)!r}: {f.name} has {len(texts)} lines but {labels.name} has {len(labs)}")
+        frames.append(pd.DataFrame({cfg.text_field: texts, cfg.label_field: [int(x) for x in labs], "__split": split}))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _read_local(cfg: DatasetConfig, base: Path) -> pd.DataFrame:
+    path = Path(str(cfg.path)).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.exists():
+        raise DatasetError(f"dataset {cfg.name!r}: path {str(path)!r} does not exist; fix 'path' in the config")
+    if path.is_file():
+        df = _read_file(path)
+        if cfg.split_field:
+            if cfg.split_field not in df.columns:
+                raise DatasetError(
+                    f"dataset {cfg.name!r}: split_field {cfg.split_field!r} is not a column; columns: {list(df.columns)[:12]}"
+                )
+            df["__split"] = df[cfg.split_field]
+        elif "split" in df.columns:
+            df["__split"] = df["split"]
+        return df
+    lines = _read_text_lines(path, cfg)
+    if lines is not None:
+        return lines
+    frames = []
+    for f in sorted(path.iterdir()):
+        if f.suffix.lower() not in _READERS:
+            continue
+        stem = f.stem.lower()
+        split = next((alias for alias in _SPLIT_ALIASES if stem == alias or stem.endswith(f"_{alias}")
+                      or f"_{alias}_" in stem or stem.startswith(f"{alias}_")), None)
+        if split is None:
+            continue
+        part = _read_file(f)
+        part["__split"] = split
+        frames.append(part)
+    if not frames:
+        raise DatasetError(
+            f"dataset {cfg.name!r}: folder {str(path)!r} has no train/validation/test files; name them e.g. train.csv, test.csv"
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _read_hub(cfg: DatasetConfig) -> pd.DataFrame:
+    import datasets as hf_datasets
+
+    try:
+        loaded = hf_datasets.load_dataset(str(cfg.hf_name), cfg.config_name, split=cfg.split)
+    except Exception as err:  # noqa: BLE001 - the hub raises many types; the user needs one line
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DatasetError(
+            f"dataset {cfg.name!r}: hf_name {cfg.hf_name!r} could not be loaded ({reason}); "
+            "check the name, or pre-fill the Hugging Face cache and set HF_HUB_OFFLINE=1, or use a local 'path'"
+        ) from None
+    parts = loaded.items() if isinstance(loaded, dict) else [(cfg.split or "train", loaded)]
+    frames = []
+    names: dict[int, str] | None = None
+    for split, ds in parts:
+        feat = ds.features.get(cfg.label_field) if hasattr(ds, "features") else None
+        if feat is not None and hasattr(feat, "names"):
+            names = dict(enumerate(feat.names))
+        frame = ds.to_pandas()
+        frame["__split"] = split
+        frames.append(frame)
+    df = pd.concat(frames, ignore_index=True)
+    if names:
+        df.attrs["label_names"] = names
+    return df
+
+
+def read_source(cfg: DatasetConfig, base: Path | None = None) -> pd.DataFrame:
+    """Raw rows with the configured text/label (and optional language/split) columns."""
+    base = base or Path.cwd()
+    if cfg.path == "bundled:demo":
+        df = demo_dataset()
+        df.attrs["label_names"] = dict(DEMO_LABEL_NAMES)
+        return df
+    if cfg.path:
+        return _read_local(cfg, base)
+    return _read_hub(cfg)
+
+
+def _labels(raw: pd.Series, cfg: DatasetConfig, names: dict[int, str] | None) -> tuple[np.ndarray, list[str]]:
+    field = cfg.label_field
+    missing = raw.isna()
+    if missing.any():
+        first = int(np.flatnonzero(missing.to_numpy())[0])
+        raise DatasetError(
+            f"dataset {cfg.name!r}: label_field {field!r} is empty in {int(missing.sum())} rows (first: row {first}); "
+            "drop or fill those rows"
+        )
+    values = raw.tolist()
+    kinds = {type(v).__name__ for v in values}
+    is_num = all(isinstance(v, (int, np.integer, bool, np.bool_)) or
+                 (isinstance(v, (float, np.floating)) and float(v).is_integer()) for v in values)
+    is_str = all(isinstance(v, str) for v in values)
+    if not (is_num or is_str):
+        raise DatasetError(
+            f"dataset {cfg.name!r}: label_field {field!r} mixes types {sorted(kinds)}; use all integers or all strings"
+        )
+    if is_num:
+        ints = np.asarray([int(v) for v in values], dtype=np.int64)
+        classes = sorted(set(ints.tolist()))
+        label_of = {c: i for i, c in enumerate(classes)}
+        label = np.asarray([label_of[v] for v in ints], dtype=np.int64)
+        lookup = cfg.label_names or names or {}
+        label_names = [str(lookup.get(c, c)) for c in classes]
+    else:
+        classes_s = sorted(set(values))
+        label_of_s = {c: i for i, c in enumerate(classes_s)}
+        label = np.asarray([label_of_s[v] for v in values], dtype=np.int64)
+        label_names = list(classes_s)
+    if len(label_names) < 2:
+        raise DatasetError(
+            f"dataset {cfg.name!r}: label_field {field!r} has a single class ({label_names[0]!r}); a probe needs at least 2"
+        )
+    return label, label_names
+
+
+def _stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.arange(len(labels))
+    counts = np.bincount(labels)
+    strat = labels if counts[counts > 0].min() >= 2 else None
+    n_take = max(1, int(round(len(labels) * fraction)))
+    if strat is not None and n_take < len(np.unique(labels)):
+        strat = None
+    keep, take = train_test_split(idx, test_size=n_take, random_state=seed, stratify=strat)
+    return np.sort(keep), np.sort(take)
+
+
+def _assign_splits(df: pd.DataFrame, split_cfg: SplitConfig) -> pd.Series:
+    """Use the source's split where it has one; carve what is missing, stratified and seeded."""
+    split = pd.Series(["train"] * len(df), index=df.index, dtype=object)
+    if "__split" in df.columns:
+        src = df["__split"].astype(str).str.lower().map(_SPLIT_ALIASES)
+        if src.isna().any():
+            bad = sorted(set(df.loc[src.isna(), "__split"].astype(str)))[:5]
+            raise DatasetError(f"split values {bad} are not train/validation/test (or val/dev); rename them")
+        split[:] = src
+    labels = df["label"].to_numpy()
+    present = set(split)
+    if "test" not in present:
+        pool = np.flatnonzero((split == "train").to_numpy())
+        _, take = _stratified(labels[pool], split_cfg.test, split_cfg.seed)
+        split.iloc[pool[take]] = "test"
+    if "validation" not in present:
+        pool = np.flatnonzero((split == "train").to_numpy())
+        frac = split_cfg.validation / max(1e-9, 1 - (0 if "test" in present else split_cfg.test))
+        _, take = _stratified(labels[pool], min(frac, 0.5), split_cfg.seed + 1)
+        split.iloc[pool[take]] = "validation"
+    return split
+
+
+def normalise(raw: pd.DataFrame, cfg: DatasetConfig, language: str, split_cfg: SplitConfig) -> pd.DataFrame:
+    """Rows of one language, checked, labelled and split; deterministic for a config."""
+    for field, what in ((cfg.text_field, "text_field"), (cfg.label_field, "label_field")):
+        if field not in raw.columns:
+            cols = [c for c in raw.columns if not str(c).startswith("__")][:12]
+            raise DatasetError(f"dataset {cfg.name!r}: {what} {field!r} is not a column; columns: {cols}")
+    df = raw
+    if cfg.language_field:
+        if cfg.language_field not in df.columns:
+            raise DatasetError(f"dataset {cfg.name!r}: language_field {cfg.language_field!r} is not a column")
+        df = df[df[cfg.language_field].astype(str) == language]
+        if df.empty:
+            raise DatasetError(f"dataset {cfg.name!r}: no rows with {cfg.language_field}={language!r}; fix 'languages'")
+    df = df.reset_index(drop=True)
+    text = df[cfg.text_field]
+    if text.isna().any() or not all(isinstance(t, str) for t in text):
+        bad = int((text.isna() | ~text.map(lambda t: isinstance(t, str))).sum())
+        raise DatasetError(f"dataset {cfg.name!r}: text_field {cfg.text_field!r} has {bad} missing or non-text values; drop them")
+    empty = text.str.strip() == ""
+    if empty.any():
+        first = int(np.flatnonzero(empty.to_numpy())[0])
+        raise DatasetError(
+            f"dataset {cfg.name!r}: text_field {cfg.text_field!r} is empty or whitespace in {int(empty.sum())} rows "
+            f"(first: row {first}); drop those rows"
+        )
+    label, label_names = _labels(df[cfg.label_field], cfg, raw.attrs.get("label_names"))
+    out = pd.DataFrame({
+        "text": text.astype(str).to_numpy(),
+        "label": label,
+        "label_name": [label_names[i] for i in label],
+        "language": language,
+    })
+    if "__split" in df.columns:
+        out["__split"] = df["__split"].to_numpy()
+    else:
+        # our own split: drop exact duplicate texts first so no text lands in two splits
+        out = out.drop_duplicates("text", keep="first").reset_index(drop=True)
+    if cfg.max_rows is not None and len(out) > cfg.max_rows:
+        _, take = _stratified(out["label"].to_numpy(), cfg.max_rows / len(out), split_cfg.seed + 7)
+        out = out.iloc[take].reset_index(drop=True)
+    out["id"] = [f"{cfg.name}.{language}.{i:07d}" for i in range(len(out))]
+    out["split"] = _assign_splits(out, split_cfg).to_numpy()
+    out = out.drop(columns=[c for c in out.columns if c.startswith("__")])
+    for split in ("train", "test"):
+        if not (out["split"] == split).any():
+            raise DatasetError(f"dataset {cfg.name!r}.{language}: no {split} rows after splitting; add more rows")
+    return out[COLUMNS]
+
+
+def load_dataset(cfg: DatasetConfig, language: str, split_cfg: SplitConfig, base: Path | None = None) -> pd.DataFrame:
+    """Read + normalise one (dataset, language) partition."""
+    return normalise(read_source(cfg, base), cfg, language, split_cfg)
+
+
+def content_hash(df: pd.DataFrame) -> str:
+    """Hash of the rows that matter for caching (ids, texts, order)."""
+    h = pd.util.hash_pandas_object(df[["id", "text"]], index=False).to_numpy()
+    return stable_hash([len(df), h.tobytes().hex()], length=20)
+
+
+def class_counts(df: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{split: {label_name: count}} for metadata and checks."""
+    table = df.groupby(["split", "label_name"]).size()
+    return {s: {str(k): int(v) for k, v in table[s].items()} for s in table.index.get_level_values(0).unique()}
+
+
+def shared_texts(df: pd.DataFrame) -> int:
+    """How many distinct texts appear in more than one split (leakage)."""
+    per_text = df.groupby("text")["split"].nunique()
+    return int((per_text > 1).sum())

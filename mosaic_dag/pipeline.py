@@ -1,0 +1,134 @@
+"""The steps the assets run, as plain functions over the config (testable without Dagster).
+
+Artifacts live at deterministic paths under the config's data folder, so any step can find its
+inputs from the config and the partition key alone:
+
+    <data_dir>/datasets/<dataset>/<language>.parquet
+    <data_dir>/hidden/<model>/L<layer>/<cache key>/        (shards + manifest.json)
+    $MOSAIC_CACHE/models/  (default ~/.cache/mosaic)         (converted model snapshots)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mosaic_dag import datasets as ds
+from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.errors import DatasetError
+from mosaic_dag.extract import ExtractionStats, HiddenCache, cache_key, check_layers, extract_to_cache
+from mosaic_dag.models import LoadedModel, fingerprint, load_model
+from mosaic_dag.storage import write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def models_dir(cfg: ExperimentConfig) -> Path:
+    """Converted model snapshots are shared by every experiment on this machine ($MOSAIC_CACHE)."""
+    root = os.environ.get("MOSAIC_CACHE") or Path.home() / ".cache" / "mosaic"
+    return Path(root) / "models"
+
+
+def dataset_file(cfg: ExperimentConfig, dataset: str, language: str) -> Path:
+    return cfg.data_path / "datasets" / dataset / f"{language}.parquet"
+
+
+@dataclass
+class DatasetResult:
+    path: Path
+    frame: pd.DataFrame
+    content_hash: str
+
+
+def build_dataset(cfg: ExperimentConfig, dataset: str, language: str) -> DatasetResult:
+    """Read, normalise and write one (dataset, language) parquet atomically."""
+    dcfg = cfg.dataset(dataset)
+    if language not in cfg.dataset_languages(dataset):
+        raise DatasetError(f"dataset {dataset!r} has no language {language!r} in the config; add it to 'languages'")
+    frame = ds.load_dataset(dcfg, language, cfg.split, cfg.base_dir)
+    path = dataset_file(cfg, dataset, language)
+    write_parquet(path, frame)
+    return DatasetResult(path, frame, ds.content_hash(frame))
+
+
+def read_dataset(cfg: ExperimentConfig, dataset: str, language: str) -> DatasetResult:
+    path = dataset_file(cfg, dataset, language)
+    if not path.exists():
+        raise DatasetError(
+            f"dataset {dataset}.{language} is not materialized yet ({path}); materialize the 'dataset' asset first"
+        )
+    frame = pd.read_parquet(path)
+    return DatasetResult(path, frame, ds.content_hash(frame))
+
+
+def hidden_dir(cfg: ExperimentConfig, model: str, layer: int, fingerprint: str, dataset_hash: str) -> Path:
+    mcfg = cfg.model(model)
+    key = cache_key(fingerprint, layer, dataset_hash, mcfg.max_length)
+    return cfg.data_path / "hidden" / model / f"L{layer}" / key
+
+
+@dataclass
+class HiddenResult:
+    cache: HiddenCache
+    hit: bool
+    stats: ExtractionStats | None
+    layers_computed: list[int]
+
+
+def get_model(cfg: ExperimentConfig, model: str) -> LoadedModel:
+    return load_model(cfg.model(model), models_dir(cfg))
+
+
+def build_hidden(
+    cfg: ExperimentConfig,
+    model: str,
+    layer: int,
+    dataset: str,
+    language: str,
+    *,
+    loader: Callable[[], LoadedModel] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    show_bar: bool = False,
+) -> HiddenResult:
+    """Hidden states of one layer for one dataset partition, from the cache when it is there.
+
+    On a miss, every configured layer of this model that is missing for this dataset is computed in
+    the same forward pass, so the next layer's partition is a cache hit.
+    """
+    mcfg = cfg.model(model)
+    if layer not in mcfg.layers:
+        raise DatasetError(f"layer {layer} is not configured for model {model!r}; add it to models[{model}].layers")
+    data = read_dataset(cfg, dataset, language)
+    fingerprint = model_fingerprint(cfg, model)
+    target = HiddenCache(hidden_dir(cfg, model, layer, fingerprint, data.content_hash))
+    if target.is_valid(deep=True):
+        return HiddenResult(target, True, None, [])
+    if target.path.exists():
+        log.warning("hidden-state cache %s failed its checksum; recomputing", target.path)
+        shutil.rmtree(target.path, ignore_errors=True)
+    loaded = loader() if loader else get_model(cfg, model)
+    check_layers(loaded, mcfg.layers)
+    todo = {}
+    for other in mcfg.layers:
+        folder = hidden_dir(cfg, model, other, loaded.fingerprint, data.content_hash)
+        if other == layer or not HiddenCache(folder).is_valid(deep=False):
+            todo[other] = folder
+    stats = extract_to_cache(
+        loaded, data.frame["text"].tolist(), sorted(todo), todo,
+        max_length=mcfg.max_length, batch_tokens=mcfg.batch_tokens,
+        extra_manifest={"dataset": dataset, "language": language, "dataset_hash": data.content_hash,
+                        "ids_head": data.frame["id"].head(3).tolist()},
+        progress=progress, show_bar=show_bar,
+    )
+    return HiddenResult(HiddenCache(todo[layer]), False, stats, sorted(todo))
+
+
+def model_fingerprint(cfg: ExperimentConfig, model: str) -> str:
+    """The cache-key fingerprint, without loading weights (so a cache hit costs no model load)."""
+    return fingerprint(cfg.model(model))

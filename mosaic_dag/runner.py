@@ -1,0 +1,108 @@
+"""Materialize the asset graph for a config into a persistent Dagster instance (used by the CLI).
+
+Each step is a real Dagster run in ``$DAGSTER_HOME`` (default ``./.dagster_home``), so ``dagster dev``
+shows the same materializations, lineage and partitions afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mosaic_dag.config import ExperimentConfig, load_config
+from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, dataset_keys, targets
+
+PROGRESS_ENV = "MOSAIC_PROGRESS"
+
+
+def dagster_home() -> Path:
+    """$DAGSTER_HOME, defaulting to ./.dagster_home (created), exported for Dagster to pick up."""
+    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").touch(exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+@dataclass
+class StepRecord:
+    asset: str
+    partition: str
+    seconds: float
+    metadata: dict[str, Any]
+
+
+@dataclass
+class RunSummary:
+    config: ExperimentConfig
+    dagster_home: Path
+    tracking_uri: str
+    steps: list[StepRecord] = field(default_factory=list)
+
+    def forward_calls(self) -> int:
+        return sum(int(s.metadata.get("forward_calls", 0) or 0) for s in self.steps if s.asset == "hidden_states")
+
+
+def _metadata_values(event: Any) -> dict[str, Any]:
+    out = {}
+    for k, v in (event.materialization.metadata or {}).items():
+        out[k] = getattr(v, "value", v)
+    return out
+
+
+def register_partitions(instance: Any, cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    from assets.partitions import dataset_partitions, target_partitions
+    from mosaic_dag.definitions import missing_partitions
+
+    new_t, new_d = missing_partitions(instance, cfg)
+    if new_t:
+        instance.add_dynamic_partitions(target_partitions.name, new_t)
+    if new_d:
+        instance.add_dynamic_partitions(dataset_partitions.name, new_d)
+    return new_t, new_d
+
+
+def run_experiment(config_path: str | Path | None, *, progress: bool = True, echo: Any = print) -> RunSummary:
+    """Load and validate the config, register partitions, and materialize every partition in order."""
+    from dagster import DagsterInstance, MultiPartitionKey, materialize
+
+    from assets.datasets import dataset
+    from assets.hidden_states import hidden_states
+    from mosaic_dag.definitions import ALL_ASSETS
+    from resources import ExperimentResource, MlflowResource, ModelResource
+    from resources.experiment import CONFIG_ENV
+
+    cfg = load_config(config_path)
+    abs_config = str(Path(config_path).resolve()) if config_path else ""
+    os.environ[CONFIG_ENV] = abs_config
+    if progress:
+        os.environ[PROGRESS_ENV] = "1"
+    home = dagster_home()
+    instance = DagsterInstance.get()
+    register_partitions(instance, cfg)
+    mlflow_res = MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""))
+    resources = {"experiment": ExperimentResource(config_path=abs_config), "model": ModelResource(), "mlflow": mlflow_res}
+    summary = RunSummary(cfg, home, mlflow_res.uri(cfg))
+    console_level = os.environ.get("MOSAIC_LOG_LEVEL", "WARNING")
+
+    def step(asset: Any, partition: Any, label: str) -> None:
+        t0 = time.perf_counter()
+        result = materialize(ALL_ASSETS, selection=[asset], partition_key=partition, instance=instance,
+                             resources=resources, tags={"mosaic/config": abs_config or "demo"},
+                             run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
+        secs = time.perf_counter() - t0
+        for ev in result.get_asset_materialization_events():
+            summary.steps.append(StepRecord(asset.key.to_user_string(), label, secs, _metadata_values(ev)))
+        echo(f"  ✓ {asset.key.to_user_string():<14} {label:<40} {secs:6.1f}s")
+
+    echo(f"mosaic: experiment {cfg.name!r}, Dagster instance {home}")
+    for dkey in dataset_keys(cfg):
+        step(dataset, dkey.key, dkey.key)
+    for target in targets(cfg):
+        for dkey in dataset_keys(cfg):
+            mpk = MultiPartitionKey({TARGET_DIM: target.key, DATASET_DIM: dkey.key})
+            step(hidden_states, mpk, f"{target.key} × {dkey.key}")
+    return summary

@@ -1,0 +1,261 @@
+"""Train a small SAE locally with sae-lens's own trainer, from activations mosaic already has.
+
+sae-lens's ``SAETrainer`` takes any iterator of activation batches (its ``DataProvider`` type), so we
+feed it shuffled rows of the residual-stream array of the TRAIN texts instead of running a
+TransformerLens model through ``ActivationsStore``. This is the same route sae-lens uses for its
+synthetic-data training. The result is saved with ``save_inference_model`` so
+``SAE.load_from_disk(out_dir)`` (and ``mosaic_dag.sae.load_sae``) read it back, with metadata
+(``model_name``, ``hook_name``, ``hf_hook_name``, ``hook_layer``) that ``sae_info`` and
+``check_compatible`` understand.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from mosaic_dag.errors import MosaicError
+from mosaic_dag.sae_registry import parse_layer
+from mosaic_dag.storage import atomic_dir
+
+__all__ = [
+    "METRICS_FILENAME",
+    "SaeTrainingError",
+    "TrainedSae",
+    "activation_batches",
+    "read_training_metrics",
+    "train_sae",
+]
+
+Architecture = Literal["batchtopk", "jumprelu", "topk", "standard"]
+METRICS_FILENAME = "mosaic_training.json"
+
+
+class SaeTrainingError(MosaicError, ValueError):
+    """Training inputs are unusable (shape, size, hyper-parameters)."""
+
+
+@dataclass(frozen=True)
+class TrainedSae:
+    """Where the trained SAE lives and how good it is on (a sample of) its training tokens."""
+
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def activation_batches(
+    acts: np.ndarray,
+    rows: np.ndarray,
+    batch_size: int,
+    seed: int,
+) -> Iterator[Any]:
+    """Endless float32 torch batches of ``acts[rows]``, reshuffled every epoch with a seeded generator.
+
+    Batches never straddle epochs, so every batch has exactly ``batch_size`` rows.
+    """
+    import torch
+
+    if rows.size < batch_size:
+        raise SaeTrainingError(f"only {rows.size} training tokens for batch_size={batch_size}; lower batch_size or add texts")
+    rng = np.random.default_rng(seed)
+    n_batches = rows.size // batch_size
+    while True:
+        order = rows[rng.permutation(rows.size)]
+        for b in range(n_batches):
+            idx = np.sort(order[b * batch_size : (b + 1) * batch_size])  # sorted: fast on memmaps
+            yield torch.from_numpy(np.asarray(acts[idx], dtype=np.float32))
+
+
+def _training_sae(
+    architecture: Architecture,
+    d_in: int,
+    width: int,
+    k: int,
+    sparsity_coefficient: float | None,
+    metadata: dict[str, Any],
+) -> Any:
+    """Build the sae-lens training SAE for ``architecture`` (weights use torch's global RNG)."""
+    from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import SAEMetadata
+
+    common: dict[str, Any] = {
+        "d_in": d_in,
+        "d_sae": width,
+        "dtype": "float32",
+        "device": "cpu",
+        # Residual streams have large, model-specific norms; sae-lens rescales to sqrt(d_in) during
+        # training and folds the factor into the saved weights, so inference takes raw activations.
+        "normalize_activations": "expected_average_only_in",
+        "metadata": SAEMetadata(**metadata),
+    }
+    if architecture == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=float(k), **common))
+    if architecture == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
+    if architecture == "jumprelu":
+        # Gemma Scope 2 style: a quadratic penalty pulls the mean L0 towards k.
+        cfg = JumpReLUTrainingSAEConfig(
+            jumprelu_sparsity_loss_mode="quadratic",
+            target_l0=float(k),
+            l0_coefficient=1e-3 if sparsity_coefficient is None else sparsity_coefficient,
+            **common,
+        )
+        return JumpReLUTrainingSAE(cfg)
+    if architecture == "standard":
+        cfg_std = StandardTrainingSAEConfig(l1_coefficient=1.0 if sparsity_coefficient is None else sparsity_coefficient, **common)
+        return StandardTrainingSAE(cfg_std)
+    raise SaeTrainingError(f"architecture {architecture!r} is not one of batchtopk, jumprelu, topk, standard")
+
+
+def train_sae(
+    acts: np.ndarray | Sequence[np.ndarray],
+    *,
+    hook_name: str,
+    model_name: str,
+    out_dir: str | Path,
+    training_tokens: int,
+    architecture: Architecture = "batchtopk",
+    width: int = 4096,
+    k: int = 32,
+    sparsity_coefficient: float | None = None,
+    lr: float = 3e-4,
+    batch_size: int = 1024,
+    seed: int = 0,
+    layer: int | None = None,
+    real_mask: np.ndarray | None = None,
+    lr_warm_up_steps: int = 0,
+    eval_tokens: int = 50_000,
+) -> TrainedSae:
+    """Train an SAE on ``acts`` [n_tokens, d_model] (TRAIN texts only) and save it to ``out_dir``.
+
+    - ``k``: active latents per token (batchtopk / topk), or the target mean L0 (jumprelu).
+    - ``sparsity_coefficient``: l0 coefficient (jumprelu) or l1 coefficient (standard); ignored by top-k.
+    - ``training_tokens``: tokens shown to the trainer; more than the data means several shuffled epochs.
+    - ``real_mask``: rows to train on (False = BOS / padding, which would otherwise dominate the loss).
+
+    Deterministic for a seed on CPU; nothing is logged to wandb. ``out_dir`` appears complete or not at all.
+    """
+    import torch
+    from sae_lens import SAE
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from mosaic_dag.sae import encode_stats
+
+    t0 = time.perf_counter()
+    if not isinstance(acts, np.ndarray):
+        acts = np.concatenate([np.asarray(a) for a in acts], axis=0)
+    if acts.ndim != 2:
+        raise SaeTrainingError(f"acts must be 2-D [n_tokens, d_model], got shape {acts.shape}")
+    if width < 1 or k < 1 or (architecture in ("batchtopk", "topk") and k > width):
+        raise SaeTrainingError(f"need 1 <= k <= width, got k={k} width={width}")
+    if batch_size < 1 or training_tokens < batch_size:
+        raise SaeTrainingError(f"training_tokens={training_tokens} must be >= batch_size={batch_size} >= 1")
+    if lr <= 0:
+        raise SaeTrainingError(f"lr must be > 0, got {lr}")
+    layer = parse_layer(hook_name) if layer is None else layer
+    if layer is None:
+        raise SaeTrainingError(f"cannot read a layer from hook_name {hook_name!r}; pass layer= or use 'model.layers.<L>'")
+    if real_mask is not None:
+        real_mask = np.asarray(real_mask, dtype=bool)
+        if real_mask.shape != (acts.shape[0],):
+            raise SaeTrainingError(f"real_mask must have one entry per token ({acts.shape[0]}), got shape {real_mask.shape}")
+        rows = np.flatnonzero(real_mask)
+    else:
+        rows = np.arange(acts.shape[0])
+    if rows.size < batch_size:
+        raise SaeTrainingError(f"only {rows.size} real training tokens for batch_size={batch_size}; lower batch_size or add texts")
+    sample = np.asarray(acts[rows[: min(rows.size, 4096)]], dtype=np.float32)
+    if not np.isfinite(sample).all():
+        raise SaeTrainingError("acts contain NaN or inf; check the model dtype (float16 overflow?) before training")
+
+    d_in = int(acts.shape[1])
+    metadata = {
+        "model_name": model_name,
+        "hook_name": hook_name,
+        "hf_hook_name": f"model.layers.{layer}.output",  # residual stream after block `layer`
+        "hook_layer": int(layer),
+        "prepend_bos": True,
+        "dataset_path": None,
+    }
+    steps = training_tokens // batch_size
+    norm_batches = max(1, min(1000, rows.size // batch_size))
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * batch_size,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_end=lr,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=lr_warm_up_steps,
+        device="cpu",
+        autocast=False,
+        dead_feature_window=max(10, min(1000, steps // 4)),
+        feature_sampling_window=max(10, min(2000, steps)),
+        n_checkpoints=0,
+        checkpoint_path=None,
+        save_final_checkpoint=False,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=norm_batches,
+    )
+
+    out = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG state alone
+        torch.manual_seed(seed)
+        sae = _training_sae(architecture, d_in, width, k, sparsity_coefficient, metadata)
+        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=activation_batches(acts, rows, batch_size, seed))
+        trainer.fit()
+    train_l0 = sae.cfg.metadata.get("l0")
+
+    with atomic_dir(out) as tmp:
+        sae.save_inference_model(tmp)
+        inference = SAE.load_from_disk(str(tmp), device="cpu")
+        rng = np.random.default_rng(seed + 1)
+        eval_rows = np.sort(rng.choice(rows, size=min(eval_tokens, rows.size), replace=False))
+        stats = encode_stats(inference, np.asarray(acts[eval_rows], dtype=np.float32))
+        metrics: dict[str, Any] = {
+            "architecture": architecture,
+            "inference_architecture": str(inference.cfg.architecture()),
+            "d_in": d_in,
+            "width": width,
+            "k": k,
+            "sparsity_coefficient": sparsity_coefficient,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+            "steps": steps,
+            "training_tokens": int(trainer.n_training_samples),
+            "available_tokens": int(rows.size),
+            "model_name": model_name,
+            "hook_name": hook_name,
+            "layer": int(layer),
+            "train_window_l0": None if train_l0 is None else float(train_l0),
+            "eval_tokens": stats.n_tokens,
+            "l0": stats.mean_l0,
+            "explained_variance": stats.explained_variance,
+            "dead_fraction": stats.dead_fraction,
+            "wall_time_s": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return TrainedSae(path=out, metrics=metrics)
+
+
+def read_training_metrics(path: str | Path) -> dict[str, Any] | None:
+    """Metrics ``train_sae`` wrote beside the SAE, or None for folders it did not write."""
+    f = Path(path) / METRICS_FILENAME
+    return json.loads(f.read_text()) if f.is_file() else None
+

@@ -1,0 +1,79 @@
+"""MLflow tracking: one MLflow run per asset partition, tagged so Dagster and MLflow link both ways."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+_SECRET_HINTS = ("token", "secret", "password", "api_key", "apikey", "credential")
+
+
+def default_tracking_uri(data_dir: Path) -> str:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(data_dir / 'mlflow.db').resolve()}"
+
+
+def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as strings, with anything that looks like a secret left out."""
+    out = {}
+    for k, v in params.items():
+        if any(h in k.lower() for h in _SECRET_HINTS):
+            continue
+        out[k] = str(v)[:500]
+    return out
+
+
+@dataclass
+class TrackedRun:
+    """A thin handle over an MLflow run; metrics that are not finite are skipped, not crashed on."""
+
+    client: Any
+    run_id: str
+    tracking_uri: str
+    experiment_id: str
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        for k, v in safe_params(params).items():
+            self.client.log_param(self.run_id, k, v)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            if v is not None and math.isfinite(float(v)):
+                self.client.log_metric(self.run_id, k, float(v), step=step or 0)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    @property
+    def url(self) -> str:
+        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+@contextlib.contextmanager
+def tracked_run(tracking_uri: str, experiment: str, name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
+    """Start an MLflow run, end it FINISHED or FAILED with the block."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        exp_id = exp.experiment_id
+    else:
+        artifacts = None
+        if tracking_uri.startswith("sqlite:///"):
+            artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        exp_id = client.create_experiment(experiment, artifact_location=artifacts)
+    run = client.create_run(exp_id, run_name=name, tags=dict(tags))
+    handle = TrackedRun(client, run.info.run_id, tracking_uri, exp_id)
+    try:
+        yield handle
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")

@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny randomly initialised Gemma 3 model (seconds, not minutes) and small configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WORDS = (
+    "you are a the and to of in it is was for on with this that my your i we they hello world thank "
+    "great stupid idiot lovely kind friend post comment idea day good bad hate love nice go away here "
+    "bonjour merci le la les un une et est tu es danke du bist ein hola gracias eres muy"
+).split()
+
+
+def build_tiny_model(folder: Path, n_layers: int = 4, seed: int = 0) -> Path:
+    """A Gemma 3 architecture with random weights and a word-level tokenizer, saved like any HF model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"] * (n_layers // 2),
+        pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    )
+    model = Gemma3ForCausalLM(cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["_name_or_path"] = "tiny-gemma3"
+    (folder / "config.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture
+def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.delenv("MOSAIC_CONFIG", raising=False)
+    return home
+
+
+def write_csv_dataset(path: Path, n_per_class: int = 30) -> Path:
+    import pandas as pd
+
+    good = ["thank you my friend", "you are kind", "lovely day", "great post", "nice idea", "hello world"]
+    bad = ["you are a stupid idiot", "go away idiot", "i hate your post", "stupid comment", "bad idea idiot"]
+    rows = []
+    for i in range(n_per_class):
+        rows.append({"message": f"{good[i % len(good)]} {WORDS[i % 20]}", "tox": "ok"})
+        rows.append({"message": f"{bad[i % len(bad)]} {WORDS[(i + 3) % 20]}", "tox": "toxic"})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, layers: list[int] | None = None, **model_extra: object) -> Path:
+    """A config file over the tiny model and a small CSV, with everything under tmp_path."""
+    import yaml
+
+    csv = write_csv_dataset(tmp_path / "toy.csv")
+    cfg = {
+        "name": "tiny",
+        "data_dir": str(tmp_path / "data"),
+        "models": [{"name": "tiny", "id": str(model_dir), "layers": layers or [0, 2], "max_length": 16,
+                    "batch_tokens": 64, **model_extra}],
+        "datasets": [{"name": "toy", "path": str(csv), "text_field": "message", "label_field": "tox",
+                      "language": "en"}],
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

