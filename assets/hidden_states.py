@@ -1,12 +1,15 @@
 """The ``hidden_states`` asset: cached resid_post activations of one layer for one dataset partition."""
 
 import os
+
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets.datasets import dataset
 from assets.partitions import target_dataset_partitions
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
-from mosaic_dag.pipeline import build_hidden
+from mosaic_dag.codes import check_target
+from mosaic_dag.models import model_dims
+from mosaic_dag.pipeline import build_hidden, models_dir
 from resources import ExperimentResource, MlflowResource, ModelResource
 
 @asset(
@@ -38,6 +41,7 @@ def hidden_states(
         cfg, target.model, target.layer, data.dataset, data.language,
         loader=lambda: model.get(cfg, target.model), progress=progress,
         show_bar=os.environ.get("MOSAIC_PROGRESS") == "1",
+        preflight=lambda: check_target(cfg, target, *model_dims(cfg.model(target.model), models_dir(cfg))[:2]),
     )
     man = result.cache.manifest()
     stats = result.stats

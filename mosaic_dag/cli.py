@@ -40,10 +40,39 @@ def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mosaic_dag.evaluation import best_rows, results_table
     from mosaic_dag.runner import run_experiment
+    from mosaic_dag.tables import markdown_table
 
     summary = run_experiment(args.config, progress=not args.quiet)
+    table = results_table(summary.config)
+    if len(table):
+        cols = ["model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
+                "classifier", "k", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "n_test"]
+        print("\nbest probe per feature source (macro-F1 on the same held-out test rows):\n")
+        print(markdown_table(best_rows(table)[cols], max_rows=200))
     _print_summary(summary)
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from mosaic_dag.config import load_config
+    from mosaic_dag.errors import MosaicError
+    from mosaic_dag.evaluation import results_table
+    from mosaic_dag.tables import markdown_table
+
+    cfg = load_config(args.config)
+    table = results_table(cfg)
+    if table.empty:
+        raise MosaicError(f"no results under {cfg.data_path / 'results'}; run `mosaic demo` or `mosaic run --config` first")
+    if args.format == "csv":
+        table.to_csv(sys.stdout, index=False)
+    elif args.format == "markdown":
+        print(markdown_table(table, max_rows=len(table)))
+    else:
+        out = Path(args.output or "results.parquet")
+        table.to_parquet(out, index=False)
+        print(f"wrote {len(table)} rows to {out}")
     return 0
 
 
@@ -97,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="experiment YAML (see README)")
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_run)
+    res = sub.add_parser("results", help="print the tidy results table of a config's runs")
+    res.add_argument("--config", default=None, help="experiment YAML (default: the embedded demo)")
+    res.add_argument("--format", choices=["csv", "parquet", "markdown"], default="markdown")
+    res.add_argument("--output", default=None, help="file for --format parquet (default results.parquet)")
+    res.set_defaults(func=cmd_results)
     val = sub.add_parser("validate", help="check a config file and print its partitions")
     val.add_argument("--config", default=None)
     val.set_defaults(func=cmd_validate)

@@ -167,3 +167,17 @@ def forget_loaded() -> None:
     """Drop models held by this process (tests, memory pressure)."""
     with _LOCK:
         _LOADED.clear()
+
+
+def model_dims(cfg: ModelConfig, cache_root: Path) -> tuple[str, int, int]:
+    """(hub name, d_model, number of blocks) from the model's config alone, without loading weights."""
+    from transformers import AutoConfig
+
+    src, hf_name, _ = _source(cfg, cache_root)
+    try:
+        mc = AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} has no readable config: {first}") from None
+    mc = getattr(mc, "text_config", None) or mc
+    return hf_name, int(mc.hidden_size), int(mc.num_hidden_layers)

@@ -95,11 +95,13 @@ def build_hidden(
     loader: Callable[[], LoadedModel] | None = None,
     progress: Callable[[int, int], None] | None = None,
     show_bar: bool = False,
+    preflight: Callable[[], None] | None = None,
 ) -> HiddenResult:
     """Hidden states of one layer for one dataset partition, from the cache when it is there.
 
     On a miss, every configured layer of this model that is missing for this dataset is computed in
-    the same forward pass, so the next layer's partition is a cache hit.
+    the same forward pass, so the next layer's partition is a cache hit. ``preflight`` runs before
+    any model load or forward pass (e.g. the SAE/model compatibility check).
     """
     mcfg = cfg.model(model)
     if layer not in mcfg.layers:
@@ -109,6 +111,8 @@ def build_hidden(
     target = HiddenCache(hidden_dir(cfg, model, layer, fingerprint, data.content_hash))
     if target.is_valid(deep=True):
         return HiddenResult(target, True, None, [])
+    if preflight is not None:
+        preflight()
     if target.path.exists():
         log.warning("hidden-state cache %s failed its checksum; recomputing", target.path)
         shutil.rmtree(target.path, ignore_errors=True)

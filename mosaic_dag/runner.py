@@ -71,11 +71,16 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
 
     from assets.datasets import dataset
     from assets.hidden_states import hidden_states
+    from assets.probes import pooled_features, probes
+    from assets.sae import sae, sae_codes
     from mosaic_dag.definitions import ALL_ASSETS
     from resources import ExperimentResource, MlflowResource, ModelResource
     from resources.experiment import CONFIG_ENV
 
     cfg = load_config(config_path)
+    from mosaic_dag.storage import sweep_temp
+
+    sweep_temp(cfg.data_path)  # temp files of killed runs (live writers' are kept)
     abs_config = str(Path(config_path).resolve()) if config_path else ""
     os.environ[CONFIG_ENV] = abs_config
     if progress:
@@ -88,15 +93,16 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
     summary = RunSummary(cfg, home, mlflow_res.uri(cfg))
     console_level = os.environ.get("MOSAIC_LOG_LEVEL", "WARNING")
 
-    def step(asset: Any, partition: Any, label: str) -> None:
+    def step(asset: Any, partition: Any, label: str, also: tuple[Any, ...] = ()) -> None:
         t0 = time.perf_counter()
-        result = materialize(ALL_ASSETS, selection=[asset], partition_key=partition, instance=instance,
+        result = materialize(ALL_ASSETS, selection=[asset, *also], partition_key=partition, instance=instance,
                              resources=resources, tags={"mosaic/config": abs_config or "demo"},
                              run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
         secs = time.perf_counter() - t0
         for ev in result.get_asset_materialization_events():
-            summary.steps.append(StepRecord(asset.key.to_user_string(), label, secs, _metadata_values(ev)))
-        echo(f"  ✓ {asset.key.to_user_string():<14} {label:<40} {secs:6.1f}s")
+            summary.steps.append(StepRecord(ev.asset_key.to_user_string(), label, secs, _metadata_values(ev)))
+        names = "+".join(a.key.to_user_string() for a in (asset, *also))
+        echo(f"  ✓ {names:<38} {label:<44} {secs:6.1f}s")
 
     echo(f"mosaic: experiment {cfg.name!r}, Dagster instance {home}")
     for dkey in dataset_keys(cfg):
@@ -105,4 +111,10 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
         for dkey in dataset_keys(cfg):
             mpk = MultiPartitionKey({TARGET_DIM: target.key, DATASET_DIM: dkey.key})
             step(hidden_states, mpk, f"{target.key} × {dkey.key}")
+    for target in targets(cfg):
+        step(sae, target.key, target.key)
+    for target in targets(cfg):
+        for dkey in dataset_keys(cfg):
+            mpk = MultiPartitionKey({TARGET_DIM: target.key, DATASET_DIM: dkey.key})
+            step(sae_codes, mpk, f"{target.key} × {dkey.key}", also=(pooled_features, probes))
     return summary

@@ -6,6 +6,8 @@ import pandas as pd
 
 
 def _cell(v: object) -> str:
+    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+        return ""
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v).replace("|", "\\|").replace("\n", " ")

@@ -54,6 +54,19 @@ def test_demo_caches_hidden_states_then_hits(tmp_path: Path, monkeypatch: pytest
     hidden = [s for s in first.steps if s.asset == "hidden_states"]
     assert len(hidden) == 4 and first.forward_calls() > 0
     assert all(s.metadata["texts"] == 120 for s in hidden)
+    # the demo goes end to end: a locally trained SAE, sparse codes, and all three feature sources
+    from mosaic_dag.config import load_config
+    from mosaic_dag.evaluation import results_table
+
+    table = results_table(load_config(None))
+    assert set(table["features"]) == {"sae", "hidden", "tfidf"}
+    assert set(table["language"]) == {"en", "fr", "de", "es"}
+    assert table.groupby("language")["n_test"].nunique().eq(1).all()
+    codes = [s for s in first.steps if s.asset == "sae_codes"]
+    assert all(s.metadata["codes_mb"] < s.metadata["dense_fp16_mb"] / 5 for s in codes)
+    sae_step = next(s for s in first.steps if s.asset == "sae")
+    assert sae_step.metadata["explained_variance"] > 0.5
     second = run_experiment(None, progress=False, echo=lambda *_: None)
     assert second.forward_calls() == 0
     assert all(s.metadata["cache_hit"] for s in second.steps if s.asset == "hidden_states")
+    assert next(s for s in second.steps if s.asset == "sae").metadata["reused"] is True

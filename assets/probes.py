@@ -1,0 +1,123 @@
+"""Pooled feature matrices and probes: SAE vs hidden-state vs TF-IDF on identical test rows."""
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from assets.partitions import target_dataset_partitions
+from assets.sae import sae_codes
+from mosaic_dag.evaluation import best_rows, best_run, confusion_png, run_probes, top_latents_table, write_results
+from mosaic_dag.features import build_pooled
+from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
+from mosaic_dag.pipeline import read_dataset
+from mosaic_dag.probes import save_model
+from mosaic_dag.tables import markdown_table
+from resources import ExperimentResource, MlflowResource
+
+
+def _keys(context: AssetExecutionContext):  # type: ignore[no-untyped-def]
+    keys = context.partition_key.keys_by_dimension  # type: ignore[attr-defined]
+    return parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
+
+
+@asset(
+    partitions_def=target_dataset_partitions,
+    deps=[sae_codes],
+    group_name="features",
+    description="Per-text features: SAE codes pooled over real tokens (sum/mean/max/last/topn_count; CSR, never "
+    "densified) and the same poolings of the hidden states. BOS and padding never count.",
+)
+def pooled_features(context: AssetExecutionContext, experiment: ExperimentResource) -> MaterializeResult:
+    cfg = experiment.load()
+    target, data = _keys(context)
+    result = build_pooled(cfg, target, data.dataset, data.language)
+    sizes = {name: round(p.stat().st_size / 2**20, 3) for name, p in sorted(result.files.items())}
+    return MaterializeResult(metadata={
+        "sae_path": MetadataValue.path(str(result.sae_dir)),
+        "hidden_path": MetadataValue.path(str(result.hidden_dir)),
+        "cache_hit": result.hit,
+        "width": result.width,
+        "matrices_mb": MetadataValue.json(sizes),
+    })
+
+
+PROBE_CHECKS = [
+    AssetCheckSpec("beats_majority", asset="probes", description="best SAE macro-F1 above the majority-class baseline"),
+    AssetCheckSpec("train_test_disjoint", asset="probes", description="no id is both in train/validation and test"),
+    AssetCheckSpec("same_test_rows", asset="probes", description="every feature source scored on identical test ids"),
+]
+
+
+@asset(
+    partitions_def=target_dataset_partitions,
+    deps=[pooled_features],
+    check_specs=PROBE_CHECKS,
+    group_name="probes",
+    description="Logistic, decision-tree and k-sparse probes on SAE and hidden features, plus the TF-IDF baseline; "
+    "hyper-parameters chosen on train/validation only; macro-F1 with bootstrap 95% CI.",
+)
+def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource) -> MaterializeResult:
+    cfg = experiment.load()
+    target, data = _keys(context)
+    frame = read_dataset(cfg, data.dataset, data.language).frame
+    label_names = dict(zip(frame["label"].astype(int), frame["label_name"].astype(str)))
+    with mlflow.run(context, cfg) as run:
+        results = run_probes(cfg, target, data.dataset, data.language, mlflow_run_id=run.run_id,
+                             progress=lambda d, t: context.log.info(f"probes {d}/{t}") if d % 10 == 0 or d == t else None)
+        table = results.table
+        path = write_results(cfg, target, data.dataset, data.language, table)
+        best = best_rows(table)
+        run.log_params({"target": target.key, "dataset": data.key, "probes": len(table)})
+        for _, row in best.iterrows():
+            run.log_metrics({f"{row['features']}_macro_f1": row["macro_f1"], f"{row['features']}_accuracy": row["accuracy"]})
+        run.log_metrics({"majority_macro_f1": results.majority_f1})
+        y_test = frame["label"].to_numpy()[frame["split"].to_numpy() == "test"]
+        with tempfile.TemporaryDirectory() as tmp:
+            for source in ("sae", "hidden", "tfidf"):
+                b = best_run(results.runs, source)
+                if b is None:
+                    continue
+                png = confusion_png(b, y_test, label_names, Path(tmp) / f"confusion-{source}.png", f"{source}: {b.spec.label}")
+                run.log_artifact(png, "confusion")
+                run.log_artifact(save_model(b.result.model, Path(tmp) / f"best-{source}.skops"), "models")
+            run.log_artifact(path, "results")
+    sae_best = best_run(results.runs, "sae")
+    latents_md = "no linear SAE probe"
+    linear = [r for r in results.runs if r.spec.features == "sae" and r.spec.classifier == "logistic"]
+    if linear:
+        top = max(linear, key=lambda r: r.result.metrics.macro_f1)
+        latents_md = f"probe: `{top.spec.label}`\n\n" + markdown_table(
+            top_latents_table(top, results.pooled.neuronpedia_id if results.pooled else None, label_names))
+    test_ids = {tuple(r.test_ids) for r in results.runs}
+    overlap = len(set(results.train_ids) & set(next(iter(test_ids)))) if test_ids else 0
+    sae_f1 = sae_best.result.metrics.macro_f1 if sae_best else float("nan")
+    show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "macro_f1", "macro_f1_ci_low",
+                 "macro_f1_ci_high", "accuracy", "auroc"]]
+    return MaterializeResult(
+        metadata={
+            "results_path": MetadataValue.path(str(path)),
+            "probes": len(table),
+            "best": MetadataValue.md(markdown_table(show)),
+            "top_latents": MetadataValue.md(latents_md),
+            "sae_macro_f1": round(float(sae_f1), 4),
+            "majority_macro_f1": round(results.majority_f1, 4),
+            "n_test": int(table["n_test"].iloc[0]) if len(table) else 0,
+            "mlflow_run_id": run.run_id,
+        },
+        check_results=[
+            AssetCheckResult(check_name="beats_majority", passed=bool(sae_f1 > results.majority_f1),
+                             metadata={"sae_macro_f1": float(np.round(sae_f1, 4)), "majority": round(results.majority_f1, 4)}),
+            AssetCheckResult(check_name="train_test_disjoint", passed=overlap == 0, metadata={"overlap": overlap}),
+            AssetCheckResult(check_name="same_test_rows", passed=len(test_ids) == 1,
+                             metadata={"distinct_test_sets": len(test_ids)}),
+        ],
+    )

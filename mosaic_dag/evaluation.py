@@ -1,0 +1,260 @@
+"""Probe sweeps over every (features, pooling, threshold, classifier) and the tidy results table.
+
+SAE, hidden-state and TF-IDF probes of one partition are scored on the SAME test rows (same ids);
+hyper-parameters are chosen on train/validation only (see mosaic_dag.probes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.features import PooledResult, build_pooled, feature_name, load_matrix
+from mosaic_dag.partitions import Target
+from mosaic_dag.pipeline import read_dataset
+from mosaic_dag.pooling import binarize
+from mosaic_dag.probes import ProbeResult, fit_ksparse, fit_logistic, fit_tree, majority_baseline_f1, top_latents
+from mosaic_dag.storage import write_parquet
+from mosaic_dag.tfidf import fit_tfidf
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = [
+    "model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
+    "classifier", "k", "train_language", "test_language", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high",
+    "accuracy", "auroc", "n_train", "n_test", "mlflow_run_id",
+]
+KEY_COLUMNS = [c for c in RESULT_COLUMNS[:13]]
+
+
+@dataclass
+class ProbeSpec:
+    features: str  # sae | hidden | tfidf
+    pooling: str | None
+    top_n: int | None
+    threshold: float | None
+    classifier: str
+    k: int | None
+
+    @property
+    def label(self) -> str:
+        parts = [self.features, self.pooling or "", f"n{self.top_n}" if self.top_n else "",
+                 f"t{self.threshold}" if self.threshold is not None else "", self.classifier, f"k{self.k}" if self.k else ""]
+        return "/".join(p for p in parts if p)
+
+
+def probe_specs(cfg: ExperimentConfig) -> list[ProbeSpec]:
+    """Every probe the config asks for, in a fixed order."""
+    cls = cfg.classification
+    out: list[ProbeSpec] = []
+
+    def classifiers(features: str, pooling: str, top_n: int | None, threshold: float | None) -> None:
+        for c in cls.classifiers:
+            if c == "ksparse":
+                out.extend(ProbeSpec(features, pooling, top_n, threshold, c, k) for k in cls.k)
+            else:
+                out.append(ProbeSpec(features, pooling, top_n, threshold, c, None))
+
+    for pooling in cls.poolings:
+        for top_n in (cls.top_n if pooling == "topn_count" else [None]):
+            for threshold in cls.thresholds:
+                classifiers("sae", pooling, top_n, threshold)
+    for pooling in cls.poolings:
+        if pooling != "topn_count":
+            classifiers("hidden", pooling, None, None)
+    out.extend(ProbeSpec("tfidf", analyzer, None, None, "logistic", None) for analyzer in cls.tfidf)
+    return out
+
+
+@dataclass
+class SplitRows:
+    """Row positions of each split, and their ids/labels (one frame serves every feature source)."""
+
+    frame: pd.DataFrame
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame) -> "SplitRows":
+        s = frame["split"].to_numpy()
+        return cls(frame, np.flatnonzero(s == "train"), np.flatnonzero(s == "validation"), np.flatnonzero(s == "test"))
+
+    def y(self, idx: np.ndarray) -> np.ndarray:
+        return self.frame["label"].to_numpy()[idx]
+
+    @property
+    def test_ids(self) -> list[str]:
+        return self.frame["id"].to_numpy()[self.test].tolist()
+
+
+@dataclass
+class ProbeRun:
+    spec: ProbeSpec
+    result: ProbeResult
+    test_ids: list[str]
+
+
+@dataclass
+class PartitionResults:
+    table: pd.DataFrame
+    runs: list[ProbeRun] = field(default_factory=list)
+    pooled: PooledResult | None = None
+    majority_f1: float = float("nan")
+    train_ids: list[str] = field(default_factory=list)
+
+
+def _fit(spec: ProbeSpec, X: Any, rows: SplitRows, seed: int, n_boot: int, language: str) -> ProbeResult:
+    tr, va, te = rows.train, rows.val, rows.test
+    if spec.features == "tfidf":
+        texts = rows.frame["text"].to_numpy()
+        return fit_tfidf(list(texts[tr]), rows.y(tr), list(texts[va]), rows.y(va), list(texts[te]), rows.y(te),
+                         analyzer=spec.pooling or "word", language=language, seed=seed, n_boot=n_boot)
+    args = (X[tr], rows.y(tr), X[va], rows.y(va), X[te], rows.y(te))
+    if spec.classifier == "logistic":
+        return fit_logistic(*args, seed=seed, n_boot=n_boot)
+    if spec.classifier == "tree":
+        return fit_tree(*args, seed=seed, n_boot=n_boot)
+    return fit_ksparse(*args, k=int(spec.k or 1), seed=seed, n_boot=n_boot)
+
+
+def run_probes(
+    cfg: ExperimentConfig, target: Target, dataset: str, language: str,
+    mlflow_run_id: str = "", progress: Callable[[int, int], None] | None = None,
+) -> PartitionResults:
+    """Fit every configured probe on one (target, dataset) partition; identical test rows for all."""
+    pooled = build_pooled(cfg, target, dataset, language)
+    frame = read_dataset(cfg, dataset, language).frame
+    rows = SplitRows.of(frame)
+    cls = cfg.classification
+    specs = probe_specs(cfg)
+    cache: dict[str, Any] = {}
+    runs: list[ProbeRun] = []
+    records = []
+    for i, spec in enumerate(specs):
+        X = None
+        if spec.features != "tfidf":
+            name = feature_name(spec.features, spec.pooling or "", spec.top_n)
+            if name not in cache:
+                cache[name] = load_matrix(pooled.files[name])
+            X = cache[name]
+            if spec.features == "sae" and spec.threshold is not None:
+                X = binarize(X, spec.threshold, signed=pooled.signed)
+        if spec.k is not None and X is not None and spec.k > X.shape[1]:
+            continue
+        result = _fit(spec, X, rows, cls.seed, cls.bootstrap, language)
+        runs.append(ProbeRun(spec, result, rows.test_ids))
+        m = result.metrics
+        records.append({
+            "model": target.model, "layer": target.layer, "sae": target.sae if spec.features == "sae" else "",
+            "dataset": dataset, "language": language, "features": spec.features,
+            "pooling": spec.pooling or "", "threshold": spec.threshold if spec.threshold is not None else math.nan,
+            "top_n": spec.top_n, "classifier": spec.classifier, "k": spec.k, "train_language": language, "test_language": language,
+            "macro_f1": m.macro_f1, "macro_f1_ci_low": m.macro_f1_ci_low, "macro_f1_ci_high": m.macro_f1_ci_high,
+            "accuracy": m.accuracy, "auroc": m.auroc, "n_train": m.n_train, "n_test": m.n_test,
+            "mlflow_run_id": mlflow_run_id,
+        })
+        if progress:
+            progress(i + 1, len(specs))
+    table = _typed(pd.DataFrame.from_records(records, columns=RESULT_COLUMNS))
+    majority = majority_baseline_f1(rows.y(np.concatenate([rows.train, rows.val])), rows.y(rows.test))
+    train_ids = frame["id"].to_numpy()[np.concatenate([rows.train, rows.val])].tolist()
+    return PartitionResults(table, runs, pooled, majority, train_ids)
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    """Nullable integers for optional settings (top_n, k): empty in CSV, never a -1 sentinel."""
+    out = table.copy()
+    for col in ("top_n", "k"):
+        out[col] = pd.array([None if pd.isna(v) else int(v) for v in out[col]], dtype="Int64")
+    for col in ("layer", "n_train", "n_test"):
+        out[col] = out[col].astype("int64")
+    out["threshold"] = out["threshold"].astype("float64")
+    return out
+
+
+def best_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The best configuration per (partition, feature source), by macro-F1."""
+    if table.empty:
+        return table
+    keys = ["model", "layer", "dataset", "language", "train_language", "test_language", "features"]
+    idx = table.sort_values("macro_f1", ascending=False, kind="stable").groupby(keys, sort=False).head(1).index
+    return table.loc[idx].sort_values(keys[:6] + ["macro_f1"], ascending=[True] * 6 + [False]).reset_index(drop=True)
+
+
+def best_run(runs: list[ProbeRun], features: str) -> ProbeRun | None:
+    cands = [r for r in runs if r.spec.features == features]
+    return max(cands, key=lambda r: r.result.metrics.macro_f1, default=None)
+
+
+def top_latents_table(run: ProbeRun, neuronpedia_id: str | None, label_names: dict[int, str], top: int = 10) -> pd.DataFrame:
+    """Top SAE latents per class of a linear probe (index, weight, Neuronpedia link when known)."""
+    records = []
+    for cls_value, items in top_latents(run.result, top=top).items():
+        for index, weight in items:
+            link = f"https://www.neuronpedia.org/{neuronpedia_id}/{index}" if neuronpedia_id else ""
+            records.append({"class": label_names.get(int(cls_value), str(cls_value)), "latent": int(index),
+                            "weight": round(float(weight), 4), "neuronpedia": link})
+    return pd.DataFrame.from_records(records, columns=["class", "latent", "weight", "neuronpedia"])
+
+
+def results_file(cfg: ExperimentConfig, target: Target, dataset: str, language: str) -> Path:
+    return cfg.data_path / "results" / target.key / f"{dataset}.{language}.parquet"
+
+
+def write_results(cfg: ExperimentConfig, target: Target, dataset: str, language: str, table: pd.DataFrame) -> Path:
+    path = results_file(cfg, target, dataset, language)
+    write_parquet(path, table)
+    return path
+
+
+def iter_result_files(cfg: ExperimentConfig) -> Iterator[Path]:
+    root = cfg.data_path / "results"
+    if root.exists():
+        yield from sorted(root.rglob("*.parquet"))
+
+
+def results_table(cfg: ExperimentConfig) -> pd.DataFrame:
+    """Every partition's results in one tidy table; hidden/TF-IDF rows shared by SAEs appear once."""
+    frames = [pd.read_parquet(p) for p in iter_result_files(cfg)]
+    if not frames:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    table = pd.concat(frames, ignore_index=True)
+    table = table.drop_duplicates(subset=KEY_COLUMNS, keep="first")
+    return table.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)[RESULT_COLUMNS]
+
+
+def confusion_png(run: ProbeRun, y_true: np.ndarray, label_names: dict[int, str], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    from mosaic_dag.storage import atomic_path
+
+    classes = np.asarray(run.result.classes)
+    cm = confusion_matrix(y_true, run.result.test_pred, labels=classes)
+    names = [label_names.get(int(c), str(c)) for c in classes]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 1.1 * len(names) + 2))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,155 @@
+"""SAE → codes → pooled → probes through Dagster on the tiny model; the release sensor; the results CLI."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import yaml
+from dagster import DagsterInstance, build_sensor_context
+
+from mosaic_dag.cli import main
+from mosaic_dag.codes import CodesStore, forget_saes, get_sae
+from mosaic_dag.config import load_config
+from mosaic_dag.evaluation import RESULT_COLUMNS, results_table
+from mosaic_dag.extract import HiddenCache
+from mosaic_dag.models import forget_loaded
+from mosaic_dag.partitions import parse_target
+from mosaic_dag.runner import run_experiment
+from tests.conftest import tiny_config
+from tests.conftest_sae import make_sae
+
+TINY_SAE = {"source": "train", "name": "btk", "architecture": "batchtopk", "width": 128, "k": 8,
+            "training_tokens": 30000, "batch_size": 64}
+FAST = {"poolings": ["mean", "topn_count"], "thresholds": [None, 0.0], "top_n": [4],
+        "classifiers": ["logistic", "ksparse"], "k": [1, 5], "tfidf": ["word"], "bootstrap": 50}
+
+
+def _config(tmp_path: Path, model_dir: Path, **extra) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tiny_config(tmp_path, model_dir, layers=[1], saes=[TINY_SAE])
+    data = yaml.safe_load(path.read_text())
+    data["classification"] = FAST
+    data.update(extra)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def clean():
+    forget_loaded()
+    forget_saes()
+    yield
+    forget_saes()
+
+
+def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
+    config = _config(tmp_path / "a", tiny_model_dir)
+    summary = run_experiment(config, progress=False, echo=lambda *_: None)
+    assets = {s.asset for s in summary.steps}
+    assert assets == {"dataset", "hidden_states", "sae", "sae_codes", "pooled_features", "probes"}
+    cfg = load_config(config)
+    table = results_table(cfg)
+    assert list(table.columns) == RESULT_COLUMNS
+    assert set(table["features"]) == {"sae", "hidden", "tfidf"}
+    assert table["n_test"].nunique() == 1  # every source scored on the same test rows
+    assert (table["mlflow_run_id"] != "").all()
+    # sparse codes on disk, far smaller than dense, equal to sae.encode on the cached activations
+    codes_step = next(s for s in summary.steps if s.asset == "sae_codes")
+    store = CodesStore(Path(codes_step.metadata["path"]))
+    man = store.manifest()
+    assert man["bytes"] < man["dense_fp16_bytes"] / 3
+    hidden = HiddenCache(Path(man["hidden_cache"]))
+    sae = get_sae(cfg, parse_target("tiny.L1.btk"))
+    import torch
+
+    for shard, codes in zip(hidden.iter_shards(), store.iter_shards()):
+        assert sp.issparse(codes.codes)
+        with torch.inference_mode():
+            ref = sae.encode(torch.from_numpy(shard.acts.astype(np.float32))).numpy()
+        ref[~shard.real_mask] = 0.0
+        np.testing.assert_allclose(codes.codes.toarray(), ref, rtol=1e-3, atol=1e-3)
+    # SAE trained on TRAIN texts only: its metadata says so and the asset reports training metrics
+    sae_step = next(s for s in summary.steps if s.asset == "sae")
+    assert sae_step.metadata["reused"] is False and sae_step.metadata["width"] == 128
+    # a second run in another folder gives the identical table (seeds fixed), MLflow ids aside
+    forget_saes()
+    config_b = _config(tmp_path / "b", tiny_model_dir)
+    run_experiment(config_b, progress=False, echo=lambda *_: None)
+    other = results_table(load_config(config_b))
+    cols = [c for c in RESULT_COLUMNS if c != "mlflow_run_id"]
+    pd.testing.assert_frame_equal(table[cols], other[cols])
+
+
+def test_results_cli_formats(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean, capsys):
+    config = _config(tmp_path, tiny_model_dir)
+    assert main(["run", "--config", str(config), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "best probe per feature source" in out and "| sae |" not in out.split("\n")[0]
+    assert main(["results", "--config", str(config), "--format", "csv"]) == 0
+    csv = capsys.readouterr().out
+    assert csv.splitlines()[0] == ",".join(RESULT_COLUMNS)
+    assert main(["results", "--config", str(config), "--format", "parquet", "--output", str(tmp_path / "r.parquet")]) == 0
+    assert len(pd.read_parquet(tmp_path / "r.parquet")) == len(csv.strip().splitlines()) - 1
+
+
+def test_mismatched_sae_fails_before_any_forward_pass(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path,
+                                                      clean, capsys):
+    sae = make_sae("jumprelu", d_in=32, width=64, hook_name="model.layers.1", model_name="tiny-gemma3")
+    sae.save_model(str(tmp_path / "wrong_sae"))
+    path = tiny_config(tmp_path, tiny_model_dir, layers=[1],
+                       saes=[{"source": "local", "path": str(tmp_path / "wrong_sae"), "name": "wrong"}])
+    assert main(["run", "--config", str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "sae d_in=32 does not match model tiny-gemma3 d_model=64" in err
+    assert not list((tmp_path / "data").rglob("manifest.json"))  # no forward pass ran
+
+
+def _registry(path: Path, entries: list[tuple[str, str]]) -> Path:
+    data = {"my-release": {"model": "google/gemma-3-270m", "repo_id": "org/repo", "conversion_func": "gemma_3",
+                           "saes": [{"id": sid, "path": p} for sid, p in entries]}}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_new_sae_release_sensor(tmp_path: Path, dagster_home: Path, monkeypatch: pytest.MonkeyPatch):
+    from mosaic_dag.definitions import make_new_sae_release_sensor
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"name": "g", "id": "google/gemma-3-270m", "layers": [5, 9]}],
+        "datasets": [{"name": "d", "path": "x.csv"}, {"name": "e", "path": "y.csv", "language": "fr"}],
+    }))
+    monkeypatch.setenv("MOSAIC_CONFIG", str(config))
+    reg = _registry(tmp_path / "reg.yaml", [
+        ("layer_5_width_16k_l0_medium", "resid_post/layer_5_width_16k_l0_medium"),
+        ("layer_7_width_16k_l0_medium", "resid_post/layer_7_width_16k_l0_medium"),  # layer not configured
+        ("layer_9_width_1m_l0_medium", "resid_post/layer_9_width_1m_l0_medium"),  # too wide by default
+    ])
+    sensor = make_new_sae_release_sensor(reg)
+    instance = DagsterInstance.get()
+
+    def tick(cursor):
+        ctx = build_sensor_context(instance=instance, cursor=cursor)
+        result = sensor(ctx)
+        for req in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        return result
+
+    first = tick(None)
+    keys = sorted({str(r.partition_key) for r in first.run_requests})
+    assert {r.job_name for r in first.run_requests} == {"saes", "features"}
+    assert len(first.run_requests) == 1 + 2  # the sae, then one features run per dataset partition
+    assert "g.L5.my-release-layer_5_width_16k_l0_medium" in keys
+    second = tick(first.cursor)
+    assert not second.run_requests and second.cursor is None
+    _registry(reg, [
+        ("layer_5_width_16k_l0_medium", "resid_post/layer_5_width_16k_l0_medium"),
+        ("layer_9_width_16k_l0_small", "resid_post/layer_9_width_16k_l0_small"),
+    ])
+    third = tick(first.cursor)
+    targets = {str(r.partition_key).split("|")[0] for r in third.run_requests}
+    assert len(third.run_requests) == 3
+    assert all("layer_9_width_16k_l0_small" in str(r.partition_key) for r in third.run_requests)
+    assert targets  # exactly the new entry's partitions
