@@ -28,3 +28,7 @@ validate: setup
 
 clean:
 	rm -rf mosaic_data .dagster_home
+
+.PHONY: bench
+bench: setup   # performance benchmark (~10-20 min on 2 cores): table on stdout, JSON in bench/results/
+	$(PY) -m bench.run

@@ -5,7 +5,7 @@ import os
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets.datasets import dataset
-from assets.partitions import target_dataset_partitions
+from assets.partitions import target_dataset_partitions, multi_keys
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.codes import check_target
 from mosaic_dag.models import model_dims
@@ -26,7 +26,7 @@ def hidden_states(
     mlflow: MlflowResource,
 ) -> MaterializeResult:
     cfg = experiment.load()
-    keys = context.partition_key.keys_by_dimension  # type: ignore[attr-defined]
+    keys = multi_keys(context)
     target = parse_target(keys[TARGET_DIM])
     data = parse_dataset(keys[DATASET_DIM])
     step = 1

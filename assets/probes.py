@@ -13,7 +13,7 @@ from dagster import (
     asset,
 )
 
-from assets.partitions import target_dataset_partitions
+from assets.partitions import target_dataset_partitions, multi_keys
 from assets.sae import sae_codes
 from mosaic_dag.evaluation import best_rows, best_run, confusion_png, run_probes, top_latents_table, write_results
 from mosaic_dag.features import build_pooled
@@ -25,7 +25,7 @@ from resources import ExperimentResource, MlflowResource
 
 
 def _keys(context: AssetExecutionContext):  # type: ignore[no-untyped-def]
-    keys = context.partition_key.keys_by_dimension  # type: ignore[attr-defined]
+    keys = multi_keys(context)
     return parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
 
 

@@ -4,12 +4,12 @@
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets.hidden_states import hidden_states
-from assets.partitions import target_dataset_partitions, target_partitions
+from assets.partitions import target_dataset_partitions, target_partitions, multi_keys
 from mosaic_dag.codes import build_codes, build_sae, sae_config
 from mosaic_dag.models import model_dims
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import models_dir
-from resources import ExperimentResource, MlflowResource
+from resources import ExperimentResource, MlflowResource, SaeResource
 
 
 @asset(
@@ -19,9 +19,11 @@ from resources import ExperimentResource, MlflowResource
     description="The SAE of one model/layer/SAE target: trained here with sae-lens's trainer on TRAIN texts "
     "only (source: train), or loaded from the sae-lens registry / a local folder and checked against the model.",
 )
-def sae(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource) -> MaterializeResult:
+def sae(context: AssetExecutionContext, experiment: ExperimentResource, sae: SaeResource,
+        mlflow: MlflowResource) -> MaterializeResult:
     cfg = experiment.load()
     target = parse_target(context.partition_key)
+    context.log.info(f"sae source: {sae.spec(cfg, target)}")
     hf_name, d_model, _ = model_dims(cfg.model(target.model), models_dir(cfg))
     result = build_sae(cfg, target, hf_name, d_model)
     scfg = sae_config(cfg, target)
@@ -54,7 +56,7 @@ def sae(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: 
 )
 def sae_codes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource) -> MaterializeResult:
     cfg = experiment.load()
-    keys = context.partition_key.keys_by_dimension  # type: ignore[attr-defined]
+    keys = multi_keys(context)
     target, data = parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
     result = build_codes(cfg, target, data.dataset, data.language,
                          progress=lambda d, t: context.log.info(f"encoded shard {d}/{t}"))

@@ -119,6 +119,22 @@ def build_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool) -> tuple[l
 # --------------------------------------------------------------------------- scoring options
 
 
+def _final_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden state (after the final norm) without computing logits for every position."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model or model.get_output_embeddings() is None:
+        raise ValueError("model: needs a causal LM with a separate output head")
+    return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def _head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2 squashes logits; the full forward would too
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def option_logprobs(
     model: Any,
     tokenizer: Any,
@@ -171,14 +187,15 @@ def option_logprobs(
                 seq = pairs[k][2]
                 ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
                 mask[r, : len(seq)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            target = ids[:, 1:].to(device)
-            tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()
+            # the vocabulary projection is the costly part (262k rows for Gemma): apply it only at
+            # the positions that predict option tokens, not at every prompt position
+            hidden = _final_hidden(model, ids.to(device), mask.to(device))
             for r, k in enumerate(batch):
                 i, j, seq, n_ctx = pairs[k]
-                # token t (t >= n_ctx) is predicted at position t - 1
-                out[i, j] = float(tok_lp[r, n_ctx - 1 : len(seq) - 1].sum())
+                pos = torch.arange(n_ctx - 1, len(seq) - 1, device=device)  # token t is predicted at t - 1
+                logp = torch.log_softmax(_head_logits(model, hidden[r, pos]), dim=-1)
+                target = ids[r, pos.cpu() + 1].to(device)
+                out[i, j] = float(logp.gather(-1, target.unsqueeze(-1)).double().sum())
     return out
 
 

@@ -34,7 +34,9 @@ def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
     hits = sum(1 for s in summary.steps if s.asset == "hidden_states" and s.metadata.get("cache_hit"))
     n_hidden = sum(1 for s in summary.steps if s.asset == "hidden_states")
     print(f"\nhidden states: {n_hidden} partitions, {hits} cache hits, {summary.forward_calls()} LM forward calls")
-    print(f"results:   {cfg.data_path}")
+    print(f"results:   {cfg.data_path}   (table: mosaic results{' --config FILE' if cfg.name != 'demo' else ''})")
+    if summary.report:
+        print(f"report:    {summary.report}")
     print(f"dagster:   DAGSTER_HOME={summary.dagster_home}  (see it: mosaic ui, or dagster dev -w workspace.yaml)")
     print(f"mlflow:    {summary.tracking_uri}  (mlflow ui --backend-store-uri {summary.tracking_uri})")
 
@@ -50,7 +52,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         cols = ["model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
                 "classifier", "k", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "n_test"]
         print("\nbest probe per feature source (macro-F1 on the same held-out test rows):\n")
-        print(markdown_table(best_rows(table)[cols], max_rows=200))
+        in_language = table[table["train_language"] == table["test_language"]]
+        print(markdown_table(best_rows(in_language)[cols], max_rows=200))
+        n_cross = int((table["train_language"] != table["test_language"]).sum())
+        if n_cross:
+            print(f"\n+ {n_cross} cross-lingual transfer rows (mosaic results, and the report's heatmaps)")
     _print_summary(summary)
     return 0
 

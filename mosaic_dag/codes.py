@@ -121,7 +121,12 @@ def check_target(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: i
     if scfg.source == "train" and not (trained_dir(cfg, target) / "cfg.json").exists():
         return None  # trained here from this very layer: compatible by construction
     info = sae_info(get_sae(cfg, target), hint=registry_hint(cfg, target))
-    check_compatible(info, hf_name, d_model, target.layer)
+    from mosaic_dag.sae import SaeMismatchError
+
+    try:
+        check_compatible(info, hf_name, d_model, target.layer)
+    except SaeMismatchError as err:
+        raise SaeMismatchError(f"sae {target.sae!r}: {err}") from None
     return info
 
 

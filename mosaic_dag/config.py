@@ -60,14 +60,12 @@ class SaeConfig(_Strict):
 
     @property
     def label(self) -> str:
-        """Short name used in partition keys."""
+        """Short name used in partition keys (e.g. gs2-16k-medium, local-btk4k)."""
         if self.name:
             return self.name
-        if self.source == "registry":
-            return re.sub(r"[^A-Za-z0-9_\-]+", "-", f"{self.release}-{self.sae_id}")
-        if self.source == "local":
-            return re.sub(r"[^A-Za-z0-9_\-]+", "-", Path(str(self.path)).name) or "local"
-        return f"local-{self.architecture}-{self.width}"
+        from mosaic_dag.sae import default_sae_name
+
+        return default_sae_name(self.source, self.release, self.sae_id, self.path, self.architecture, self.width)
 
 
 class ModelConfig(_Strict):
@@ -99,11 +97,39 @@ class ModelConfig(_Strict):
         return sorted(v)
 
 
+class BehaviourConfig(_Strict):
+    """Labels from a TARGET model's behaviour on each text (the seed paper's cross-model setting)."""
+
+    model: str  # a model name from `models`, or any model id / local folder / bundled:gemma-3-270m
+    task: Literal["generate", "choice"] = "generate"
+    prompt_template: str = "{text}"
+    options: list[str] | None = None  # choice: the answer options (with their leading space)
+    answer_field: str | None = None  # choice: column holding the gold answer
+    answer_map: dict[str, int] | None = None  # choice: gold value (as text) -> option index
+    judge: Literal["keyword", "model"] = "keyword"  # generate: how a reply becomes refusal/compliance
+    judge_model: str | None = None
+    refusal_patterns: list[str] | None = None
+    chat: bool = True
+    max_new_tokens: int = Field(48, ge=1, le=1024)
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _task(self) -> "BehaviourConfig":
+        if self.task == "choice" and not (self.options and len(self.options) >= 2 and self.answer_field):
+            raise ValueError("task 'choice' needs 'options' (2 or more) and 'answer_field'")
+        if "{text}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {text}")
+        if self.judge == "model" and not self.judge_model:
+            raise ValueError("judge 'model' needs 'judge_model'")
+        return self
+
+
 class DatasetConfig(_Strict):
     """A labelled text dataset: Hugging Face hub, local file(s), or the bundled demo."""
 
     name: str
     path: str | None = None
+    paths: dict[str, str] | None = None  # one local file/folder per language: {en: ..., fr: ...}
     hf_name: str | None = None
     config_name: str | None = None
     split: str | None = None
@@ -115,6 +141,7 @@ class DatasetConfig(_Strict):
     languages: list[str] | None = None
     split_field: str | None = None
     max_rows: int | None = Field(None, ge=2)
+    behaviour: BehaviourConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -123,10 +150,14 @@ class DatasetConfig(_Strict):
 
     @model_validator(mode="after")
     def _source(self) -> "DatasetConfig":
-        if self.path and self.hf_name:
-            raise ValueError("give either 'path' or 'hf_name', not both")
-        if not self.path and not self.hf_name:
-            raise ValueError("give 'path' (local file, folder or 'bundled:demo') or 'hf_name' (hub dataset)")
+        if sum(bool(x) for x in (self.path, self.paths, self.hf_name)) > 1:
+            raise ValueError("give one of 'path', 'paths' or 'hf_name'")
+        if not (self.path or self.paths or self.hf_name):
+            raise ValueError("give 'path' (local file, folder or 'bundled:demo'), 'paths' (one per language) or 'hf_name'")
+        for lang in self.paths or {}:
+            _check_key(lang, "paths key")
+        if self.paths:
+            return self
         if self.language_field is None and self.language is None:
             raise ValueError("give 'language' (one code for all rows) or 'language_field' (a column)")
         if self.language_field is not None and not self.languages:
@@ -157,6 +188,27 @@ class ClassificationConfig(_Strict):
     seed: int = 0
 
 
+class TransferConfig(_Strict):
+    """Cross-lingual transfer: train on each language, test on every language of a dataset."""
+
+    enabled: bool = True
+    pooling: Literal["sum", "mean", "max", "last", "topn_count"] = "mean"
+    top_n: int = 20
+    threshold: float | None = None
+    tfidf: Literal["word", "char"] = "word"
+
+
+class ConditionsConfig(_Strict):
+    """Hard conditions (SAE-Probes style): train-size sweep, class imbalance, label noise."""
+
+    enabled: bool = False
+    sizes: list[int | None] = [16, 64, 256, 1024, None]
+    imbalances: list[float] = [0.5, 0.2, 0.1, 0.05]
+    noise_rates: list[float] = [0.0, 0.1, 0.2, 0.3]
+    pooling: Literal["sum", "mean", "max", "last", "topn_count"] = "mean"
+    top_n: int = 20
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str = "mosaic"
@@ -171,6 +223,8 @@ class ExperimentConfig(_Strict):
     datasets: list[DatasetConfig] = Field(min_length=1)
     split: SplitConfig = SplitConfig()
     classification: ClassificationConfig = ClassificationConfig()
+    transfer: TransferConfig = TransferConfig()
+    conditions: ConditionsConfig = ConditionsConfig()
     mlflow: MlflowConfig = MlflowConfig()
     _base_dir: Path | None = PrivateAttr(default=None)
 
@@ -205,6 +259,8 @@ class ExperimentConfig(_Strict):
 
     def dataset_languages(self, name: str) -> list[str]:
         d = self.dataset(name)
+        if d.paths:
+            return list(d.paths)
         if d.language_field is not None:
             return list(d.languages or [])
         return [str(d.language)]

@@ -29,19 +29,28 @@ _SPLIT_ALIASES = {
 _READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 
 
-def _read_file(path: Path) -> pd.DataFrame:
+def _read_file(path: Path, name: str) -> pd.DataFrame:
     kind = _READERS.get(path.suffix.lower())
-    if kind == "csv":
-        return pd.read_csv(path)
-    if kind == "tsv":
-        return pd.read_csv(path, sep="\t")
-    if kind == "jsonl":
-        return pd.read_json(path, lines=True)
-    if kind == "json":
-        return pd.read_json(path)
-    if kind == "parquet":
+    if kind is None:
+        raise DatasetError(
+            f"dataset {name!r}: path {str(path)!r} has an unsupported file type; use .csv, .tsv, .jsonl, .json or .parquet"
+        )
+    try:
+        if kind == "csv":
+            return pd.read_csv(path)
+        if kind == "tsv":
+            return pd.read_csv(path, sep="\t")
+        if kind == "jsonl":
+            return pd.read_json(path, lines=True)
+        if kind == "json":
+            return pd.read_json(path)
         return pd.read_parquet(path)
-    raise DatasetError(f"path {str(path)!r}: unsupported file type; use .csv, .tsv, .jsonl, .json or .parquet")
+    except Exception as err:  # noqa: BLE001 - pandas/pyarrow raise many types; the user needs one line
+        text = str(err).strip()
+        reason = text.splitlines()[0][:200] if text else type(err).__name__
+        raise DatasetError(
+            f"dataset {name!r}: path {str(path)!r} is not readable {kind} ({reason}); fix or re-export the file"
+        ) from None
 
 
 def _read_text_lines(folder: Path, cfg: DatasetConfig) -> pd.DataFrame | None:
@@ -56,17 +65,26 @@ def _read_text_lines(folder: Path, cfg: DatasetConfig) -> pd.DataFrame | None:
         labs = labels.read_text(encoding="utf-8").splitlines()
         if len(texts) != len(labs):
             raise DatasetError(f"path {str(folder)!r}: {f.name} has {len(texts)} lines but {labels.name} has {len(labs)}")
+        bad = next((i for i, x in enumerate(labs) if not x.strip().lstrip("-").isdigit()), None)
+        if bad is not None:
+            raise DatasetError(
+                f"dataset {cfg.name!r}: {labels.name} line {bad + 1} is {labs[bad]!r}, not an integer label; fix that line"
+            )
         frames.append(pd.DataFrame({cfg.text_field: texts, cfg.label_field: [int(x) for x in labs], "__split": split}))
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _read_local(cfg: DatasetConfig, base: Path) -> pd.DataFrame:
+def _read_local(cfg: DatasetConfig, base: Path, language: str | None = None) -> pd.DataFrame:
+    if cfg.paths:
+        if language not in cfg.paths:
+            raise DatasetError(f"dataset {cfg.name!r}: paths has no entry for language {language!r}; add it")
+        cfg = cfg.model_copy(update={"path": cfg.paths[language], "paths": None})
     path = Path(str(cfg.path)).expanduser()
     path = path if path.is_absolute() else base / path
     if not path.exists():
         raise DatasetError(f"dataset {cfg.name!r}: path {str(path)!r} does not exist; fix 'path' in the config")
     if path.is_file():
-        df = _read_file(path)
+        df = _read_file(path, cfg.name)
         if cfg.split_field:
             if cfg.split_field not in df.columns:
                 raise DatasetError(
@@ -88,7 +106,7 @@ def _read_local(cfg: DatasetConfig, base: Path) -> pd.DataFrame:
                       or f"_{alias}_" in stem or stem.startswith(f"{alias}_")), None)
         if split is None:
             continue
-        part = _read_file(f)
+        part = _read_file(f, cfg.name)
         part["__split"] = split
         frames.append(part)
     if not frames:
@@ -125,15 +143,15 @@ def _read_hub(cfg: DatasetConfig) -> pd.DataFrame:
     return df
 
 
-def read_source(cfg: DatasetConfig, base: Path | None = None) -> pd.DataFrame:
+def read_source(cfg: DatasetConfig, base: Path | None = None, language: str | None = None) -> pd.DataFrame:
     """Raw rows with the configured text/label (and optional language/split) columns."""
     base = base or Path.cwd()
     if cfg.path == "bundled:demo":
         df = demo_dataset()
         df.attrs["label_names"] = dict(DEMO_LABEL_NAMES)
         return df
-    if cfg.path:
-        return _read_local(cfg, base)
+    if cfg.path or cfg.paths:
+        return _read_local(cfg, base, language)
     return _read_hub(cfg)
 
 
@@ -259,7 +277,7 @@ def normalise(raw: pd.DataFrame, cfg: DatasetConfig, language: str, split_cfg: S
 
 def load_dataset(cfg: DatasetConfig, language: str, split_cfg: SplitConfig, base: Path | None = None) -> pd.DataFrame:
     """Read + normalise one (dataset, language) partition."""
-    return normalise(read_source(cfg, base), cfg, language, split_cfg)
+    return normalise(read_source(cfg, base, language), cfg, language, split_cfg)
 
 
 def content_hash(df: pd.DataFrame) -> str:

@@ -26,6 +26,7 @@ from dagster import (
     sensor,
 )
 
+from assets.analysis import conditions, report, transfer
 from assets.datasets import dataset
 from assets.hidden_states import hidden_states
 from assets.partitions import dataset_partitions, target_partitions
@@ -33,18 +34,20 @@ from assets.probes import pooled_features, probes
 from assets.sae import sae, sae_codes
 from mosaic_dag.config import ExperimentConfig, load_config
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, Target, dataset_keys, targets
-from resources import ExperimentResource, MlflowResource, ModelResource
+from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 from resources.experiment import CONFIG_ENV
 
-ALL_ASSETS = [dataset, hidden_states, sae, sae_codes, pooled_features, probes]
+ALL_ASSETS = [dataset, hidden_states, sae, sae_codes, pooled_features, probes, conditions, transfer, report]
 REGISTRY_ENV = "MOSAIC_SAE_REGISTRY"
 MAX_REGISTRY_WIDTH = 65536
 
 dataset_job = define_asset_job("datasets", selection=AssetSelection.assets(dataset))
 sae_job = define_asset_job("saes", selection=AssetSelection.assets(sae))
 features_job = define_asset_job(
-    "features", selection=AssetSelection.assets(hidden_states, sae_codes, pooled_features, probes)
+    "features", selection=AssetSelection.assets(hidden_states, sae_codes, pooled_features, probes, conditions)
 )
+transfer_job = define_asset_job("transfer_job", selection=AssetSelection.assets(transfer))
+report_job = define_asset_job("report_job", selection=AssetSelection.assets(report))
 
 
 def _config() -> ExperimentConfig:
@@ -148,6 +151,7 @@ def resources() -> dict[str, object]:
     return {
         "experiment": ExperimentResource(config_path=os.environ.get(CONFIG_ENV, "")),
         "model": ModelResource(),
+        "sae": SaeResource(),
         "mlflow": MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")),
     }
 
@@ -156,6 +160,6 @@ defs = Definitions(
     assets=ALL_ASSETS,
     sensors=[config_partitions_sensor, new_sae_release_sensor],
     schedules=[weekly_refresh],
-    jobs=[dataset_job, sae_job, features_job],
+    jobs=[dataset_job, sae_job, features_job, transfer_job, report_job],
     resources=resources(),
 )

@@ -219,7 +219,7 @@ def write_results(cfg: ExperimentConfig, target: Target, dataset: str, language:
 def iter_result_files(cfg: ExperimentConfig) -> Iterator[Path]:
     root = cfg.data_path / "results"
     if root.exists():
-        yield from sorted(root.rglob("*.parquet"))
+        yield from sorted(p for p in root.rglob("*.parquet") if not p.name.startswith("transfer-matrix."))
 
 
 def results_table(cfg: ExperimentConfig) -> pd.DataFrame:

@@ -128,12 +128,11 @@ def forward_layers(loaded: LoadedModel, layers: Sequence[int], input_ids: torch.
 
     handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in sorted(set(layers))]
     try:
+        # A batch without padding needs no mask: the model then builds only its causal mask and
+        # attention can take its causal fast path.
+        mask = None if bool(attention_mask.all()) else attention_mask.to(loaded.device)
         with torch.inference_mode():
-            loaded.model.base_model(
-                input_ids=input_ids.to(loaded.device),
-                attention_mask=attention_mask.to(loaded.device),
-                use_cache=False,
-            )
+            loaded.model.base_model(input_ids=input_ids.to(loaded.device), attention_mask=mask, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -226,43 +225,59 @@ class HiddenCache:
 
 
 class _ShardWriter:
-    """Buffers a layer's batches and flushes shards of roughly ``shard_tokens`` tokens."""
+    """Buffers a layer's packed (padding-free) tokens and flushes shards of roughly ``shard_tokens`` tokens.
+
+    Only the current shard is held in memory, so extraction memory does not grow with the dataset:
+    each batch arrives packed to its texts' tokens (padding already dropped).
+    """
 
     def __init__(self, folder: Path, shard_tokens: int):
         self.folder = folder
         self.shard_tokens = shard_tokens
-        self.parts: list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = []
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.buffered = 0
+        self.max_abs = 0.0
         self.shards: list[dict[str, Any]] = []
 
-    def add(self, rows: np.ndarray, acts: list[np.ndarray], ids: list[np.ndarray], real: list[np.ndarray]) -> None:
-        self.parts.append((rows, acts, ids, real))
-        self.buffered += sum(len(x) for x in ids)
+    def add(self, rows: np.ndarray, lengths: np.ndarray, acts: np.ndarray, ids: np.ndarray, real: np.ndarray) -> None:
+        """One batch: ``acts`` [lengths.sum(), d] holds the texts of ``rows`` back to back."""
+        self.parts.append((rows, lengths, acts, ids, real))
+        peak = float(np.abs(acts).max(initial=0.0))  # per batch: no shard-sized temporary
+        self.max_abs = max(self.max_abs, peak if np.isfinite(peak) else float("inf"))  # NaN/inf -> fp32, as before
+        self.buffered += int(lengths.sum())
         if self.buffered >= self.shard_tokens:
             self.flush()
 
     def flush(self) -> None:
         if not self.parts:
             return
-        rows = np.concatenate([p[0] for p in self.parts]).astype(np.int64)
-        acts = [a for p in self.parts for a in p[1]]
-        ids = [a for p in self.parts for a in p[2]]
-        real = [a for p in self.parts for a in p[3]]
-        lengths = np.asarray([len(x) for x in ids], dtype=np.int64)
-        stacked = np.concatenate(acts) if acts else np.zeros((0, 0), np.float32)
-        store = stacked.astype(np.float16) if np.abs(stacked).max(initial=0.0) < FP16_MAX else stacked.astype(np.float32)
+        parts, self.parts, self.buffered = self.parts, [], 0
+        dtype = np.float16 if self.max_abs < FP16_MAX else np.float32
+        self.max_abs = 0.0
+        rows = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        lengths = np.concatenate([p[1] for p in parts]).astype(np.int64)
+        token_ids = np.concatenate([p[3] for p in parts]).astype(np.int32)
+        real_mask = np.concatenate([p[4] for p in parts]).astype(np.uint8)
+        # Fill the shard's array batch by batch (casting on the way), freeing each fp32 batch as it is
+        # copied: the peak is the buffer plus one fp16 shard, never an fp32 copy of the whole shard.
+        store = np.empty((int(lengths.sum()), parts[0][2].shape[1]), dtype=dtype)
+        at = 0
+        while parts:
+            acts = parts.pop(0)[2]
+            store[at:at + len(acts)] = acts
+            at += len(acts)
+            del acts
         name = f"shard-{len(self.shards):05d}.safetensors"
         path = self.folder / name
         save_file({
             "rows": rows,
             "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            "acts": np.ascontiguousarray(store),
-            "token_ids": np.concatenate(ids).astype(np.int32),
-            "real_mask": np.concatenate(real).astype(np.uint8),
+            "acts": store,
+            "token_ids": token_ids,
+            "real_mask": real_mask,
         }, str(path))
-        self.shards.append({"file": name, "texts": int(len(rows)), "tokens": int(lengths.sum()),
+        self.shards.append({"file": name, "texts": len(rows), "tokens": int(lengths.sum()),
                             "bytes": path.stat().st_size, "sha256": file_sha256(path), "dtype": str(store.dtype)})
-        self.parts, self.buffered = [], 0
 
 
 def extract_to_cache(
@@ -294,31 +309,31 @@ def extract_to_cache(
     specials = special_ids(tok)
     ids, cut = tokenize(tok, texts, max_length)
     stats = ExtractionStats(texts=len(texts), truncated_texts=cut, layers=list(layers))
-    batches = list(make_batches(ids, batch_tokens, pad_id))
     t0 = time.perf_counter()
     with ExitStack() as stack:
         folders = {layer: stack.enter_context(atomic_dir(targets[layer])) for layer in layers}
         writers = {layer: _ShardWriter(folders[layer], shard_tokens) for layer in layers}
-        bar = tqdm(total=len(texts), desc=f"{loaded.name} L{','.join(map(str, layers))}", unit="text",
+        bar = tqdm(total=stats.texts, desc=f"{loaded.name} L{','.join(map(str, layers))}", unit="text",
                    disable=not show_bar, leave=False)
         done = 0
-        for batch in batches:
+        for batch in make_batches(ids, batch_tokens, pad_id):  # lazily: one padded batch at a time
             outs = forward_layers(loaded, layers, batch.input_ids, batch.attention_mask)
             stats.forward_calls += 1
             stats.batches += 1
-            lengths = batch.attention_mask.sum(dim=1).tolist()
-            ids_np = batch.input_ids.numpy()
-            tok_lists = [ids_np[b, :n].astype(np.int32) for b, n in enumerate(lengths)]
-            real_lists = [~np.isin(t, specials) for t in tok_lists]
+            keep = batch.attention_mask.bool()  # [B, T]; row-major order = texts back to back
+            lengths = keep.sum(dim=1).numpy().astype(np.int64)
+            tok_ids = batch.input_ids[keep].numpy().astype(np.int32)
+            real = ~np.isin(tok_ids, specials)
             for layer in layers:
-                h = outs[layer].float().cpu().numpy()
-                writers[layer].add(batch.rows, [h[b, :n] for b, n in enumerate(lengths)], tok_lists, real_lists)
-            stats.tokens += int(sum(lengths))
-            stats.real_tokens += int(sum(int(r.sum()) for r in real_lists))
+                h = outs[layer][keep.to(outs[layer].device)]  # [tokens, d]: padding dropped before the copy
+                writers[layer].add(batch.rows, lengths, h.float().cpu().numpy(), tok_ids, real)
+            del outs
+            stats.tokens += int(lengths.sum())
+            stats.real_tokens += int(real.sum())
             done += len(batch.rows)
             bar.update(len(batch.rows))
             if progress:
-                progress(done, len(texts))
+                progress(done, stats.texts)
         bar.close()
         stats.seconds = time.perf_counter() - t0
         for layer in layers:

@@ -178,6 +178,8 @@ def model_dims(cfg: ModelConfig, cache_root: Path) -> tuple[str, int, int]:
         mc = AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} has no readable config: {first}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: pre-fill the cache or use a local folder)" if offline else ""
+        raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} has no readable config{hint}: {first}") from None
     mc = getattr(mc, "text_config", None) or mc
     return hf_name, int(mc.hidden_size), int(mc.num_hidden_layers)

@@ -41,6 +41,7 @@ class RunSummary:
     dagster_home: Path
     tracking_uri: str
     steps: list[StepRecord] = field(default_factory=list)
+    report: Path | None = None
 
     def forward_calls(self) -> int:
         return sum(int(s.metadata.get("forward_calls", 0) or 0) for s in self.steps if s.asset == "hidden_states")
@@ -69,12 +70,13 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
     """Load and validate the config, register partitions, and materialize every partition in order."""
     from dagster import DagsterInstance, MultiPartitionKey, materialize
 
+    from assets.analysis import conditions, report, transfer
     from assets.datasets import dataset
     from assets.hidden_states import hidden_states
     from assets.probes import pooled_features, probes
     from assets.sae import sae, sae_codes
     from mosaic_dag.definitions import ALL_ASSETS
-    from resources import ExperimentResource, MlflowResource, ModelResource
+    from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
     from resources.experiment import CONFIG_ENV
 
     cfg = load_config(config_path)
@@ -89,9 +91,10 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
     instance = DagsterInstance.get()
     register_partitions(instance, cfg)
     mlflow_res = MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""))
-    resources = {"experiment": ExperimentResource(config_path=abs_config), "model": ModelResource(), "mlflow": mlflow_res}
+    resources = {"experiment": ExperimentResource(config_path=abs_config), "model": ModelResource(),
+                 "sae": SaeResource(), "mlflow": mlflow_res}
     summary = RunSummary(cfg, home, mlflow_res.uri(cfg))
-    console_level = os.environ.get("MOSAIC_LOG_LEVEL", "WARNING")
+    console_level = os.environ.get("MOSAIC_LOG_LEVEL", "CRITICAL")
 
     def step(asset: Any, partition: Any, label: str, also: tuple[Any, ...] = ()) -> None:
         t0 = time.perf_counter()
@@ -116,5 +119,9 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
     for target in targets(cfg):
         for dkey in dataset_keys(cfg):
             mpk = MultiPartitionKey({TARGET_DIM: target.key, DATASET_DIM: dkey.key})
-            step(sae_codes, mpk, f"{target.key} × {dkey.key}", also=(pooled_features, probes))
+            step(sae_codes, mpk, f"{target.key} × {dkey.key}", also=(pooled_features, probes, conditions))
+    for target in targets(cfg):
+        step(transfer, target.key, target.key)
+    step(report, None, "all")
+    summary.report = cfg.data_path / "report" / "index.md"
     return summary

@@ -6,13 +6,19 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from mosaic_dag.errors import MosaicError
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -29,17 +35,57 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class WriteError(MosaicError, OSError):
+    """An artifact could not be written (disk full, read-only folder, no permission); nothing was left behind."""
+
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# temp names: .<target name>.<pid>@<host hash>.<random>.tmp, so a sweep can tell live writers from dead ones
+_TEMP_RE = re.compile(r"\.(\d+)@([0-9a-f]{8})\.[^/]*\.tmp$")
+
+
+def _owner() -> str:
+    return f"{os.getpid()}@{_HOST}"
+
+
+def _write_error(target: Path, err: OSError) -> WriteError:
+    text = str(err).strip()
+    reason = err.strerror or (text.splitlines()[0][:200] if text else type(err).__name__)
+    out = WriteError(
+        f"could not write {str(target)!r} ({reason}); free disk space or fix write permission on "
+        f"{str(target.parent)!r}, then run again (nothing partial was kept)"
+    )
+    out.errno = err.errno
+    return out
+
+
+@contextlib.contextmanager
+def _as_write_error(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except MosaicError:
+        raise
+    except OSError as err:
+        raise _write_error(target, err) from err
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``target``; rename onto it only if the block succeeds."""
+    """Yield a temp path beside ``target``; rename onto it only if the block succeeds.
+
+    An ``OSError`` while writing (disk full, read-only folder) becomes a one-line ``WriteError``
+    naming ``target``; the temp file is removed either way.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    with _as_write_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_owner()}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, target)
+        with _as_write_error(target):
+            yield tmp_path
+            os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -48,27 +94,38 @@ def atomic_path(target: Path) -> Iterator[Path]:
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temp folder beside ``target``; it replaces ``target`` only if the block succeeds.
 
-    A concurrent writer that finishes first wins; the loser's folder is discarded, so readers
-    only ever see one complete folder.
+    Readers only ever see one complete folder: when two writers race, each rename is atomic and the
+    folder left at ``target`` is one writer's complete output, never a mix. An ``OSError`` while
+    writing becomes a one-line ``WriteError`` naming ``target``; the temp folder is removed either way.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    with _as_write_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner()}.", suffix=".tmp", dir=target.parent))
     try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.replace(tmp, target)
-            except OSError:
-                if not target.exists():
-                    raise
+        with _as_write_error(target):
+            yield tmp
+            if target.exists():  # replace an older copy: move it aside, put ours in, drop it
+                old = target.with_name(f".{target.name}.{_owner()}.{secrets.token_hex(4)}.old.tmp")
+                try:
+                    os.replace(target, old)
+                except FileNotFoundError:
+                    pass  # a concurrent writer moved it aside this instant
+                _place_dir(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                _place_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _place_dir(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target``; if a concurrent writer's complete folder got there first, keep that one."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -81,13 +138,55 @@ def write_parquet(path: Path, df: pd.DataFrame) -> None:
         df.to_parquet(tmp, index=False)
 
 
-def sweep_temp(folder: Path) -> int:
-    """Remove temp files/folders left by a killed writer; returns how many were removed."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _newest_mtime(p: Path) -> float:
+    """Latest modification time of ``p`` or anything inside it (a live writer keeps touching it)."""
+    newest = 0.0
+    try:
+        newest = p.lstat().st_mtime
+        if p.is_dir() and not p.is_symlink():
+            for child in p.rglob("*"):
+                newest = max(newest, child.lstat().st_mtime)
+    except OSError:
+        pass  # vanished while we looked: its writer finished or removed it
+    return newest
+
+
+def sweep_temp(folder: Path, *, min_age_s: float = 24 * 3600) -> int:
+    """Remove temp files/folders left by killed writers; returns how many were removed.
+
+    Safe while other runs write into the same folder: a temp entry is removed only when the process
+    that created it (same host, pid in its name) is gone, or when nothing in it changed for
+    ``min_age_s`` seconds (entries from other hosts or older mosaic versions). ``min_age_s=0``
+    removes every temp entry (only when no other writer can be running).
+    """
+    folder = Path(folder)
     if not folder.exists():
         return 0
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # os.walk shrugs off folders renamed mid-walk
+        for name in list(dirnames):
+            if name.startswith(".") and name.endswith(".tmp"):
+                dirnames.remove(name)  # what is inside a temp folder goes with it
+                found.append(Path(dirpath, name))
+        found += [Path(dirpath, name) for name in filenames if name.startswith(".") and name.endswith(".tmp")]
+    now = time.time()
     n = 0
-    for p in folder.rglob(".*.tmp"):
-        if p.is_dir():
+    for p in found:
+        m = _TEMP_RE.search(p.name)
+        dead = bool(m) and m.group(2) == _HOST and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))
+        if not (dead or min_age_s <= 0 or now - _newest_mtime(p) >= min_age_s):
+            continue
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-_SECRET_HINTS = ("token", "secret", "password", "api_key", "apikey", "credential")
+_SECRET_RE = re.compile(
+    r"(secret|passw(or)?d|api_?key|credential|private_?key|access_?key|auth)|((^|_)(hf_|access_|auth_)?token(_path)?$)"
+)
 
 
 def default_tracking_uri(data_dir: Path) -> str:
@@ -23,7 +26,7 @@ def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Params as strings, with anything that looks like a secret left out."""
     out = {}
     for k, v in params.items():
-        if any(h in k.lower() for h in _SECRET_HINTS):
+        if _SECRET_RE.search(k.lower()):  # batch_tokens is a count, hf_token is a secret
             continue
         out[k] = str(v)[:500]
     return out
@@ -56,20 +59,39 @@ class TrackedRun:
 
 
 @contextlib.contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """An exclusive file lock beside a local sqlite store; a no-op for remote tracking servers."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(tracking_uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def tracked_run(tracking_uri: str, experiment: str, name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
     """Start an MLflow run, end it FINISHED or FAILED with the block."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        exp_id = exp.experiment_id
-    else:
-        artifacts = None
-        if tracking_uri.startswith("sqlite:///"):
-            artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=artifacts)
-    run = client.create_run(exp_id, run_name=name, tags=dict(tags))
+    with _store_lock(tracking_uri):  # two processes creating one sqlite store at once would race its migration
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
+            artifacts = None
+            if tracking_uri.startswith("sqlite:///"):
+                artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+            exp_id = client.create_experiment(experiment, artifact_location=artifacts)
+        run = client.create_run(exp_id, run_name=name, tags=dict(tags))
     handle = TrackedRun(client, run.info.run_id, tracking_uri, exp_id)
     try:
         yield handle

@@ -3,5 +3,6 @@
 from resources.experiment import ExperimentResource
 from resources.mlflow import MlflowResource
 from resources.model import ModelResource
+from resources.sae import SaeResource
 
-__all__ = ["ExperimentResource", "MlflowResource", "ModelResource"]
+__all__ = ["ExperimentResource", "MlflowResource", "ModelResource", "SaeResource"]

@@ -74,16 +74,24 @@ def write_csv_dataset(path: Path, n_per_class: int = 30) -> Path:
     return path
 
 
+TINY_SAE = {"source": "train", "name": "btk", "architecture": "batchtopk", "width": 128, "k": 8,
+            "training_tokens": 20000, "batch_size": 64}
+FAST_CLASSIFICATION = {"poolings": ["mean"], "thresholds": [None], "top_n": [4], "classifiers": ["logistic"],
+                       "tfidf": ["word"], "bootstrap": 50}
+
+
 def tiny_config(tmp_path: Path, model_dir: Path, layers: list[int] | None = None, **model_extra: object) -> Path:
     """A config file over the tiny model and a small CSV, with everything under tmp_path."""
     import yaml
 
     csv = write_csv_dataset(tmp_path / "toy.csv")
+    model_extra = {"saes": [TINY_SAE], **model_extra}
     cfg = {
         "name": "tiny",
         "data_dir": str(tmp_path / "data"),
         "models": [{"name": "tiny", "id": str(model_dir), "layers": layers or [0, 2], "max_length": 16,
                     "batch_tokens": 64, **model_extra}],
+        "classification": FAST_CLASSIFICATION,
         "datasets": [{"name": "toy", "path": str(csv), "text_field": "message", "label_field": "tox",
                       "language": "en"}],
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},

@@ -12,7 +12,9 @@ BASE = {"models": [{"name": "m", "layers": [6]}], "datasets": [{"name": "d", "pa
 def test_embedded_demo_config_is_valid():
     cfg = load_config(None)
     assert cfg.models[0].id == "bundled:gemma-3-270m"
-    assert [d.key for d in dataset_keys(cfg)] == [f"demo_toxicity.{x}" for x in ("en", "fr", "de", "es")]
+    assert [d.key for d in dataset_keys(cfg)] == [f"demo_toxicity.{x}" for x in ("en", "fr", "de", "es")] + [
+        "demo_behaviour.en"]
+    assert cfg.dataset("demo_behaviour").behaviour.model == "gemma-3-270m"
     assert [t.key for t in targets(cfg)] == ["gemma-3-270m.L6.local-btk2k"]
 
 
@@ -56,6 +58,17 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path):
     (tmp_path / "c.yaml").write_text("data_dir: out\nmodels: [{name: m, layers: [1]}]\ndatasets: [{name: d, path: x.csv}]\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.data_path == tmp_path / "out"
+
+
+def test_per_language_paths_define_the_languages():
+    cfg = parse_config({**BASE, "datasets": [{"name": "s", "language": None, "paths": {"en": "e", "fr": "f"}}]})
+    assert cfg.dataset_languages("s") == ["en", "fr"]
+    assert "one of 'path', 'paths'" in _err({**BASE, "datasets": [{"name": "s", "path": "x", "paths": {"en": "e"}}]})
+
+
+def test_behaviour_rules():
+    msg = _err({**BASE, "datasets": [{"name": "d", "path": "x", "behaviour": {"model": "m", "task": "choice"}}]})
+    assert "datasets.0.behaviour" in msg and "options" in msg
 
 
 def test_partition_keys_round_trip():

@@ -27,7 +27,7 @@ def test_run_materializes_into_the_instance_and_reuses_the_cache(tmp_path: Path,
     assert first.forward_calls() > 0
 
     instance = DagsterInstance.get()
-    assert sorted(instance.get_dynamic_partitions("target")) == ["tiny.L0.local-batchtopk-4096", "tiny.L2.local-batchtopk-4096"]
+    assert sorted(instance.get_dynamic_partitions("target")) == ["tiny.L0.btk", "tiny.L2.btk"]
     assert instance.get_dynamic_partitions("dataset") == ["toy.en"]
     mat = instance.get_latest_materialization_event(AssetKey("hidden_states"))
     assert mat is not None and mat.asset_materialization.metadata["mlflow_run_id"].value
@@ -41,8 +41,9 @@ def test_run_materializes_into_the_instance_and_reuses_the_cache(tmp_path: Path,
     runs = mlflow.MlflowClient(tracking_uri=first.tracking_uri).search_runs(
         [mlflow.MlflowClient(tracking_uri=first.tracking_uri).get_experiment_by_name("mosaic").experiment_id])
     tags = {r.data.tags["dagster.asset_key"] for r in runs}
-    assert tags == {"dataset", "hidden_states"}
-    assert all(r.data.tags["dagster.run_id"] and r.data.tags["dagster.partition_key"] for r in runs)
+    assert {"dataset", "hidden_states", "sae", "sae_codes", "probes", "report"} <= tags
+    assert all(r.data.tags["dagster.run_id"] for r in runs)
+    assert all(r.data.tags["dagster.partition_key"] for r in runs if r.data.tags["dagster.asset_key"] != "report")
     assert any("tokens" in r.data.metrics for r in runs)
 
 

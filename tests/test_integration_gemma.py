@@ -52,7 +52,7 @@ def test_demo_caches_hidden_states_then_hits(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     first = run_experiment(None, progress=False, echo=lambda *_: None)
     hidden = [s for s in first.steps if s.asset == "hidden_states"]
-    assert len(hidden) == 4 and first.forward_calls() > 0
+    assert len(hidden) == 5 and first.forward_calls() > 0  # 4 languages + the behaviour dataset
     assert all(s.metadata["texts"] == 120 for s in hidden)
     # the demo goes end to end: a locally trained SAE, sparse codes, and all three feature sources
     from mosaic_dag.config import load_config

@@ -48,7 +48,8 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
     config = _config(tmp_path / "a", tiny_model_dir)
     summary = run_experiment(config, progress=False, echo=lambda *_: None)
     assets = {s.asset for s in summary.steps}
-    assert assets == {"dataset", "hidden_states", "sae", "sae_codes", "pooled_features", "probes"}
+    assert assets == {"dataset", "hidden_states", "sae", "sae_codes", "pooled_features", "probes", "conditions",
+                      "transfer", "report"}
     cfg = load_config(config)
     table = results_table(cfg)
     assert list(table.columns) == RESULT_COLUMNS
