@@ -75,7 +75,7 @@ def write_csv_dataset(path: Path, n_per_class: int = 30) -> Path:
 
 
 TINY_SAE = {"source": "train", "name": "btk", "architecture": "batchtopk", "width": 128, "k": 8,
-            "training_tokens": 20000, "batch_size": 64}
+            "training_tokens": 30000, "batch_size": 64}
 FAST_CLASSIFICATION = {"poolings": ["mean"], "thresholds": [None], "top_n": [4], "classifiers": ["logistic"],
                        "tfidf": ["word"], "bootstrap": 50}
 
@@ -102,3 +102,15 @@ def tiny_config(tmp_path: Path, model_dir: Path, layers: list[int] | None = None
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def clean():
+    """No model or SAE held over from another test (they are cached per process)."""
+    from mosaic_dag.codes import forget_saes
+    from mosaic_dag.models import forget_loaded
+
+    forget_loaded()
+    forget_saes()
+    yield
+    forget_saes()

@@ -14,14 +14,11 @@ from mosaic_dag.codes import CodesStore, forget_saes, get_sae
 from mosaic_dag.config import load_config
 from mosaic_dag.evaluation import RESULT_COLUMNS, results_table
 from mosaic_dag.extract import HiddenCache
-from mosaic_dag.models import forget_loaded
 from mosaic_dag.partitions import parse_target
 from mosaic_dag.runner import run_experiment
-from tests.conftest import tiny_config
+from tests.conftest import TINY_SAE, tiny_config
 from tests.conftest_sae import make_sae
 
-TINY_SAE = {"source": "train", "name": "btk", "architecture": "batchtopk", "width": 128, "k": 8,
-            "training_tokens": 30000, "batch_size": 64}
 FAST = {"poolings": ["mean", "topn_count"], "thresholds": [None, 0.0], "top_n": [4],
         "classifiers": ["logistic", "ksparse"], "k": [1, 5], "tfidf": ["word"], "bootstrap": 50}
 
@@ -34,14 +31,6 @@ def _config(tmp_path: Path, model_dir: Path, **extra) -> Path:
     data.update(extra)
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-@pytest.fixture
-def clean():
-    forget_loaded()
-    forget_saes()
-    yield
-    forget_saes()
 
 
 def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):

@@ -8,16 +8,12 @@ import pytest
 import yaml
 
 from mosaic_dag.analysis import conditions_table, transfer_matrices
-from mosaic_dag.codes import forget_saes
 from mosaic_dag.config import load_config
 from mosaic_dag.evaluation import results_table
-from mosaic_dag.models import forget_loaded
 from mosaic_dag.pipeline import read_dataset
 from mosaic_dag.runner import run_experiment
-from tests.conftest import SHARED_DATA, WORDS
+from tests.conftest import TINY_SAE, SHARED_DATA, WORDS
 
-TINY_SAE = {"source": "train", "name": "btk", "architecture": "batchtopk", "width": 128, "k": 8,
-            "training_tokens": 20000, "batch_size": 64}
 FAST = {"poolings": ["mean"], "thresholds": [None], "top_n": [4], "classifiers": ["logistic"],
         "tfidf": ["word"], "bootstrap": 50}
 
@@ -47,14 +43,6 @@ def write_config(tmp_path: Path, model_dir: Path, datasets: list[dict], **extra)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-@pytest.fixture
-def clean():
-    forget_loaded()
-    forget_saes()
-    yield
-    forget_saes()
 
 
 def test_transfer_conditions_behaviour_and_report(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
