@@ -146,7 +146,7 @@ def _train_tokens(cfg: ExperimentConfig, target: Target, limit: int, seed: int) 
     chunks: list[np.ndarray] = []
     total = 0
     for key in dataset_keys(cfg):
-        hidden = build_hidden(cfg, target.model, target.layer, key.dataset, key.language).cache
+        hidden = build_hidden(cfg, target.model, target.layer, key.dataset, key.language, verify=False).cache
         split = read_dataset(cfg, key.dataset, key.language).frame["split"].to_numpy()
         for shard in hidden.iter_shards():
             keep_text = split[shard.rows] == "train"
@@ -234,7 +234,7 @@ def build_codes(
     """Encode one dataset partition's cached hidden states, shard by shard, into sparse codes."""
     from mosaic_dag.sae import encode_sparse, encode_stats, sae_info, save_codes
 
-    hidden = build_hidden(cfg, target.model, target.layer, dataset, language).cache
+    hidden = build_hidden(cfg, target.model, target.layer, dataset, language, verify=False).cache
     hman = hidden.manifest()
     if sae_config(cfg, target).source == "train" and not (trained_dir(cfg, target) / "cfg.json").exists():
         build_sae(cfg, target, hman["hf_name"], hman["d_model"])

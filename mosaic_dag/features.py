@@ -89,7 +89,7 @@ def _poolings(cfg: ExperimentConfig) -> list[tuple[str, int | None]]:
 
 def build_pooled(cfg: ExperimentConfig, target: Target, dataset: str, language: str) -> PooledResult:
     """Pool SAE codes and hidden states over real tokens only, for every configured pooling."""
-    hidden = build_hidden(cfg, target.model, target.layer, dataset, language).cache
+    hidden = build_hidden(cfg, target.model, target.layer, dataset, language, verify=False).cache
     codes = build_codes(cfg, target, dataset, language)
     man = codes.manifest
     poolings = _poolings(cfg)

@@ -150,12 +150,15 @@ def build_hidden(
     progress: Callable[[int, int], None] | None = None,
     show_bar: bool = False,
     preflight: Callable[[], None] | None = None,
+    verify: bool = True,
 ) -> HiddenResult:
     """Hidden states of one layer for one dataset partition, from the cache when it is there.
 
     On a miss, every configured layer of this model that is missing for this dataset is computed in
     the same forward pass, so the next layer's partition is a cache hit. ``preflight`` runs before
-    any model load or forward pass (e.g. the SAE/model compatibility check).
+    any model load or forward pass (e.g. the SAE/model compatibility check). ``verify`` re-hashes every
+    shard (the hidden_states asset does); downstream steps pass False and only check sizes, so the
+    cache is not read twice per step.
     """
     mcfg = cfg.model(model)
     if layer not in mcfg.layers:
@@ -163,7 +166,7 @@ def build_hidden(
     data = read_dataset(cfg, dataset, language)
     fingerprint = model_fingerprint(cfg, model)
     target = HiddenCache(hidden_dir(cfg, model, layer, fingerprint, data.content_hash))
-    if target.is_valid(deep=True):
+    if target.is_valid(deep=verify):
         return HiddenResult(target, True, None, [])
     if preflight is not None:
         preflight()
