@@ -81,7 +81,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure(n: int, *, texts_file: Path, model_id: str, sae_path: Path, layer: int, max_length: int,
-            batch_tokens: int, dtype: str = "float32", threads: int | None = None, workdir: Path | None = None,
+            batch_tokens: int, dtype: str = "auto", threads: int | None = None, workdir: Path | None = None,
             timeout: float = 1800) -> dict[str, Any]:
     """Run the child for ``n`` texts in a fresh interpreter and return what it reports."""
     cmd = [sys.executable, "-m", "bench.memory", "--texts", str(texts_file), "--n", str(n), "--model-id", model_id,
@@ -129,7 +129,7 @@ def main() -> None:
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--max-length", type=int, required=True)
     p.add_argument("--batch-tokens", type=int, required=True)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--workdir", default=None)
     print(json.dumps(child(p.parse_args())))

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from bench.common import median, timed
+from bench.common import median
 
 # --------------------------------------------------------------------------- FLOPs
 
@@ -145,18 +145,52 @@ def parity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
             "fp16_tolerance_ok": bool((np.abs(a - b) <= 2e-3 * scale + 1e-3).all())}
 
 
+def dtype_of(loaded: Any) -> str:
+    return str(loaded.dtype).removeprefix("torch.")
+
+
+def roofline_seconds(forward: float, encode: float, model_dtype: str, sae_dtype: str, peak: dict[str, Any]) -> float:
+    """Time the pipeline's matmul work would take at the measured peak of the dtype each part runs in."""
+    return forward / (peak[model_dtype]["gflops"] * 1e9) + encode / (peak[sae_dtype]["gflops"] * 1e9)
+
+
+def refraction(res: dict[str, Any], peak: dict[str, Any]) -> None:
+    """(Re)compute roofline fractions and the FLOP-bound speedup ceiling against ``peak``.
+
+    Fraction = (time the FLOPs need at the roofline of their dtype) / (time taken): the forward in
+    the model's dtype, the SAE encode in the SAE's (float32), the whole pipeline's wall time.
+    """
+    runs = [res["mosaic"]] + ([res["float32_option"]] if "float32_option" in res else [])
+    for a in runs:
+        f = a["flops"]
+        a["roofline_s"] = roofline_seconds(f["total"], f["sae_encode"], a["dtype"], a["sae_dtype"], peak)
+        a["roofline_fraction"] = a["roofline_s"] / a["median_s"]
+        a["forward_only_roofline_fraction"] = f["total"] / (peak[a["dtype"]]["gflops"] * 1e9) / a["forward_s_median"]
+    a = res["mosaic"]
+    # If (a) ran at 100% of its roofline while (b) kept its measured rate, the speedup would be:
+    res["speedup_ceiling"] = a["median_s"] / a["roofline_s"] * res["speedup"]
+
+
 def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: int, batch_tokens: int,
         repeats: int, seed_texts: int, peak: dict[str, Any], workdir: Path | None = None,
-        loaded_bf16: Any | None = None, sweep: Sequence[int] = ()) -> dict[str, Any]:
-    """Measure (a) and (b) [and (a) in bf16, and a batch_tokens sweep]; return numbers and checks."""
+        loaded_fp32: Any | None = None, sweep: Sequence[int] = ()) -> dict[str, Any]:
+    """Measure (a) in the default dtype and (b) in float32 [and (a) in float32, and a batch_tokens sweep].
+
+    ``loaded`` is the model as mosaic loads it by default (``dtype: auto``: bfloat16 where the CPU has
+    native bf16, else float32); ``loaded_fp32`` the float32 model the seed loop runs (the seed tool's
+    default), also used for the float32 option of (a) and the accuracy comparison. The SAE stays
+    float32 in every run (its encoder loses too much in bf16: inputs with large norms cancel).
+    """
     from mosaic_dag.extract import tokenize
 
     own_tmp = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="mosaic-bench-")) if own_tmp else Path(workdir)
+    seed_model = loaded_fp32 if loaded_fp32 is not None else loaded
     try:
         ids, cut = tokenize(loaded.tokenizer, texts, max_length)
         lengths = [len(x) for x in ids]
         d_in, d_sae = int(sae.cfg.d_in), int(sae.cfg.d_sae)
+        sae_dtype = str(sae.W_enc.dtype).removeprefix("torch.")
 
         # (a) mosaic over all texts and (b) the seed loop over a length-matched subset (it is slow: the
         # LM head runs on every token), interleaved repeat by repeat so that both see the same
@@ -165,69 +199,55 @@ def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: 
         sub_texts = [texts[i] for i in sub]
         mosaic_features(loaded, sae, texts[: max(1, len(texts) // 8)], layer, max_length=max_length,
                         batch_tokens=batch_tokens, workdir=workdir)
-        seed_loop_features(loaded, sae, sub_texts[:2], layer, max_length=max_length)
+        seed_loop_features(seed_model, sae, sub_texts[:2], layer, max_length=max_length)
         runs: list[dict[str, Any]] = []
         times_a: list[float] = []
         times_b: list[float] = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            Xa, info_a = mosaic_features(loaded, sae, texts, layer, max_length=max_length,
-                                         batch_tokens=batch_tokens, workdir=workdir)
-            times_a.append(time.perf_counter() - t0)
+            sec, Xa, info_a = _timed_features(loaded, sae, texts, layer, max_length=max_length,
+                                              batch_tokens=batch_tokens, workdir=workdir)
+            times_a.append(sec)
             runs.append(info_a)
             t0 = time.perf_counter()
-            Xb, info_b = seed_loop_features(loaded, sae, sub_texts, layer, max_length=max_length)
+            Xb, info_b = seed_loop_features(seed_model, sae, sub_texts, layer, max_length=max_length)
             times_b.append(time.perf_counter() - t0)
 
         fwd = forward_flops(loaded, layer, lengths)
         enc = sae_flops(d_in, d_sae, info_a["real_tokens"])
-        sec_a = median(times_a)
-        gflops_a = (fwd["total"] + enc) / sec_a / 1e9
-        fwd_s = median([r["forward_s"] for r in runs])
         res: dict[str, Any] = {
             "texts": len(texts), "tokens": info_a["tokens"], "real_tokens": info_a["real_tokens"],
             "truncated_texts": cut, "mean_tokens_per_text": float(np.mean(lengths)), "layer": layer,
             "max_length": max_length, "batch_tokens": batch_tokens, "d_sae": d_sae, "repeats": repeats,
-            "mosaic": {
-                "seconds": times_a, "median_s": sec_a, "tokens_per_s": info_a["tokens"] / sec_a,
-                "batches": info_a["batches"], "forward_calls": info_a["forward_calls"],
-                "forward_s_median": fwd_s, "encode_pool_s_median": median([r["encode_pool_s"] for r in runs]),
-                "flops": {**fwd, "sae_encode": enc, "pipeline_total": fwd["total"] + enc},
-                "achieved_gflops": gflops_a,
-                "forward_only_gflops": fwd["total"] / fwd_s / 1e9,
-            },
+            "mosaic": _summary(times_a, runs, info_a["tokens"], fwd, enc, dtype_of(loaded), sae_dtype),
         }
-        peak32 = peak["float32"]["gflops"]
-        res["mosaic"]["roofline_fraction"] = gflops_a / peak32
-        res["mosaic"]["forward_only_roofline_fraction"] = fwd["total"] / fwd_s / 1e9 / peak32
-
         sec_b = median(times_b)
         sub_tokens = int(sum(lengths[i] for i in sub))
         if info_b["tokens"] != sub_tokens:
             raise AssertionError(f"token counts differ: seed loop {info_b['tokens']} vs mosaic tokenization {sub_tokens}")
-        full = forward_flops(loaded, None, [lengths[i] for i in sub], lm_head=True)
+        full = forward_flops(seed_model, None, [lengths[i] for i in sub], lm_head=True)
         enc_b = sae_flops(d_in, d_sae, info_b["tokens"])
         res["seed_loop"] = {
-            "texts": len(sub), "tokens": info_b["tokens"], "seconds": times_b, "median_s": sec_b,
-            "tokens_per_s": info_b["tokens"] / sec_b, "forward_calls": info_b["forward_calls"],
+            "texts": len(sub), "tokens": info_b["tokens"], "dtype": dtype_of(seed_model), "seconds": times_b,
+            "median_s": sec_b, "tokens_per_s": info_b["tokens"] / sec_b, "forward_calls": info_b["forward_calls"],
             "flops": {**full, "sae_encode": enc_b, "pipeline_total": full["total"] + enc_b},
             "achieved_gflops": (full["total"] + enc_b) / sec_b / 1e9,
         }
         res["speedup"] = res["mosaic"]["tokens_per_s"] / res["seed_loop"]["tokens_per_s"]
         res["flop_ratio_seed_over_mosaic_per_token"] = (
             (full["total"] + enc_b) / info_b["tokens"]) / ((fwd["total"] + enc) / info_a["tokens"])
-        # Same features? (fp16 cache + fp16-rounded codes vs an fp32 dense path; latents near the
-        # JumpReLU threshold may flip, so a small relative difference is expected.)
+        # Same features? (fp16 cache + fp16-rounded codes, and bf16 activations by default, vs an fp32
+        # dense path; latents near the TopK boundary may swap, so a small relative difference is expected.)
         Xa_sub = Xa[sub]
         diff = np.linalg.norm(Xa_sub.toarray() - Xb) / max(np.linalg.norm(Xb), 1e-12)
         res["agreement"] = {"relative_frobenius_diff": float(diff),
                             "active_latents_per_text_mosaic": float(Xa_sub.getnnz(axis=1).mean()),
                             "active_latents_per_text_seed": float((Xb != 0).sum(axis=1).mean())}
 
-        if loaded_bf16 is not None:
-            res["bfloat16"] = _bf16(loaded, loaded_bf16, sae, texts, layer, max_length=max_length,
-                                    batch_tokens=batch_tokens, repeats=repeats, workdir=workdir, Xa=Xa,
-                                    flops=fwd["total"] + enc, peak=peak)
+        if loaded_fp32 is not None and dtype_of(loaded) != "float32":
+            res["float32_option"] = _fp32_option(loaded, loaded_fp32, sae, texts, layer, max_length=max_length,
+                                                 batch_tokens=batch_tokens, repeats=repeats, workdir=workdir,
+                                                 Xa=Xa, fwd=fwd, enc=enc, seed_tps=res["seed_loop"]["tokens_per_s"])
+        refraction(res, peak)
         if sweep:
             res["batch_tokens_sweep"] = _sweep(loaded, sae, texts, layer, max_length=max_length, workdir=workdir,
                                                values=sweep)
@@ -237,35 +257,59 @@ def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: 
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _bf16(loaded: Any, loaded_bf16: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: int,
-          batch_tokens: int, repeats: int, workdir: Path, Xa: sp.csr_matrix, flops: float,
-          peak: dict[str, Any]) -> dict[str, Any]:
-    """(a) again with the model loaded in bfloat16 (config ``dtype: bfloat16``), and its parity with fp32."""
-    from mosaic_dag.extract import HiddenCache, extract_to_cache, tokenize
+def _timed_features(loaded: Any, sae: Any, texts: Sequence[str], layer: int, **kwargs: Any
+                    ) -> tuple[float, sp.csr_matrix, dict[str, Any]]:
+    """Wall seconds of one ``mosaic_features`` call, and its result."""
+    t0 = time.perf_counter()
+    X, info = mosaic_features(loaded, sae, texts, layer, **kwargs)
+    return time.perf_counter() - t0, X, info
 
-    mosaic_features(loaded_bf16, sae, texts[: max(1, len(texts) // 8)], layer, max_length=max_length,
-                    batch_tokens=batch_tokens, workdir=workdir)
-    times, Xh = timed(lambda: mosaic_features(loaded_bf16, sae, texts, layer, max_length=max_length,
-                                              batch_tokens=batch_tokens, workdir=workdir)[0], repeats)
+
+def _summary(times: list[float], runs: list[dict[str, Any]], tokens: int, fwd: dict[str, float], enc: float,
+             dtype: str, sae_dtype: str) -> dict[str, Any]:
     sec = median(times)
-    # Activation parity on a sample of texts: bf16 cache vs fp32 cache, real tokens only.
+    fwd_s = median([r["forward_s"] for r in runs])
+    return {
+        "dtype": dtype, "sae_dtype": sae_dtype, "seconds": times, "median_s": sec, "tokens_per_s": tokens / sec,
+        "batches": runs[-1]["batches"], "forward_calls": runs[-1]["forward_calls"],
+        "forward_s_median": fwd_s, "encode_pool_s_median": median([r["encode_pool_s"] for r in runs]),
+        "flops": {**fwd, "sae_encode": enc, "pipeline_total": fwd["total"] + enc},
+        "achieved_gflops": (fwd["total"] + enc) / sec / 1e9,
+        "forward_only_gflops": fwd["total"] / fwd_s / 1e9,
+    }
+
+
+def _fp32_option(loaded: Any, loaded_fp32: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: int,
+                 batch_tokens: int, repeats: int, workdir: Path, Xa: sp.csr_matrix, fwd: dict[str, float],
+                 enc: float, seed_tps: float) -> dict[str, Any]:
+    """(a) again with ``dtype: float32``, and how far the default dtype's activations and features are from it."""
+    from mosaic_dag.extract import HiddenCache, extract_to_cache
+
+    mosaic_features(loaded_fp32, sae, texts[: max(1, len(texts) // 8)], layer, max_length=max_length,
+                    batch_tokens=batch_tokens, workdir=workdir)
+    times, runs, X32 = [], [], None
+    for _ in range(repeats):
+        sec, X32, info = _timed_features(loaded_fp32, sae, texts, layer, max_length=max_length,
+                                         batch_tokens=batch_tokens, workdir=workdir)
+        times.append(sec)
+        runs.append(info)
+    out = _summary(times, runs, runs[-1]["tokens"], fwd, enc, "float32", str(sae.W_enc.dtype).removeprefix("torch."))
+    out["speedup"] = out["tokens_per_s"] / seed_tps
+    # Activation parity on a sample of texts: default-dtype cache vs fp32 cache, real tokens only.
     sample = list(texts[:32])
     got = {}
-    for name, model in (("fp32", loaded), ("bf16", loaded_bf16)):
+    for name, model in (("fp32", loaded_fp32), ("default", loaded)):
         folder = workdir / f"parity-{name}"
         extract_to_cache(model, sample, [layer], {layer: folder}, max_length=max_length, batch_tokens=batch_tokens)
         shard = HiddenCache(folder).load_all()
         got[name] = shard.acts[shard.real_mask].astype(np.float32)
         shutil.rmtree(folder, ignore_errors=True)
-    tokens = sum(len(x) for x in tokenize(loaded.tokenizer, texts, max_length)[0])
-    ref = Xa.toarray()
-    feat_diff = float(np.linalg.norm(Xh.toarray() - ref) / max(np.linalg.norm(ref), 1e-12))
-    return {
-        "seconds": times, "median_s": sec, "tokens_per_s": tokens / sec,
-        "achieved_gflops": flops / sec / 1e9, "roofline_fraction_bf16": flops / sec / 1e9 / peak["bfloat16"]["gflops"],
-        "activation_parity_vs_fp32": parity(got["bf16"], got["fp32"]),
-        "pooled_feature_relative_diff_vs_fp32": feat_diff,
+    ref = X32.toarray()
+    out["default_vs_fp32"] = {
+        "activation_parity": parity(got["default"], got["fp32"]),
+        "pooled_feature_relative_diff": float(np.linalg.norm(Xa.toarray() - ref) / max(np.linalg.norm(ref), 1e-12)),
     }
+    return out
 
 
 def _sweep(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: int, workdir: Path,

@@ -76,10 +76,10 @@ class ModelConfig(_Strict):
     revision: str | None = None
     layers: list[int] = Field(min_length=1)
     saes: list[SaeConfig] = Field(default_factory=lambda: [SaeConfig()])
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where native, else fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_length: int = Field(128, ge=2, le=32768)
-    batch_tokens: int = Field(8192, ge=64)
+    batch_tokens: int | None = Field(None, ge=64)  # None: 2048 on CPU, 8192 on GPU (models.default_batch_tokens)
     trust_remote_code: bool = False
 
     @field_validator("name")

@@ -23,7 +23,7 @@ from mosaic_dag import datasets as ds
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.errors import DatasetError
 from mosaic_dag.extract import ExtractionStats, HiddenCache, cache_key, check_layers, extract_to_cache
-from mosaic_dag.models import LoadedModel, fingerprint, load_model
+from mosaic_dag.models import LoadedModel, default_batch_tokens, fingerprint, load_model
 from mosaic_dag.storage import write_parquet
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def build_hidden(
             todo[other] = folder
     stats = extract_to_cache(
         loaded, data.frame["text"].tolist(), sorted(todo), todo,
-        max_length=mcfg.max_length, batch_tokens=mcfg.batch_tokens,
+        max_length=mcfg.max_length, batch_tokens=mcfg.batch_tokens or default_batch_tokens(loaded.device),
         extra_manifest={"dataset": dataset, "language": language, "dataset_hash": data.content_hash,
                         "ids_head": data.frame["id"].head(3).tolist()},
         progress=progress, show_bar=show_bar,

@@ -494,6 +494,38 @@ def _auto_chunk(chunk_tokens: int | None, d_sae: int) -> int:
     return chunk_tokens
 
 
+def _topk_parts(sae: SAE[Any], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values, latent ids) [n, k] of a plain sae-lens TopKSAE, without the dense [n, d_sae] scatter.
+
+    The same steps as ``TopKSAE.encode`` (input processing, encoder, optional decoder-norm rescale,
+    top-k, ReLU), stopping before it scatters k values per row into a dense matrix that would only be
+    scanned back into sparse form. None for any other class, or when hooks are attached.
+    """
+    import torch
+    from sae_lens.saes.topk_sae import TopKSAE
+
+    if type(sae) is not TopKSAE or sae.hook_sae_acts_post._forward_hooks or sae.hook_sae_acts_pre._forward_hooks:
+        return None
+    pre = sae.hook_sae_acts_pre(sae.process_sae_in(x) @ sae.W_enc + sae.b_enc)
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        pre = pre * sae.W_dec.norm(dim=-1)
+    values, ids = torch.topk(pre, k=int(sae.cfg.k), dim=-1, sorted=False)
+    return values.relu(), ids
+
+
+def _dense_to_csr(z: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, indices, indptr) of a dense [n, d] tensor, found with torch (~3x faster than scipy's scan)."""
+    import torch
+
+    n, d = z.shape
+    flat = torch.flatnonzero(z.reshape(-1)) if hasattr(torch, "flatnonzero") else torch.nonzero(z.reshape(-1)).squeeze(1)
+    data = z.reshape(-1)[flat].float().cpu().numpy()
+    flat_np = flat.cpu().numpy()
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(flat_np // d, minlength=n), out=indptr[1:])
+    return data, (flat_np % d).astype(np.int32), indptr
+
+
 def encode_sparse(
     sae: SAE[Any],
     acts: np.ndarray,
@@ -502,10 +534,11 @@ def encode_sparse(
 ) -> sp.csr_matrix:
     """``sae.encode`` over ``acts`` [n_tokens, d_in] in chunks -> CSR [n_tokens, d_sae] of float16 values.
 
-    The matrix dtype is float32 holding float16-rounded values: scipy cannot slice, copy or densify
-    float16 sparse matrices, while ``save_codes`` still stores these values as float16 losslessly.
-    Only one chunk is ever dense (``chunk_tokens=None``: 4096 rows, fewer for very wide SAEs).
-    With ``real_mask`` given, rows of non-real tokens (BOS, padding) are left empty instead of
+    Runs in the SAE's own dtype (load it in bfloat16 to encode in bfloat16). The matrix dtype is
+    float32 holding float16-rounded values: scipy cannot slice, copy or densify float16 sparse
+    matrices, while ``save_codes`` still stores these values as float16 losslessly. At most one
+    chunk is ever dense (``chunk_tokens=None``: 4096 rows, fewer for very wide SAEs); TopK SAEs never
+    are. With ``real_mask`` given, rows of non-real tokens (BOS, padding) are left empty instead of
     encoded: they are never pooled, and BOS rows are costly outliers.
     """
     import torch
@@ -520,41 +553,48 @@ def encode_sparse(
     n_tokens, d_sae = acts.shape[0], int(sae.cfg.d_sae)
     chunk_tokens = _auto_chunk(chunk_tokens, d_sae)
     param = sae.W_enc
-    blocks: list[sp.csr_matrix] = []
-    n_clipped = 0
+    keep = np.ones(n_tokens, dtype=bool) if real_mask is None else np.asarray(real_mask, dtype=bool)
+    data_parts: list[np.ndarray] = []
+    index_parts: list[np.ndarray] = []
+    counts = np.zeros(n_tokens, dtype=np.int64)  # stored values per token row
     was_training = sae.training
     sae.eval()
     try:
         with torch.inference_mode():
             for start in range(0, n_tokens, chunk_tokens):
                 stop = min(start + chunk_tokens, n_tokens)
-                rows = np.arange(stop - start)
-                if real_mask is not None:
-                    rows = np.flatnonzero(np.asarray(real_mask[start:stop], dtype=bool))
+                rows = start + np.flatnonzero(keep[start:stop])
                 if rows.size == 0:
-                    blocks.append(sp.csr_matrix((stop - start, d_sae), dtype=np.float32))
                     continue
-                chunk = acts[start:stop] if rows.size == stop - start else acts[start:stop][rows]
+                chunk = acts[start:stop] if rows.size == stop - start else acts[rows]
                 x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device=param.device, dtype=param.dtype)
-                z = sae.encode(x)
-                if z.is_sparse:
-                    z = z.to_dense()
-                dense = z.float().cpu().numpy()
-                block = sp.csr_matrix(dense)
-                if rows.size != stop - start:  # scatter the encoded rows back into the full chunk
-                    coo = block.tocoo()
-                    block = sp.csr_matrix((coo.data, (rows[coo.row], coo.col)), shape=(stop - start, d_sae))
-                block, n_over = _round_to_float16(block)
-                n_clipped += n_over
-                blocks.append(block)
+                parts = _topk_parts(sae, x)
+                if parts is not None:
+                    values, ids = parts
+                    order = torch.argsort(ids, dim=1)  # CSR rows with sorted column indices
+                    data = torch.gather(values, 1, order).float().cpu().numpy().reshape(-1)
+                    indices = torch.gather(ids, 1, order).cpu().numpy().reshape(-1).astype(np.int32)
+                    per_row = np.full(rows.size, values.shape[1], dtype=np.int64)
+                else:
+                    z = sae.encode(x)
+                    if z.is_sparse:
+                        z = z.to_dense()
+                    data, indices, indptr = _dense_to_csr(z)
+                    per_row = np.diff(indptr)
+                data_parts.append(data)
+                index_parts.append(indices)
+                counts[rows] = per_row
     finally:
         sae.train(was_training)
+    indptr = np.zeros(n_tokens + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    data = np.concatenate(data_parts) if data_parts else np.zeros(0, dtype=np.float32)
+    indices = np.concatenate(index_parts) if index_parts else np.zeros(0, dtype=np.int32)
+    out = sp.csr_matrix((data.astype(np.float32, copy=False), indices, indptr), shape=(n_tokens, d_sae))
+    out, n_clipped = _round_to_float16(out)  # also drops zeros (TopK ReLU, float16 underflow)
     if n_clipped:
         warnings.warn(f"{n_clipped} SAE code values exceeded the float16 range and were clipped to ±{_FLOAT16_MAX:g}", stacklevel=2)
-    if not blocks:
-        return sp.csr_matrix((0, d_sae), dtype=np.float32)
-    out = sp.vstack(blocks, format="csr")
-    return out if isinstance(out, sp.csr_matrix) else sp.csr_matrix(out)
+    return out
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 from mosaic_dag.config import ModelConfig
 from mosaic_dag.errors import ModelError
 from mosaic_dag.extract import HiddenCache, extract_to_cache, forward_layers, make_batches, tokenize
-from mosaic_dag.models import decoder_layers, forget_loaded, load_model
+from mosaic_dag.models import decoder_layers, default_batch_tokens, fingerprint, forget_loaded, load_model, resolve_dtype
 
 TEXTS = [
     "hello world",
@@ -23,7 +23,7 @@ TEXTS = [
 @pytest.fixture
 def tiny(tiny_model_dir: Path, tmp_path: Path):
     forget_loaded()
-    return load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[0]), tmp_path)
+    return load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[0], dtype="float32"), tmp_path)
 
 
 def hook_reference(loaded, text: str, layer: int) -> np.ndarray:
@@ -56,6 +56,46 @@ def test_cached_activation_equals_block_output(tiny, tmp_path: Path):
                     hs = tiny.model(**tiny.tokenizer([text], return_tensors="pt"), output_hidden_states=True).hidden_states
                 np.testing.assert_allclose(got, hs[layer + 1][0].numpy(), rtol=2e-3, atol=2e-3 * np.abs(ref).max())
                 assert not np.allclose(got, hs[layer][0].numpy(), atol=1e-3)
+
+
+def test_bfloat16_cache_is_the_same_hook_point_within_bf16_rounding(tiny_model_dir: Path, tmp_path: Path):
+    """bf16 (the default where the CPU multiplies it natively): still resid_post of block L, and close to fp32."""
+    forget_loaded()
+    l16 = load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[2], dtype="bfloat16"), tmp_path)
+    l32 = load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[2], dtype="float32"), tmp_path)
+    assert l16.dtype == torch.bfloat16 and l32.dtype == torch.float32 and l16.fingerprint != l32.fingerprint
+    for loaded, name in ((l16, "bf16"), (l32, "fp32")):
+        extract_to_cache(loaded, TEXTS, [2], {2: tmp_path / name}, max_length=32, batch_tokens=24)
+    c16, c32 = HiddenCache(tmp_path / "bf16").load_all(), HiddenCache(tmp_path / "fp32").load_all()
+    np.testing.assert_array_equal(c16.offsets, c32.offsets)
+    for i, text in enumerate(TEXTS):
+        got = c16.acts[c16.offsets[i]:c16.offsets[i + 1]].astype(np.float32)
+        ref16 = hook_reference(l16, text, 2)
+        scale = np.abs(ref16).max(axis=1, keepdims=True)
+        assert (np.abs(got - ref16) <= 2e-2 * scale).all()  # batched+padded vs alone: bf16 rounding only
+        with torch.inference_mode():
+            hs = l16.model(**l16.tokenizer([text], return_tensors="pt"), output_hidden_states=True).hidden_states
+        assert np.abs(got - hs[3][0].float().numpy()).max() < np.abs(got - hs[2][0].float().numpy()).max()
+        ref32 = c32.acts[c32.offsets[i]:c32.offsets[i + 1]].astype(np.float32)
+        rel = np.abs(got - ref32).max(axis=1) / np.abs(ref32).max(axis=1)
+        assert np.median(rel) < 2e-2, f"bf16 vs fp32 relative difference {np.median(rel):.3g}"
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path):
+    from mosaic_dag import models
+
+    assert resolve_dtype("float32", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16
+    cfg = ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[0], device="cpu")
+    assert cfg.dtype == "auto" and fingerprint(cfg).endswith("#bfloat16")
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    # the cache key follows the dtype actually used: an fp32 cache is never read as a bf16 one
+    assert fingerprint(cfg).endswith("#float32") and fingerprint(cfg) == fingerprint(cfg.model_copy(update={"dtype": "float32"}))
+    # unset batch_tokens: the budget make bench found best on CPU, a bigger one on GPU
+    assert cfg.batch_tokens is None
+    assert default_batch_tokens(torch.device("cpu")) == 2048 and default_batch_tokens(torch.device("cuda")) == 8192
 
 
 def test_padding_and_bos_are_masked(tiny, tmp_path: Path):

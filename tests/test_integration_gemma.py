@@ -15,9 +15,18 @@ from mosaic_dag.runner import run_experiment
 pytestmark = pytest.mark.integration
 
 
+def _bundled(dtype: str):
+    from mosaic_dag.config import BUNDLED_MODEL, ModelConfig
+    from mosaic_dag.models import load_model
+    from mosaic_dag.pipeline import models_dir
+
+    return load_model(ModelConfig(name="gemma-3-270m", id=BUNDLED_MODEL, layers=[6], dtype=dtype), models_dir(None))
+
+
 @pytest.fixture(scope="module")
 def gemma():
-    return get_model(load_config(None), "gemma-3-270m")
+    """float32: the parity test checks the hook point at fp16-storage precision."""
+    return _bundled("float32")
 
 
 def test_bundled_model_shape(gemma):
@@ -46,6 +55,24 @@ def test_parity_on_real_gemma(gemma, tmp_path: Path):
             # fp16 storage: relative tolerance per token row (Gemma's BOS row has norms in the tens of thousands)
             scale = np.abs(ref).max(axis=1, keepdims=True)
             assert (np.abs(got - ref) <= 2e-3 * scale + 1e-3).all()
+
+
+def test_default_dtype_on_real_gemma_is_close_to_float32(gemma, tmp_path: Path):
+    """The default (``dtype: auto``) is bf16 on CPUs with native bf16: same hook point, ~0.5% from fp32."""
+    default = get_model(load_config(None), "gemma-3-270m")
+    if default.dtype == torch.float32:
+        pytest.skip("this CPU has no native bf16, so the default dtype is float32 (covered by the parity test)")
+    texts = ["You are a stupid idiot.", "Merci pour ce message formidable, à bientôt ici !", "Hallo", "The sky is blue"]
+    for loaded, name in ((default, "default"), (gemma, "fp32")):
+        extract_to_cache(loaded, texts, [6], {6: tmp_path / name}, max_length=64, batch_tokens=32)
+    a, b = HiddenCache(tmp_path / "default").load_all(), HiddenCache(tmp_path / "fp32").load_all()
+    real = a.real_mask.astype(bool)
+    got, ref = a.acts[real].astype(np.float32), b.acts[real].astype(np.float32)
+    rel = np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)
+    assert np.median(rel) < 1.5e-2 and rel.max() < 0.1, f"median {np.median(rel):.3g}, max {rel.max():.3g}"
+    # every real token points the same way in both dtypes
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.999
 
 
 def test_demo_caches_hidden_states_then_hits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dagster_home: Path):

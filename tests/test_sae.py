@@ -65,6 +65,49 @@ def test_encode_sparse_equals_sae_encode(architecture: str) -> None:
     assert codes.has_canonical_format
 
 
+def test_topk_fast_path_never_builds_the_dense_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TopK SAEs skip sae.encode's dense [tokens, d_sae] scatter, with identical codes (masked rows empty)."""
+    sae = make_sae("topk")
+    acts = random_acts(1500)
+    mask = np.ones(1500, dtype=bool)
+    mask[::7] = False
+    ref = _reference(sae, acts)
+
+    def dense_encode(_x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("dense sae.encode was called for a TopK SAE")
+
+    monkeypatch.setattr(sae, "encode", dense_encode)
+    codes = encode_sparse(sae, acts, chunk_tokens=400, real_mask=mask)
+    dense = codes.toarray()
+    np.testing.assert_array_equal(dense[mask], ref[mask])
+    assert not dense[~mask].any()
+    assert codes.has_canonical_format and np.all(codes.getnnz(axis=1)[mask] == 8)
+
+
+def test_topk_with_a_hook_goes_through_sae_encode() -> None:
+    """A hook on the SAE's activations must see (and may change) the codes: then sae.encode runs."""
+    sae = make_sae("topk")
+    acts = random_acts(600)
+    plain = encode_sparse(sae, acts, chunk_tokens=256).toarray()
+    sae.hook_sae_acts_post.add_hook(lambda z, hook: z * 2)
+    try:
+        hooked = encode_sparse(sae, acts, chunk_tokens=256)
+        np.testing.assert_array_equal(hooked.toarray(), _reference(sae, acts))
+        np.testing.assert_array_equal(hooked.toarray(), plain * 2)
+    finally:
+        sae.hook_sae_acts_post.remove_hooks()
+
+
+def test_encode_sparse_runs_in_the_sae_dtype() -> None:
+    """An SAE loaded in bfloat16 encodes in bfloat16 (what sae.encode gives), float16-rounded."""
+    sae = make_sae("jumprelu").to(torch.bfloat16)
+    acts = random_acts(800)
+    codes = encode_sparse(sae, acts, chunk_tokens=300)
+    with torch.no_grad():
+        ref = sae.encode(torch.from_numpy(acts).to(torch.bfloat16)).float().numpy()
+    np.testing.assert_array_equal(codes.toarray(), ref.astype(np.float16).astype(np.float32))
+
+
 def test_encode_sparse_batchtopk_inference_sae(tmp_path: Path) -> None:
     training_sae, sae = make_batchtopk_inference_sae(tmp_path)
     assert sae.cfg.architecture() == "jumprelu"  # sae-lens ships BatchTopK as a thresholded JumpReLU
