@@ -142,7 +142,7 @@ def table(r: dict[str, Any]) -> str:
     add = lambda k, v: lines.append(f"| {k} | {v} |")
     pk = r.get("peak")
     if pk:
-        add("matmul peak fp32 / bf16 (torch, square, measured)", f"{pk['float32']['gflops']:.0f} / {pk['bfloat16']['gflops']:.0f} GFLOP/s")
+        add("matmul peak fp32 / bf16 (torch.matmul or oneDNN, best shape, measured)", f"{pk['float32']['gflops']:.0f} / {pk['bfloat16']['gflops']:.0f} GFLOP/s")
     t = r.get("throughput")
     if t:
         a, b = t["mosaic"], t["seed_loop"]

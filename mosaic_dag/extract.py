@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,46 @@ def forward_layers(loaded: LoadedModel, layers: Sequence[int], input_ids: torch.
     if missing:
         raise ModelError(f"layers {sorted(missing)} produced no output; the model skipped them")
     return captured
+
+
+@contextmanager
+def packed_linears(loaded: LoadedModel, deepest: int, rows_hint: int) -> Iterator[int]:
+    """Run the bf16 linear layers of blocks 0..deepest on oneDNN with weights packed once; yields how many.
+
+    torch's bf16 ``F.linear`` on CPU hands every call to oneDNN, which re-packs the weight each time;
+    packing once per extraction made the forward 3-10% faster in interleaved A/B runs on the
+    ``make bench`` texts, with bit-identical outputs. Only bf16 on CPU (float32 would switch math library and rounding);
+    a layer whose packed result differs from ``F.linear`` on a probe input is left alone. The
+    original forwards come back on exit, even on error.
+    """
+    ops = getattr(torch.ops, "mkldnn", None)
+    patched: list[torch.nn.Linear] = []
+    usable = (loaded.device.type == "cpu" and loaded.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+              and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
+    try:
+        if usable:
+            for block in decoder_layers(loaded.model)[: deepest + 1]:
+                for module in block.modules():
+                    if type(module) is not torch.nn.Linear or "forward" in vars(module):
+                        continue
+                    try:
+                        packed = ops._reorder_linear_weight(module.weight, max(1, rows_hint))
+                    except RuntimeError:
+                        continue
+
+                    def fast(x: torch.Tensor, packed: torch.Tensor = packed, bias: Any = module.bias) -> torch.Tensor:
+                        return ops._linear_pointwise(x, packed, bias, "none", [], "")
+
+                    probe = torch.linspace(-2, 2, 3 * module.in_features).reshape(3, -1).to(module.weight.dtype)
+                    with torch.inference_mode():
+                        if not torch.equal(fast(probe), torch.nn.functional.linear(probe, module.weight, module.bias)):
+                            continue
+                    module.forward = fast  # type: ignore[method-assign]
+                    patched.append(module)
+        yield len(patched)
+    finally:
+        for module in patched:
+            vars(module).pop("forward", None)
 
 
 def special_ids(tokenizer: Any) -> np.ndarray:
@@ -312,6 +353,7 @@ def extract_to_cache(
     t0 = time.perf_counter()
     with ExitStack() as stack:
         folders = {layer: stack.enter_context(atomic_dir(targets[layer])) for layer in layers}
+        stack.enter_context(packed_linears(loaded, max(layers), batch_tokens))
         writers = {layer: _ShardWriter(folders[layer], shard_tokens) for layer in layers}
         bar = tqdm(total=stats.texts, desc=f"{loaded.name} L{','.join(map(str, layers))}", unit="text",
                    disable=not show_bar, leave=False)

@@ -14,16 +14,29 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mosaic_dag.errors import CacheError, MosaicError
-from mosaic_dag.sae_registry import Site, models_match, parse_layer, parse_site, resid_post_layer
+from mosaic_dag.sae_registry import (
+    Site,
+    models_match,
+    parse_layer,
+    parse_site,
+    resid_post_layer,
+)
 from mosaic_dag.storage import atomic_path
 
 if TYPE_CHECKING:  # sae-lens pulls in torch and transformer-lens; import it only when used
@@ -494,36 +507,83 @@ def _auto_chunk(chunk_tokens: int | None, d_sae: int) -> int:
     return chunk_tokens
 
 
-def _topk_parts(sae: SAE[Any], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(values, latent ids) [n, k] of a plain sae-lens TopKSAE, without the dense [n, d_sae] scatter.
+def _fast_kind(sae: SAE[Any]) -> str | None:
+    """"topk" / "jumprelu" when encode_sparse may skip sae.encode's dense output for this SAE, else None.
 
-    The same steps as ``TopKSAE.encode`` (input processing, encoder, optional decoder-norm rescale,
-    top-k, ReLU), stopping before it scatters k values per row into a dense matrix that would only be
-    scanned back into sparse form. None for any other class, or when hooks are attached.
+    Only the plain sae-lens inference classes with their stock activation, and no hook on the codes
+    (a hook must see, and may change, the dense codes).
+    """
+    from sae_lens import JumpReLUSAE
+    from sae_lens.saes.topk_sae import TopK, TopKSAE
+    from torch import nn
+
+    if sae.hook_sae_acts_post._forward_hooks:
+        return None
+    if type(sae) is TopKSAE and type(sae.activation_fn) is TopK and not sae.activation_fn.use_sparse_activations:
+        return "topk"
+    if type(sae) is JumpReLUSAE and type(sae.activation_fn) is nn.ReLU:
+        return "jumprelu"
+    return None
+
+
+def _encoder(sae: SAE[Any], rows_hint: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> hidden_pre = process_sae_in(x) @ W_enc + b_enc (through ``hook_sae_acts_pre``), as sae-lens computes it.
+
+    On CPU in float32 the product and the bias run as one oneDNN call with the weight packed once
+    (measured here: 2.5 s instead of 3.1 s for 22k tokens x 16k latents, and no separate bias pass).
+    Its values agree with sae-lens's ``x @ W_enc + b_enc`` to float32 rounding (~1e-6 relative), not
+    bit for bit. Anywhere else, or if torch lacks the op, sae-lens's own expression.
     """
     import torch
-    from sae_lens.saes.topk_sae import TopKSAE
 
-    if type(sae) is not TopKSAE or sae.hook_sae_acts_post._forward_hooks or sae.hook_sae_acts_pre._forward_hooks:
-        return None
-    pre = sae.hook_sae_acts_pre(sae.process_sae_in(x) @ sae.W_enc + sae.b_enc)
+    weight, bias = sae.W_enc, sae.b_enc
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        return sae.hook_sae_acts_pre(sae.process_sae_in(x) @ weight + bias)
+
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return plain
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), max(1, rows_hint))
+        linear = torch.ops.mkldnn._linear_pointwise
+
+        def fused(x: torch.Tensor) -> torch.Tensor:
+            return sae.hook_sae_acts_pre(linear(sae.process_sae_in(x).contiguous(), packed, bias, "none", [], ""))
+
+        probe = torch.linspace(-1.0, 1.0, 3 * weight.shape[0], dtype=weight.dtype).reshape(3, -1)
+        if not torch.allclose(fused(probe), plain(probe), rtol=1e-4, atol=1e-5):
+            return plain
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return plain
+    return fused
+
+
+def _topk_parts(sae: SAE[Any], pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, latent ids) [n, k] of TopKSAE.encode from its pre-activations, without the dense scatter."""
+    import torch
+
     if sae.cfg.rescale_acts_by_decoder_norm:
         pre = pre * sae.W_dec.norm(dim=-1)
-    values, ids = torch.topk(pre, k=int(sae.cfg.k), dim=-1, sorted=False)
+    values, ids = torch.topk(pre, k=int(sae.activation_fn.k), dim=-1, sorted=False)
     return values.relu(), ids
 
 
-def _dense_to_csr(z: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(data, indices, indptr) of a dense [n, d] tensor, found with torch (~3x faster than scipy's scan)."""
+def _masked_to_csr(pre: torch.Tensor, keep: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, indices, indptr) of ``pre`` where ``keep``, zero elsewhere, without a dense product."""
     import torch
 
-    n, d = z.shape
-    flat = torch.flatnonzero(z.reshape(-1)) if hasattr(torch, "flatnonzero") else torch.nonzero(z.reshape(-1)).squeeze(1)
-    data = z.reshape(-1)[flat].float().cpu().numpy()
+    n, d = pre.shape
+    flat = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    data = pre.reshape(-1)[flat].float().cpu().numpy()
     flat_np = flat.cpu().numpy()
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(flat_np // d, minlength=n), out=indptr[1:])
     return data, (flat_np % d).astype(np.int32), indptr
+
+
+def _dense_to_csr(z: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, indices, indptr) of a dense [n, d] tensor, found with torch (~3x faster than scipy's scan)."""
+    return _masked_to_csr(z, z != 0)
 
 
 def encode_sparse(
@@ -537,8 +597,11 @@ def encode_sparse(
     Runs in the SAE's own dtype (load it in bfloat16 to encode in bfloat16). The matrix dtype is
     float32 holding float16-rounded values: scipy cannot slice, copy or densify float16 sparse
     matrices, while ``save_codes`` still stores these values as float16 losslessly. At most one
-    chunk is ever dense (``chunk_tokens=None``: 4096 rows, fewer for very wide SAEs); TopK SAEs never
-    are. With ``real_mask`` given, rows of non-real tokens (BOS, padding) are left empty instead of
+    chunk of pre-activations is ever dense (``chunk_tokens=None``: 4096 rows, fewer for very wide
+    SAEs). TopK and JumpReLU SAEs (Gemma Scope, BatchTopK for inference) go from pre-activations
+    straight to CSR, with a fused encoder on CPU: equal to sae.encode up to float32 rounding (so a
+    value may land one float16 step away, or a latent within ~1e-6 of the threshold may flip).
+    Any other SAE class, or one with a hook on its codes, runs ``sae.encode`` itself. With ``real_mask`` given, rows of non-real tokens (BOS, padding) are left empty instead of
     encoded: they are never pooled, and BOS rows are costly outliers.
     """
     import torch
@@ -561,6 +624,8 @@ def encode_sparse(
     sae.eval()
     try:
         with torch.inference_mode():
+            kind = _fast_kind(sae)
+            encoder = _encoder(sae, chunk_tokens) if kind else None
             for start in range(0, n_tokens, chunk_tokens):
                 stop = min(start + chunk_tokens, n_tokens)
                 rows = start + np.flatnonzero(keep[start:stop])
@@ -568,13 +633,16 @@ def encode_sparse(
                     continue
                 chunk = acts[start:stop] if rows.size == stop - start else acts[rows]
                 x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device=param.device, dtype=param.dtype)
-                parts = _topk_parts(sae, x)
-                if parts is not None:
-                    values, ids = parts
+                if kind == "topk":
+                    values, ids = _topk_parts(sae, encoder(x))
                     order = torch.argsort(ids, dim=1)  # CSR rows with sorted column indices
                     data = torch.gather(values, 1, order).float().cpu().numpy().reshape(-1)
                     indices = torch.gather(ids, 1, order).cpu().numpy().reshape(-1).astype(np.int32)
                     per_row = np.full(rows.size, values.shape[1], dtype=np.int64)
+                elif kind == "jumprelu":  # relu(pre) * (pre > threshold), read straight off the mask
+                    pre = encoder(x)
+                    data, indices, indptr = _masked_to_csr(pre, (pre > sae.threshold) & (pre > 0))
+                    per_row = np.diff(indptr)
                 else:
                     z = sae.encode(x)
                     if z.is_sparse:

@@ -46,6 +46,18 @@ def _reference(sae: object, acts: np.ndarray) -> np.ndarray:
     return z.numpy().astype(np.float16).astype(np.float32)
 
 
+def assert_codes_match(got: np.ndarray, ref: np.ndarray) -> None:
+    """Codes equal sae.encode's up to float32 rounding of the fused encoder: after float16 storage a
+    value may sit one float16 step (2**-10 relative) away, and a latent within ~1e-6 of its threshold
+    may flip; anything more is a bug."""
+    assert got.shape == ref.shape
+    flips = (got != 0) != (ref != 0)
+    assert flips.mean() <= 1e-4, f"{int(flips.sum())} latents switched on/off"
+    both = (got != 0) & (ref != 0)
+    np.testing.assert_allclose(got[both], ref[both], rtol=2e-3, atol=1e-6)
+    assert (got == ref).mean() > 0.999
+
+
 # ------------------------------------------------------------------------------------------
 # encode_sparse
 # ------------------------------------------------------------------------------------------
@@ -59,29 +71,32 @@ def test_encode_sparse_equals_sae_encode(architecture: str) -> None:
     ref = _reference(sae, acts)
     assert sp.isspmatrix_csr(codes)
     assert codes.shape == (3000, WIDTH)
-    np.testing.assert_array_equal(codes.toarray(), ref)
+    assert_codes_match(codes.toarray(), ref)
     frac = codes.nnz / codes.shape[0] / WIDTH
     assert 0.01 < frac < 0.9, f"test SAE should be neither dead nor dense, active fraction {frac}"
     assert codes.has_canonical_format
 
 
-def test_topk_fast_path_never_builds_the_dense_codes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TopK SAEs skip sae.encode's dense [tokens, d_sae] scatter, with identical codes (masked rows empty)."""
-    sae = make_sae("topk")
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_fast_path_never_builds_the_dense_codes(monkeypatch: pytest.MonkeyPatch, architecture: str) -> None:
+    """TopK / JumpReLU SAEs skip sae.encode's dense [tokens, d_sae] codes, with the same codes (masked rows empty)."""
+    sae = make_sae(architecture)
     acts = random_acts(1500)
     mask = np.ones(1500, dtype=bool)
     mask[::7] = False
     ref = _reference(sae, acts)
 
     def dense_encode(_x: torch.Tensor) -> torch.Tensor:
-        raise AssertionError("dense sae.encode was called for a TopK SAE")
+        raise AssertionError(f"dense sae.encode was called for a {architecture} SAE")
 
     monkeypatch.setattr(sae, "encode", dense_encode)
     codes = encode_sparse(sae, acts, chunk_tokens=400, real_mask=mask)
     dense = codes.toarray()
-    np.testing.assert_array_equal(dense[mask], ref[mask])
+    assert_codes_match(dense[mask], ref[mask])
     assert not dense[~mask].any()
-    assert codes.has_canonical_format and np.all(codes.getnnz(axis=1)[mask] == 8)
+    assert codes.has_canonical_format
+    if architecture == "topk":
+        assert np.all(codes.getnnz(axis=1)[mask] == 8)
 
 
 def test_topk_with_a_hook_goes_through_sae_encode() -> None:
@@ -113,7 +128,7 @@ def test_encode_sparse_batchtopk_inference_sae(tmp_path: Path) -> None:
     assert sae.cfg.architecture() == "jumprelu"  # sae-lens ships BatchTopK as a thresholded JumpReLU
     acts = random_acts(2000)
     codes = encode_sparse(sae, acts, chunk_tokens=512)
-    np.testing.assert_array_equal(codes.toarray(), _reference(sae, acts))
+    assert_codes_match(codes.toarray(), _reference(sae, acts))
     assert codes.nnz > 0
     # The training SAE would choose top-k across the chunk, so codes would depend on chunk size.
     with pytest.raises(SaeCodesError, match="save_inference_model"):
@@ -124,7 +139,7 @@ def test_encode_sparse_float16_input_and_values_are_float16_exact() -> None:
     sae = make_sae("jumprelu")
     acts16 = random_acts(1000).astype(np.float16)
     codes = encode_sparse(sae, acts16, chunk_tokens=300)
-    np.testing.assert_array_equal(codes.toarray(), _reference(sae, acts16))
+    assert_codes_match(codes.toarray(), _reference(sae, acts16))
     np.testing.assert_array_equal(codes.data.astype(np.float16).astype(codes.dtype), codes.data)
     assert not np.any(codes.data == 0)
 
@@ -150,7 +165,7 @@ def test_encode_sparse_real_mask_leaves_special_rows_empty() -> None:
     codes = encode_sparse(sae, acts, chunk_tokens=256, real_mask=mask)
     dense = codes.toarray()
     ref = _reference(sae, acts)
-    np.testing.assert_array_equal(dense[mask], ref[mask])
+    assert_codes_match(dense[mask], ref[mask])
     assert not dense[~mask].any()
 
 
@@ -336,7 +351,7 @@ def test_load_registry_sae_from_offline_cache(fake_gemma_scope_2: FakeHubSae) ->
 
     acts = random_acts(200, d=GS2_D_MODEL)
     codes = encode_sparse(sae, acts)
-    np.testing.assert_array_equal(codes.toarray(), _reference(sae, acts))
+    assert_codes_match(codes.toarray(), _reference(sae, acts))
 
 
 def test_load_registry_sae_offline_and_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
