@@ -30,5 +30,5 @@ clean:
 	rm -rf mosaic_data .dagster_home
 
 .PHONY: bench
-bench: setup   # performance benchmark (~10-20 min on 2 cores): table on stdout, JSON in bench/results/
+bench: setup   # performance benchmark (~7 min on 2 idle cores): table on stdout, JSON in bench/results/
 	$(PY) -m bench.run
