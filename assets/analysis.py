@@ -1,9 +1,8 @@
 """Transfer evaluations, hard conditions and the report: the graph's last steps."""
 
-import numpy as np
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from assets.partitions import target_dataset_partitions, target_partitions, multi_keys
+from assets.partitions import multi_keys, target_dataset_partitions, target_partitions
 from assets.probes import pooled_features, probes
 from mosaic_dag.analysis import (
     build_conditions,
@@ -16,6 +15,7 @@ from mosaic_dag.analysis import (
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.storage import write_parquet
 from mosaic_dag.tables import markdown_table
+from mosaic_dag.transfer import offdiag_mean
 from resources import ExperimentResource, MlflowResource
 
 
@@ -38,8 +38,7 @@ def transfer(context: AssetExecutionContext, experiment: ExperimentResource, mlf
             run.log_artifact(path, "transfer")
             for source, matrix in outcome.matrices.items():
                 metadata[f"{name}_{source}"] = MetadataValue.md(markdown_table(matrix.round(3).reset_index(names="train \\ test")))
-                off = matrix.to_numpy()[~np.eye(len(matrix), dtype=bool)]
-                run.log_metrics({f"{name}_{source}_offdiag_macro_f1": float(off.mean()) if off.size else float("nan")})
+                run.log_metrics({f"{name}_{source}_offdiag_macro_f1": offdiag_mean(matrix)})
     if not names:
         context.log.info("no dataset with two or more languages: nothing to transfer")
     metadata["mlflow_run_id"] = run.run_id

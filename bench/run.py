@@ -31,6 +31,7 @@ from bench.common import (
     tweets,
     write_json,
 )
+from mosaic_dag.models import dtype_name
 
 BUNDLED = "bundled:gemma-3-270m"
 TARGETS = {"speedup": 12.0, "roofline": 0.70, "forward_calls": 0, "rss_ratio": 1.3, "fit_65k_s": 10.0}
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loaded = load(args.model_id, args.layer, "float32")  # the seed loop's dtype; trains the bench SAEs
         default = load(args.model_id, args.layer, "auto")  # what mosaic runs by default on this machine
         res["model"] = {"id": args.model_id, "hf_name": loaded.hf_name, "blocks": loaded.n_layers,
-                        "default_dtype": str(default.dtype).removeprefix("torch."),
+                        "default_dtype": dtype_name(default.dtype),
                         "d_model": loaded.d_model, "load_s": time.perf_counter() - t0}
         print(f"[model] {loaded.hf_name}: {loaded.n_layers} blocks, d_model {loaded.d_model}", flush=True)
 

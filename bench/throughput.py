@@ -31,6 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from bench.common import median
+from mosaic_dag.models import dtype_name
 
 # --------------------------------------------------------------------------- FLOPs
 
@@ -145,10 +146,6 @@ def parity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
             "fp16_tolerance_ok": bool((np.abs(a - b) <= 2e-3 * scale + 1e-3).all())}
 
 
-def dtype_of(loaded: Any) -> str:
-    return str(loaded.dtype).removeprefix("torch.")
-
-
 def roofline_seconds(forward: float, encode: float, model_dtype: str, sae_dtype: str, peak: dict[str, Any]) -> float:
     """Time the pipeline's matmul work would take at the measured peak of the dtype each part runs in."""
     return forward / (peak[model_dtype]["gflops"] * 1e9) + encode / (peak[sae_dtype]["gflops"] * 1e9)
@@ -190,7 +187,7 @@ def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: 
         ids, cut = tokenize(loaded.tokenizer, texts, max_length)
         lengths = [len(x) for x in ids]
         d_in, d_sae = int(sae.cfg.d_in), int(sae.cfg.d_sae)
-        sae_dtype = str(sae.W_enc.dtype).removeprefix("torch.")
+        sae_dtype = dtype_name(sae.W_enc.dtype)
 
         # (a) mosaic over all texts and (b) the seed loop over a length-matched subset (it is slow: the
         # LM head runs on every token), interleaved repeat by repeat so that both see the same
@@ -218,7 +215,7 @@ def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: 
             "texts": len(texts), "tokens": info_a["tokens"], "real_tokens": info_a["real_tokens"],
             "truncated_texts": cut, "mean_tokens_per_text": float(np.mean(lengths)), "layer": layer,
             "max_length": max_length, "batch_tokens": batch_tokens, "d_sae": d_sae, "repeats": repeats,
-            "mosaic": _summary(times_a, runs, info_a["tokens"], fwd, enc, dtype_of(loaded), sae_dtype),
+            "mosaic": _summary(times_a, runs, info_a["tokens"], fwd, enc, dtype_name(loaded.dtype), sae_dtype),
         }
         sec_b = median(times_b)
         sub_tokens = int(sum(lengths[i] for i in sub))
@@ -227,7 +224,7 @@ def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: 
         full = forward_flops(seed_model, None, [lengths[i] for i in sub], lm_head=True)
         enc_b = sae_flops(d_in, d_sae, info_b["tokens"])
         res["seed_loop"] = {
-            "texts": len(sub), "tokens": info_b["tokens"], "dtype": dtype_of(seed_model), "seconds": times_b,
+            "texts": len(sub), "tokens": info_b["tokens"], "dtype": dtype_name(seed_model.dtype), "seconds": times_b,
             "median_s": sec_b, "tokens_per_s": info_b["tokens"] / sec_b, "forward_calls": info_b["forward_calls"],
             "flops": {**full, "sae_encode": enc_b, "pipeline_total": full["total"] + enc_b},
             "achieved_gflops": (full["total"] + enc_b) / sec_b / 1e9,
@@ -243,7 +240,7 @@ def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: 
                             "active_latents_per_text_mosaic": float(Xa_sub.getnnz(axis=1).mean()),
                             "active_latents_per_text_seed": float((Xb != 0).sum(axis=1).mean())}
 
-        if loaded_fp32 is not None and dtype_of(loaded) != "float32":
+        if loaded_fp32 is not None and dtype_name(loaded.dtype) != "float32":
             res["float32_option"] = _fp32_option(loaded, loaded_fp32, sae, texts, layer, max_length=max_length,
                                                  batch_tokens=batch_tokens, repeats=repeats, workdir=workdir,
                                                  Xa=Xa, fwd=fwd, enc=enc, seed_tps=res["seed_loop"]["tokens_per_s"])
@@ -293,7 +290,7 @@ def _fp32_option(loaded: Any, loaded_fp32: Any, sae: Any, texts: Sequence[str], 
                                          batch_tokens=batch_tokens, workdir=workdir)
         times.append(sec)
         runs.append(info)
-    out = _summary(times, runs, runs[-1]["tokens"], fwd, enc, "float32", str(sae.W_enc.dtype).removeprefix("torch."))
+    out = _summary(times, runs, runs[-1]["tokens"], fwd, enc, "float32", dtype_name(sae.W_enc.dtype))
     out["speedup"] = out["tokens_per_s"] / seed_tps
     # Activation parity on a sample of texts: default-dtype cache vs fp32 cache, real tokens only.
     sample = list(texts[:32])

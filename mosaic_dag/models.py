@@ -7,6 +7,7 @@ config + tokenizer) under the data folder and later loads take seconds.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ class LoadedModel:
         return int(cfg.hidden_size)
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """True when this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so bf16 is ~2x fp32."""
     try:

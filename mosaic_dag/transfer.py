@@ -305,6 +305,13 @@ def tfidf_transfer_matrix(
 # --------------------------------------------------------------------------- plotting
 
 
+def offdiag_mean(matrix: pd.DataFrame) -> float:
+    """Mean macro-F1 over cross-language cells (train language != test language); NaN for one language."""
+    values = matrix.to_numpy(dtype=float)
+    off = values[~np.eye(len(values), dtype=bool)]
+    return float(off.mean()) if off.size else float("nan")
+
+
 def heatmap_png(
     matrix_df: pd.DataFrame,
     path: str | Path,

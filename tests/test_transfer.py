@@ -16,6 +16,7 @@ from mosaic_dag.transfer import (
     LONG_COLUMNS,
     Split,
     heatmap_png,
+    offdiag_mean,
     tfidf_transfer_matrix,
     transfer_matrix,
 )
@@ -135,3 +136,9 @@ def test_heatmap_is_written_atomically_and_not_blank(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="empty or all NaN"):
         heatmap_png(pd.DataFrame(), tmp_path / "empty.png")
     assert not (tmp_path / "empty.png").exists()
+
+
+def test_offdiag_mean_ignores_in_language_cells() -> None:
+    m = pd.DataFrame([[0.9, 0.2], [0.4, 0.8]], index=["en", "fr"], columns=["en", "fr"])
+    assert offdiag_mean(m) == pytest.approx(0.3)
+    assert np.isnan(offdiag_mean(m.iloc[:1, :1]))
