@@ -15,11 +15,18 @@ from dagster import (
 
 from assets.partitions import target_dataset_partitions, multi_keys
 from assets.sae import sae_codes
-from mosaic_dag.evaluation import best_rows, best_run, confusion_png, run_probes, top_latents_table, write_results
+from mosaic_dag.evaluation import (
+    best_artifacts,
+    best_rows,
+    label_names,
+    probe_checks,
+    run_probes,
+    top_latents_markdown,
+    write_results,
+)
 from mosaic_dag.features import build_pooled
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import read_dataset
-from mosaic_dag.probes import save_model
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource
 
@@ -69,7 +76,6 @@ def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflo
     cfg = experiment.load()
     target, data = _keys(context)
     frame = read_dataset(cfg, data.dataset, data.language).frame
-    label_names = dict(zip(frame["label"].astype(int), frame["label_name"].astype(str)))
     with mlflow.run(context, cfg) as run:
         results = run_probes(cfg, target, data.dataset, data.language, mlflow_run_id=run.run_id,
                              progress=lambda d, t: context.log.info(f"probes {d}/{t}") if d % 10 == 0 or d == t else None)
@@ -80,26 +86,11 @@ def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflo
         for _, row in best.iterrows():
             run.log_metrics({f"{row['features']}_macro_f1": row["macro_f1"], f"{row['features']}_accuracy": row["accuracy"]})
         run.log_metrics({"majority_macro_f1": results.majority_f1})
-        y_test = frame["label"].to_numpy()[frame["split"].to_numpy() == "test"]
         with tempfile.TemporaryDirectory() as tmp:
-            for source in ("sae", "hidden", "tfidf"):
-                b = best_run(results.runs, source)
-                if b is None:
-                    continue
-                png = confusion_png(b, y_test, label_names, Path(tmp) / f"confusion-{source}.png", f"{source}: {b.spec.label}")
-                run.log_artifact(png, "confusion")
-                run.log_artifact(save_model(b.result.model, Path(tmp) / f"best-{source}.skops"), "models")
+            for file, folder in best_artifacts(results, frame, Path(tmp)):
+                run.log_artifact(file, folder)
             run.log_artifact(path, "results")
-    sae_best = best_run(results.runs, "sae")
-    latents_md = "no linear SAE probe"
-    linear = [r for r in results.runs if r.spec.features == "sae" and r.spec.classifier == "logistic"]
-    if linear:
-        top = max(linear, key=lambda r: r.result.metrics.macro_f1)
-        latents_md = f"probe: `{top.spec.label}`\n\n" + markdown_table(
-            top_latents_table(top, results.pooled.neuronpedia_id if results.pooled else None, label_names))
-    test_ids = {tuple(r.test_ids) for r in results.runs}
-    overlap = len(set(results.train_ids) & set(next(iter(test_ids)))) if test_ids else 0
-    sae_f1 = sae_best.result.metrics.macro_f1 if sae_best else float("nan")
+    checks = probe_checks(results)
     show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "macro_f1", "macro_f1_ci_low",
                  "macro_f1_ci_high", "accuracy", "auroc"]]
     return MaterializeResult(
@@ -107,17 +98,19 @@ def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflo
             "results_path": MetadataValue.path(str(path)),
             "probes": len(table),
             "best": MetadataValue.md(markdown_table(show)),
-            "top_latents": MetadataValue.md(latents_md),
-            "sae_macro_f1": round(float(sae_f1), 4),
-            "majority_macro_f1": round(results.majority_f1, 4),
+            "top_latents": MetadataValue.md(top_latents_markdown(results, label_names(frame))),
+            "sae_macro_f1": round(float(checks.sae_macro_f1), 4),
+            "majority_macro_f1": round(checks.majority_macro_f1, 4),
             "n_test": int(table["n_test"].iloc[0]) if len(table) else 0,
             "mlflow_run_id": run.run_id,
         },
         check_results=[
-            AssetCheckResult(check_name="beats_majority", passed=bool(sae_f1 > results.majority_f1),
-                             metadata={"sae_macro_f1": float(np.round(sae_f1, 4)), "majority": round(results.majority_f1, 4)}),
-            AssetCheckResult(check_name="train_test_disjoint", passed=overlap == 0, metadata={"overlap": overlap}),
-            AssetCheckResult(check_name="same_test_rows", passed=len(test_ids) == 1,
-                             metadata={"distinct_test_sets": len(test_ids)}),
+            AssetCheckResult(check_name="beats_majority", passed=bool(checks.sae_macro_f1 > checks.majority_macro_f1),
+                             metadata={"sae_macro_f1": float(np.round(checks.sae_macro_f1, 4)),
+                                       "majority": round(checks.majority_macro_f1, 4)}),
+            AssetCheckResult(check_name="train_test_disjoint", passed=checks.train_test_overlap == 0,
+                             metadata={"overlap": checks.train_test_overlap}),
+            AssetCheckResult(check_name="same_test_rows", passed=checks.distinct_test_sets == 1,
+                             metadata={"distinct_test_sets": checks.distinct_test_sets}),
         ],
     )

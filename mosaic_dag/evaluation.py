@@ -21,8 +21,17 @@ from mosaic_dag.features import PooledResult, build_pooled, feature_name, load_m
 from mosaic_dag.partitions import Target
 from mosaic_dag.pipeline import read_dataset
 from mosaic_dag.pooling import binarize
-from mosaic_dag.probes import ProbeResult, fit_ksparse, fit_logistic, fit_tree, majority_baseline_f1, top_latents
+from mosaic_dag.probes import (
+    ProbeResult,
+    fit_ksparse,
+    fit_logistic,
+    fit_tree,
+    majority_baseline_f1,
+    save_model,
+    top_latents,
+)
 from mosaic_dag.storage import write_parquet
+from mosaic_dag.tables import markdown_table
 from mosaic_dag.tfidf import fit_tfidf
 
 log = logging.getLogger(__name__)
@@ -204,6 +213,58 @@ def top_latents_table(run: ProbeRun, neuronpedia_id: str | None, label_names: di
             records.append({"class": label_names.get(int(cls_value), str(cls_value)), "latent": int(index),
                             "weight": round(float(weight), 4), "neuronpedia": link})
     return pd.DataFrame.from_records(records, columns=["class", "latent", "weight", "neuronpedia"])
+
+
+def label_names(frame: pd.DataFrame) -> dict[int, str]:
+    return dict(zip(frame["label"].astype(int), frame["label_name"].astype(str)))
+
+
+def top_latents_markdown(results: PartitionResults, names: dict[int, str]) -> str:
+    """Top latents of the best linear SAE probe, as markdown (what the probes asset shows)."""
+    linear = [r for r in results.runs if r.spec.features == "sae" and r.spec.classifier == "logistic"]
+    if not linear:
+        return "no linear SAE probe"
+    top = max(linear, key=lambda r: r.result.metrics.macro_f1)
+    neuronpedia = results.pooled.neuronpedia_id if results.pooled else None
+    return f"probe: `{top.spec.label}`\n\n" + markdown_table(top_latents_table(top, neuronpedia, names))
+
+
+def best_artifacts(results: PartitionResults, frame: pd.DataFrame, folder: Path) -> list[tuple[Path, str]]:
+    """Confusion PNG and skops model of the best probe per feature source, written into ``folder``.
+
+    Returns (file, artifact folder) pairs for the tracker, in source order sae, hidden, tfidf.
+    """
+    names = label_names(frame)
+    y_test = frame["label"].to_numpy()[frame["split"].to_numpy() == "test"]
+    out: list[tuple[Path, str]] = []
+    for source in ("sae", "hidden", "tfidf"):
+        best = best_run(results.runs, source)
+        if best is None:
+            continue
+        png = confusion_png(best, y_test, names, folder / f"confusion-{source}.png", f"{source}: {best.spec.label}")
+        out.append((png, "confusion"))
+        out.append((save_model(best.result.model, folder / f"best-{source}.skops"), "models"))
+    return out
+
+
+@dataclass(frozen=True)
+class ProbeChecks:
+    """What the probes asset checks: SAE beats the majority class; train and test rows never overlap;
+    every probe of the partition scored the same test rows."""
+
+    sae_macro_f1: float
+    majority_macro_f1: float
+    train_test_overlap: int
+    distinct_test_sets: int
+
+
+def probe_checks(results: PartitionResults) -> ProbeChecks:
+    sae_best = best_run(results.runs, "sae")
+    test_ids = {tuple(r.test_ids) for r in results.runs}
+    overlap = len(set(results.train_ids) & set(next(iter(test_ids)))) if test_ids else 0
+    return ProbeChecks(sae_macro_f1=sae_best.result.metrics.macro_f1 if sae_best else float("nan"),
+                       majority_macro_f1=results.majority_f1, train_test_overlap=overlap,
+                       distinct_test_sets=len(test_ids))
 
 
 def results_file(cfg: ExperimentConfig, target: Target, dataset: str, language: str) -> Path:

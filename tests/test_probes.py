@@ -327,3 +327,32 @@ def test_load_model_refuses_non_sklearn_types(tmp_path: Path) -> None:
     save_model(model, path)
     with pytest.raises(ValueError, match=r"^path: .*test_probes"):
         load_model(path)
+
+
+def test_probe_checks_and_best_artifacts(tmp_path) -> None:
+    """What the probes asset reports: its checks' inputs and the best probe per source's files."""
+    import pandas as pd
+
+    from mosaic_dag.evaluation import PartitionResults, ProbeRun, ProbeSpec, best_artifacts, probe_checks
+
+    X, y = _planted(300, seed=11, n_classes=2)
+    parts = _split(X, y)
+    good = fit_logistic(*parts, Cs=SMALL_CS, n_boot=0)
+    spec = ProbeSpec(features="sae", pooling="sum", top_n=None, threshold=None, classifier="logistic", k=None)
+    test_ids = [f"t{i}" for i in range(len(parts[5]))]
+    results = PartitionResults(table=pd.DataFrame(), runs=[ProbeRun(spec, good, test_ids)], majority_f1=0.33,
+                               train_ids=["a", "b"])
+    checks = probe_checks(results)
+    assert checks.sae_macro_f1 == good.metrics.macro_f1 > checks.majority_macro_f1 == 0.33
+    assert (checks.train_test_overlap, checks.distinct_test_sets) == (0, 1)
+    # a train id that is also a test id, and a second probe scored on other rows, are both caught
+    leaky = PartitionResults(table=pd.DataFrame(), runs=[ProbeRun(spec, good, test_ids),
+                                                        ProbeRun(spec, good, test_ids[:-1])], train_ids=["t0"])
+    assert probe_checks(leaky).distinct_test_sets == 2
+    assert probe_checks(PartitionResults(table=pd.DataFrame(), runs=[ProbeRun(spec, good, test_ids)],
+                                         train_ids=["t0"])).train_test_overlap == 1
+    frame = pd.DataFrame({"label": parts[5], "label_name": np.where(parts[5] == 1, "pos", "neg"),
+                          "split": "test"})
+    files = best_artifacts(results, frame, tmp_path)
+    assert [(p.name, where) for p, where in files] == [("confusion-sae.png", "confusion"), ("best-sae.skops", "models")]
+    assert all(p.stat().st_size > 0 for p, _ in files)
