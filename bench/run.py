@@ -104,13 +104,13 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
                      "pass": t["speedup"] >= TARGETS["speedup"]})
         frac = a["roofline_fraction"]
         rows.append({"target": f"1 share of the matmul roofline (a) ({a['dtype']} forward, {a['sae_dtype']} SAE)",
-                     "measured": f"{100 * frac:.0f}%", "goal": f">= {100 * TARGETS['roofline']:.0f}%",
+                     "measured": f"{100 * frac:.1f}%", "goal": f">= {100 * TARGETS['roofline']:.0f}%",
                      "pass": frac >= TARGETS["roofline"]})
         h = t.get("float32_option")
         if h:
             rows.append({"target": "1 (option) speedup with dtype: float32", "measured": f"{h['speedup']:.1f}x",
                          "goal": f">= {TARGETS['speedup']:.0f}x", "pass": h["speedup"] >= TARGETS["speedup"]})
-            rows.append({"target": "1 (option) share of fp32 matmul roofline", "measured": f"{100 * h['roofline_fraction']:.0f}%",
+            rows.append({"target": "1 (option) share of fp32 matmul roofline", "measured": f"{100 * h['roofline_fraction']:.1f}%",
                          "goal": f">= {100 * TARGETS['roofline']:.0f}%", "pass": h["roofline_fraction"] >= TARGETS["roofline"]})
     c = r.get("cache_reuse")
     if c:
@@ -152,7 +152,7 @@ def table(r: dict[str, Any]) -> str:
         add(f"(a) mosaic pipeline, default dtype = {a['dtype']} (SAE {a['sae_dtype']}), batch_tokens={t['batch_tokens']}",
             f"{a['tokens_per_s']:.0f} tok/s ({a['median_s']:.1f} s; forward {a['forward_s_median']:.1f} s, "
             f"codes+pool {a['encode_pool_s_median']:.1f} s)")
-        add("(a) achieved; share of roofline (time at peak / time)", f"{a['achieved_gflops']:.1f} GFLOP/s; {100 * a['roofline_fraction']:.0f}% "
+        add("(a) achieved; share of roofline (time at peak / time)", f"{a['achieved_gflops']:.1f} GFLOP/s; {100 * a['roofline_fraction']:.1f}% "
             f"(forward alone {100 * a['forward_only_roofline_fraction']:.0f}% of {a['dtype']} peak)")
         add(f"(b) seed loop, {b['dtype']} ({b['texts']} length-matched texts)",
             f"{b['tokens_per_s']:.1f} tok/s ({b['median_s']:.1f} s; {b['achieved_gflops']:.1f} GFLOP/s)")
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             throughput.refraction(res["throughput"], res["peak"])
             t = res["throughput"]
             print(f"[1] mosaic {t['mosaic']['tokens_per_s']:.0f} tok/s, seed loop {t['seed_loop']['tokens_per_s']:.1f} tok/s, "
-                  f"speedup {t['speedup']:.1f}x, {100 * t['mosaic']['roofline_fraction']:.0f}% of roofline", flush=True)
+                  f"speedup {t['speedup']:.1f}x, {100 * t['mosaic']['roofline_fraction']:.1f}% of roofline", flush=True)
         if "2" in args.sections:
             print("[2] cache reuse ...", flush=True)
             ctexts = texts[: args.cache_texts]

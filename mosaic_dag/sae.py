@@ -65,6 +65,7 @@ __all__ = [
 CODES_FORMAT_VERSION = 1
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _DENSE_CHUNK_ELEMENTS = 1 << 25  # one dense [chunk, d_sae] float32 block: ~128 MB
+_CACHE_CHUNK_ELEMENTS = 1 << 22  # ~16 MB: the fast path's pre-activations stay in cache until top-k reads them
 # Architectures whose codes may be negative (sign kept after a top-k on |pre-activation|).
 SIGNED_ARCHITECTURES: frozenset[str] = frozenset({"abstopk"})
 
@@ -498,10 +499,16 @@ def _round_to_float16(block: sp.csr_matrix) -> tuple[sp.csr_matrix, int]:
     return block, n_over
 
 
-def _auto_chunk(chunk_tokens: int | None, d_sae: int) -> int:
-    """4096 tokens, fewer for wide SAEs so one dense float32 chunk stays near 128 MB."""
+def _auto_chunk(chunk_tokens: int | None, d_sae: int, cache_sized: bool = False) -> int:
+    """4096 tokens, fewer for wide SAEs so one dense float32 chunk stays near 128 MB.
+
+    ``cache_sized`` (the CPU fast path, whose pre-activations are read once by top-k or the
+    threshold right after the product): chunks of ~16 MB instead, which stay in cache — measured
+    here 10-15% faster for 16k and 65k latents (256 and 64 tokens) than 4096-token chunks.
+    """
     if chunk_tokens is None:
-        return max(16, min(4096, _DENSE_CHUNK_ELEMENTS // max(d_sae, 1)))
+        budget = _CACHE_CHUNK_ELEMENTS if cache_sized else _DENSE_CHUNK_ELEMENTS
+        return max(16, min(4096, budget // max(d_sae, 1)))
     if chunk_tokens < 1:
         raise SaeCodesError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     return chunk_tokens
@@ -526,29 +533,35 @@ def _fast_kind(sae: SAE[Any]) -> str | None:
     return None
 
 
-def _encoder(sae: SAE[Any], rows_hint: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> hidden_pre = process_sae_in(x) @ W_enc + b_enc (through ``hook_sae_acts_pre``), as sae-lens computes it.
+def _encoder(sae: SAE[Any], rows_hint: int, scale: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> hidden_pre = process_sae_in(x) @ W_enc + b_enc (through ``hook_sae_acts_pre``), as sae-lens computes it,
+    times ``scale`` per latent when given (TopK SAEs that rank by pre-activation x decoder norm).
 
     On CPU in float32 the product and the bias run as one oneDNN call with the weight packed once
-    (measured here: 2.5 s instead of 3.1 s for 22k tokens x 16k latents, and no separate bias pass).
-    Its values agree with sae-lens's ``x @ W_enc + b_enc`` to float32 rounding (~1e-6 relative), not
-    bit for bit. Anywhere else, or if torch lacks the op, sae-lens's own expression.
+    (measured here: 2.5 s instead of 3.1 s for 22k tokens x 16k latents, and no separate bias pass);
+    ``scale`` is folded into that weight and bias unless a hook must see the unscaled values.
+    Its values agree with sae-lens's expression to float32 rounding (~1e-6 relative), not bit for
+    bit. Anywhere else, or if torch lacks the op, sae-lens's own expression.
     """
     import torch
 
     weight, bias = sae.W_enc, sae.b_enc
 
     def plain(x: torch.Tensor) -> torch.Tensor:
-        return sae.hook_sae_acts_pre(sae.process_sae_in(x) @ weight + bias)
+        pre = sae.hook_sae_acts_pre(sae.process_sae_in(x) @ weight + bias)
+        return pre if scale is None else pre * scale
 
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return plain
+    fold = scale is not None and not sae.hook_sae_acts_pre._forward_hooks
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), max(1, rows_hint))
+        w, b = (weight * scale, bias * scale) if fold else (weight, bias)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), max(1, rows_hint))
         linear = torch.ops.mkldnn._linear_pointwise
 
         def fused(x: torch.Tensor) -> torch.Tensor:
-            return sae.hook_sae_acts_pre(linear(sae.process_sae_in(x).contiguous(), packed, bias, "none", [], ""))
+            pre = sae.hook_sae_acts_pre(linear(sae.process_sae_in(x).contiguous(), packed, b, "none", [], ""))
+            return pre if fold or scale is None else pre.mul_(scale)
 
         probe = torch.linspace(-1.0, 1.0, 3 * weight.shape[0], dtype=weight.dtype).reshape(3, -1)
         if not torch.allclose(fused(probe), plain(probe), rtol=1e-4, atol=1e-5):
@@ -559,13 +572,29 @@ def _encoder(sae: SAE[Any], rows_hint: int) -> Callable[[torch.Tensor], torch.Te
 
 
 def _topk_parts(sae: SAE[Any], pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, latent ids) [n, k] of TopKSAE.encode from its pre-activations, without the dense scatter."""
+    """(values, latent ids) [n, k] of TopKSAE.encode from its (rescaled) pre-activations, without the dense scatter."""
+    values, ids = grouped_topk(pre, int(sae.activation_fn.k))
+    return values.relu(), ids
+
+
+def grouped_topk(x: torch.Tensor, k: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise top-k (values, indices; unordered) of a 2-D tensor, like ``torch.topk``, ~1.5x faster on wide rows.
+
+    Split each row into groups of ``group``; the k groups with the largest maxima hold every top-k
+    element (the k-th largest group maximum is <= the k-th largest element, and any element at least
+    that large lies in a group whose maximum is too), so top-k runs on k * group candidates instead
+    of the whole row. Exact up to which of several equal values is picked, as torch.topk itself.
+    """
     import torch
 
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        pre = pre * sae.W_dec.norm(dim=-1)
-    values, ids = torch.topk(pre, k=int(sae.activation_fn.k), dim=-1, sorted=False)
-    return values.relu(), ids
+    n, d = x.shape
+    if d % group or d // group < 2 * k:
+        return torch.topk(x, k, dim=1, sorted=False)
+    groups = x.view(n, d // group, group)
+    best = torch.topk(groups.amax(dim=2), k, dim=1, sorted=False).indices  # [n, k] group ids
+    candidates = torch.gather(groups, 1, best.unsqueeze(2).expand(n, k, group)).view(n, k * group)
+    values, at = torch.topk(candidates, k, dim=1, sorted=False)
+    return values, best.gather(1, at // group) * group + at % group
 
 
 def _masked_to_csr(pre: torch.Tensor, keep: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -614,8 +643,9 @@ def encode_sparse(
             "save it with save_inference_model and load that (a JumpReLU SAE)"
         )
     n_tokens, d_sae = acts.shape[0], int(sae.cfg.d_sae)
-    chunk_tokens = _auto_chunk(chunk_tokens, d_sae)
     param = sae.W_enc
+    kind = _fast_kind(sae)
+    chunk_tokens = _auto_chunk(chunk_tokens, d_sae, cache_sized=kind is not None and param.device.type == "cpu")
     keep = np.ones(n_tokens, dtype=bool) if real_mask is None else np.asarray(real_mask, dtype=bool)
     data_parts: list[np.ndarray] = []
     index_parts: list[np.ndarray] = []
@@ -624,8 +654,8 @@ def encode_sparse(
     sae.eval()
     try:
         with torch.inference_mode():
-            kind = _fast_kind(sae)
-            encoder = _encoder(sae, chunk_tokens) if kind else None
+            rescale = kind == "topk" and sae.cfg.rescale_acts_by_decoder_norm
+            encoder = _encoder(sae, chunk_tokens, sae.W_dec.norm(dim=-1) if rescale else None) if kind else None
             for start in range(0, n_tokens, chunk_tokens):
                 stop = min(start + chunk_tokens, n_tokens)
                 rows = start + np.flatnonzero(keep[start:stop])

@@ -81,31 +81,6 @@ def test_bfloat16_cache_is_the_same_hook_point_within_bf16_rounding(tiny_model_d
         assert np.median(rel) < 2e-2, f"bf16 vs fp32 relative difference {np.median(rel):.3g}"
 
 
-def test_packed_linears_change_nothing_but_speed(tiny_model_dir: Path, tmp_path: Path):
-    """bf16 on CPU: extraction runs the linears on pre-packed oneDNN weights; the cache is bit-identical
-    to the plain forward's output (as float16), and the model's own forwards come back afterwards."""
-    from mosaic_dag.extract import packed_linears
-
-    forget_loaded()
-    l16 = load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[2], dtype="bfloat16"), tmp_path)
-    linears = [m for m in decoder_layers(l16.model).modules() if isinstance(m, torch.nn.Linear)]
-    with packed_linears(l16, 2, 64) as n:
-        if n == 0:
-            pytest.skip("torch here has no oneDNN packed linear; extraction uses F.linear")
-        assert sum("forward" in vars(m) for m in linears) == n
-    assert not any("forward" in vars(m) for m in linears)
-    extract_to_cache(l16, TEXTS, [2], {2: tmp_path / "c"}, max_length=32, batch_tokens=24)
-    cache = HiddenCache(tmp_path / "c").load_all()
-    ids, _ = tokenize(l16.tokenizer, TEXTS, 32)
-    for batch in make_batches(ids, 24, l16.tokenizer.pad_token_id or 0):
-        plain = forward_layers(l16, [2], batch.input_ids, batch.attention_mask)[2]  # F.linear path
-        for b, row in enumerate(batch.rows):
-            n_tok = int(batch.attention_mask[b].sum())
-            got = cache.acts[cache.offsets[row]:cache.offsets[row + 1]]
-            np.testing.assert_array_equal(got, plain[b, :n_tok].float().numpy().astype(np.float16))
-    assert not any("forward" in vars(m) for m in linears)
-
-
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path):
     from mosaic_dag import models
 
@@ -155,6 +130,16 @@ def test_batches_are_length_sorted_under_the_token_budget():
     lengths = [len(ids[r]) for b in batches for r in b.rows]
     assert lengths == sorted(lengths, reverse=True)
     assert sorted(r for b in batches for r in b.rows) == list(range(6))
+
+
+def test_batches_close_early_rather_than_pad_much():
+    ids = [[1] * n for n in (10, 10, 10, 10, 5, 5, 5, 5)]
+    capped = list(make_batches(ids, 80, 0))  # budget fits all 8, but the 5s would be padded by half
+    assert [sorted(len(ids[r]) for r in b.rows) for b in capped] == [[10] * 4, [5] * 4]
+    assert sum(b.input_ids.numel() for b in capped) == sum(map(len, ids))  # no padding at all
+    assert len(list(make_batches(ids, 80, 0, max_padding=1.0))) == 1  # cap off: one padded batch
+    # a bigger budget: 4 texts (40 tokens) are under its quarter (50), so a 5 joins before the batch may close
+    assert [len(b.rows) for b in make_batches(ids, 200, 0)] == [5, 3]
 
 
 def test_layer_out_of_range_fails_before_any_forward(tiny, tmp_path: Path):

@@ -8,6 +8,7 @@ import torch
 
 from mosaic_dag.config import load_config
 from mosaic_dag.extract import HiddenCache, extract_to_cache
+from mosaic_dag.fused import _onednn, fused_blocks
 from mosaic_dag.models import decoder_layers
 from mosaic_dag.pipeline import get_model
 from mosaic_dag.runner import run_experiment
@@ -63,6 +64,10 @@ def test_default_dtype_on_real_gemma_is_close_to_float32(gemma, tmp_path: Path):
     if default.dtype == torch.float32:
         pytest.skip("this CPU has no native bf16, so the default dtype is float32 (covered by the parity test)")
     texts = ["You are a stupid idiot.", "Merci pour ce message formidable, à bientôt ici !", "Hallo", "The sky is blue"]
+    with fused_blocks(default, 6, 32) as fused:  # what extract_to_cache runs: the checks pass on the real blocks
+        assert fused.norms == 7 * 6  # four block norms + q/k norms, blocks 0..6
+        if _onednn() is not None:
+            assert fused.mlps == 7 and fused.linears == 7 * 7
     for loaded, name in ((default, "default"), (gemma, "fp32")):
         extract_to_cache(loaded, texts, [6], {6: tmp_path / name}, max_length=64, batch_tokens=32)
     a, b = HiddenCache(tmp_path / "default").load_all(), HiddenCache(tmp_path / "fp32").load_all()

@@ -99,6 +99,31 @@ def test_fast_path_never_builds_the_dense_codes(monkeypatch: pytest.MonkeyPatch,
         assert np.all(codes.getnnz(axis=1)[mask] == 8)
 
 
+def test_topk_rescaled_by_decoder_norm_keeps_sae_encode_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TopK SAEs trained with rescale_acts_by_decoder_norm rank latents by pre * |W_dec row|: the fast path too."""
+    sae = make_sae("topk")
+    sae.cfg.rescale_acts_by_decoder_norm = True
+    with torch.no_grad():  # decoder rows of very different norms, so the rescale changes the top k
+        sae.W_dec.mul_(torch.linspace(0.1, 3.0, WIDTH)[:, None])
+    acts = random_acts(900)
+    ref = _reference(sae, acts)
+    monkeypatch.setattr(sae, "encode", lambda _x: (_ for _ in ()).throw(AssertionError("dense encode")))
+    got = encode_sparse(sae, acts, chunk_tokens=200).toarray()
+    assert_codes_match(got, ref)
+    seen: list[torch.Tensor] = []  # a hook on the pre-activations sees them before the rescale, as in sae-lens
+    sae.hook_sae_acts_pre.add_hook(lambda z, hook: seen.append(z.clone()))
+    try:
+        assert_codes_match(encode_sparse(sae, acts, chunk_tokens=200).toarray(), ref)
+    finally:
+        sae.hook_sae_acts_pre.remove_hooks()
+    x = torch.from_numpy(acts[:200].astype(np.float32))
+    with torch.no_grad():
+        first = next(z for z in seen if z.shape[0] == 200)  # (the encoder's own 3-row probe comes first)
+        torch.testing.assert_close(first, sae.process_sae_in(x) @ sae.W_enc + sae.b_enc, rtol=1e-4, atol=1e-5)
+    sae.cfg.rescale_acts_by_decoder_norm = False
+    assert ((encode_sparse(sae, acts, chunk_tokens=200).toarray() != 0) != (ref != 0)).mean() > 0.01  # it matters
+
+
 def test_topk_with_a_hook_goes_through_sae_encode() -> None:
     """A hook on the SAE's activations must see (and may change) the codes: then sae.encode runs."""
     sae = make_sae("topk")
@@ -428,3 +453,22 @@ def test_load_codes_corrupt_file_raises_cache_error(tmp_path: Path) -> None:
     np.savez(tmp_path / "partial.npz", data=np.zeros(3))
     with pytest.raises(CacheError, match="lacks"):
         load_codes(tmp_path / "partial.npz")
+
+
+def test_grouped_topk_equals_torch_topk() -> None:
+    """Same values and latents as torch.topk, including rows whose top k crowd into one group."""
+    from mosaic_dag.sae import grouped_topk
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 2048, generator=g)
+    x[0, :40] = 10 + torch.arange(40.0)  # all top 32 of row 0 in two adjacent groups
+    x[1] = torch.arange(2048.0)  # top 32 = the last group
+    x[2, ::64] = 50.0 + torch.arange(32.0)  # one winner per group, spread out
+    for k in (1, 8, 32):
+        v, i = grouped_topk(x, k)
+        rv, ri = torch.topk(x, k, dim=1, sorted=False)
+        assert torch.equal(torch.sort(i, dim=1).values, torch.sort(ri, dim=1).values)
+        assert torch.equal(torch.sort(v, dim=1).values, torch.sort(rv, dim=1).values)
+        assert torch.equal(torch.gather(x, 1, i), v)
+    odd = torch.randn(5, 100, generator=g)  # width not a multiple of the group: plain torch.topk
+    assert torch.equal(torch.sort(grouped_topk(odd, 4)[1], 1).values, torch.sort(torch.topk(odd, 4, 1).indices, 1).values)

@@ -1,0 +1,122 @@
+"""fused_blocks: faster forwards during extraction, each checked before use and removed afterwards."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mosaic_dag.config import ModelConfig
+from mosaic_dag.extract import (
+    HiddenCache,
+    extract_to_cache,
+    forward_layers,
+    make_batches,
+    tokenize,
+)
+from mosaic_dag.fused import _fused_mlp, _inplace_rms_norm, _onednn, fused_blocks
+from mosaic_dag.models import decoder_layers, forget_loaded, load_model
+
+TEXTS = ["hello world", "you are a stupid idiot and i hate your post", "thank you my friend", "bonjour",
+         "we love this great idea and the lovely day here with you"]
+
+
+@pytest.fixture
+def pair(tiny_model_dir: Path, tmp_path: Path):
+    forget_loaded()
+    l16 = load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[2], dtype="bfloat16"), tmp_path)
+    l32 = load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[2], dtype="float32"), tmp_path)
+    return l16, l32
+
+
+def _replaced(model: nn.Module) -> int:
+    return sum("forward" in vars(m) for m in decoder_layers(model).modules())
+
+
+def test_fused_blocks_replace_norms_linears_and_mlps_then_restore(pair):
+    l16, _ = pair
+    blocks = decoder_layers(l16.model)[:3]
+    norms = sum(type(m).__name__ == "Gemma3RMSNorm" for b in blocks for m in b.modules())
+    with fused_blocks(l16, 2, 64) as n:
+        assert n.norms == norms > 0  # Gemma's (1 + w) RMSNorm, bit-identical in place
+        if _onednn() is not None:
+            assert n.mlps == 3 and n.linears == sum(type(m) is nn.Linear for b in blocks for m in b.modules())
+        assert _replaced(l16.model) == n.total
+        assert "forward" not in vars(decoder_layers(l16.model)[3].mlp)  # blocks after the deepest untouched
+    assert _replaced(l16.model) == 0
+    with pytest.raises(RuntimeError, match="boom"), fused_blocks(l16, 2, 64):
+        raise RuntimeError("boom")
+    assert _replaced(l16.model) == 0  # restored on error too
+
+
+def test_fused_extraction_is_no_less_accurate_than_the_stock_forward(pair, tmp_path: Path):
+    """The cache written under fused_blocks vs the stock bf16 forward, both against float32."""
+    l16, l32 = pair
+    extract_to_cache(l16, TEXTS, [2], {2: tmp_path / "bf16"}, max_length=32, batch_tokens=24)
+    extract_to_cache(l32, TEXTS, [2], {2: tmp_path / "fp32"}, max_length=32, batch_tokens=24)
+    fast, ref = HiddenCache(tmp_path / "bf16").load_all(), HiddenCache(tmp_path / "fp32").load_all()
+    ids, _ = tokenize(l16.tokenizer, TEXTS, 32)
+    stock = np.zeros_like(fast.acts, dtype=np.float32)
+    for batch in make_batches(ids, 24, l16.tokenizer.pad_token_id or 0):
+        out = forward_layers(l16, [2], batch.input_ids, batch.attention_mask)[2]  # model's own forwards
+        for b, row in enumerate(batch.rows):
+            n_tok = int(batch.attention_mask[b].sum())
+            stock[fast.offsets[row]:fast.offsets[row + 1]] = out[b, :n_tok].float().numpy()
+    got, want = fast.acts.astype(np.float32), ref.acts.astype(np.float32)
+    scale = np.abs(want).max(axis=1, keepdims=True)
+    assert (np.abs(got - stock) <= 3e-2 * scale).all()  # bf16 rounding apart, nothing more
+    assert np.linalg.norm(got - want) <= 1.1 * np.linalg.norm(stock - want)
+
+
+def test_float32_models_only_get_the_bit_identical_norms(pair):
+    _, l32 = pair
+    with fused_blocks(l32, 2, 64) as n:
+        assert n.linears == 0 and n.mlps == 0 and n.norms > 0
+
+
+class _SwappedMLP(nn.Module):
+    """Looks like a gated MLP but computes down(gate(x) * act(up(x)))."""
+
+    def __init__(self, d: int = 64, h: int = 128):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(h, d, bias=False), nn.GELU(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+
+
+class _GatedMLP(_SwappedMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_mlp_fusion_only_where_the_module_is_the_formula():
+    ops = _onednn()
+    if ops is None:
+        pytest.skip("torch here has no oneDNN linear post-ops")
+    torch.manual_seed(0)
+    good, swapped = _GatedMLP().to(torch.bfloat16), _SwappedMLP().to(torch.bfloat16)
+    swapped.load_state_dict(good.state_dict())
+    fast = _fused_mlp(ops, good, 16)
+    assert fast is not None and _fused_mlp(ops, swapped, 16) is None
+    x = torch.randn(5, 7, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert fast(x).shape == (5, 7, 64)
+        torch.testing.assert_close(fast(x).float(), good(x).float(), rtol=3e-2, atol=3e-2)
+
+
+def test_only_gemma_style_rms_norms_are_replaced():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gemma, llama = Gemma3RMSNorm(32), LlamaRMSNorm(32)
+    with torch.no_grad():
+        gemma.weight.normal_(0, 0.3)
+        llama.weight.normal_(1, 0.3)
+    fast = _inplace_rms_norm(gemma)
+    assert fast is not None and _inplace_rms_norm(llama) is None  # Llama: w * x.to(dtype), another rounding
+    x = torch.randn(4, 32)
+    before = x.clone()
+    assert torch.equal(fast(x), gemma(x)) and torch.equal(x, before)  # float32 input is not normalised in place
