@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -119,13 +120,22 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _place_dir(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` onto ``target``; if a concurrent writer's complete folder got there first, keep that one."""
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not target.exists():
-            raise
+def _place_dir(tmp: Path, target: Path, attempts: int = 100) -> None:
+    """Rename ``tmp`` onto ``target``; if a concurrent writer's complete folder got there first, keep that one.
+
+    The folder that blocked the rename may itself be moved aside by a third writer before we look
+    (seen with four processes racing): then ``target`` is free again and the rename is retried.
+    """
+    for _ in range(attempts):
+        try:
+            os.replace(tmp, target)
+            return
+        except OSError as err:
+            if target.exists():
+                return
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    os.replace(tmp, target)  # still racing after every attempt: let the error speak
 
 
 def write_json(path: Path, obj: Any) -> None:

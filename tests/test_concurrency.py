@@ -6,7 +6,9 @@ Every artifact is written into a temp folder/file and renamed into place (``atom
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from mosaic_dag import storage
 from mosaic_dag.extract import HiddenCache
 from mosaic_dag.storage import atomic_dir
 from tests.test_bad_input import fast_config, temp_leftovers
@@ -129,3 +132,20 @@ def test_two_mosaic_runs_on_one_partition_leave_one_valid_cache(tmp_path: Path, 
     computed = [m for i in range(2) for m in _hidden_metadata(tmp_path / f"home{i}") if not m["cache_hit"]]
     if len(computed) < 2:  # both must have written for the rename race to be exercised
         pytest.fail(f"the two runs did not overlap (only {len(computed)} computed the cache); make the dataset bigger")
+
+
+def test_rename_retries_when_the_blocking_folder_vanished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Writer A's rename fails (B's folder is there), then C moves B's folder aside before A looks:
+    A must try again rather than fail (the race the hammer test above hit once in CI)."""
+    real_replace, calls = os.replace, []
+
+    def flaky(src: object, dst: object) -> None:
+        calls.append(dst)
+        if len(calls) == 1:  # target absent by the time A checks: it was moved aside meanwhile
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", flaky)
+    with atomic_dir(tmp_path / "cache") as tmp:
+        (tmp / "part").write_text("A")
+    assert (tmp_path / "cache" / "part").read_text() == "A" and len(calls) == 2
