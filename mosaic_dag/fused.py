@@ -56,10 +56,24 @@ def _onednn() -> Any:
     return ops if ok else None
 
 
-def _packed_forward(ops: Any, module: nn.Linear, rows_hint: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+class _Packer:
+    """oneDNN-packed weights, one per linear: the packed linear and the fused MLP share them."""
+
+    def __init__(self, ops: Any, rows_hint: int):
+        self.ops, self.rows_hint = ops, max(1, rows_hint)
+        self.done: dict[nn.Module, torch.Tensor] = {}
+
+    def __call__(self, module: nn.Linear) -> torch.Tensor:  # RuntimeError where oneDNN cannot pack it
+        if module not in self.done:
+            self.done[module] = self.ops._reorder_linear_weight(module.weight, self.rows_hint)
+        return self.done[module]
+
+
+def _packed_forward(ops: Any, module: nn.Linear, rows_hint: int,
+                    pack: _Packer | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``F.linear`` on a weight packed once, if bit-identical on a probe."""
     try:
-        packed = ops._reorder_linear_weight(module.weight, max(1, rows_hint))
+        packed = (pack or _Packer(ops, rows_hint))(module)
     except RuntimeError:
         return None
     bias = module.bias
@@ -80,7 +94,8 @@ def _mlp_parts(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.M
     return parts[0], parts[1], parts[2], parts[3]  # type: ignore[return-value]
 
 
-def _fused_mlp(ops: Any, module: nn.Module, rows_hint: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _fused_mlp(ops: Any, module: nn.Module, rows_hint: int,
+               pack: _Packer | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """down(act(gate(x)) * up(x)) as three oneDNN products: act fused into gate, the product into up.
 
     Kept only if the stock forward matches a float32 evaluation of that formula (so the module
@@ -92,9 +107,9 @@ def _fused_mlp(ops: Any, module: nn.Module, rows_hint: int) -> Callable[[torch.T
     gate, up, down, act = parts
     if gate.bias is not None or up.bias is not None:
         return None
+    pack = pack or _Packer(ops, rows_hint)
     try:
-        packed_gate = ops._reorder_linear_weight(gate.weight, max(1, rows_hint))
-        packed_up = ops._reorder_linear_weight(up.weight, max(1, rows_hint))
+        packed_gate, packed_up = pack(gate), pack(up)
     except RuntimeError:
         return None
     f = nn.functional
@@ -157,6 +172,7 @@ def fused_blocks(loaded: LoadedModel, deepest: int, rows_hint: int) -> Iterator[
     patched: list[nn.Module] = []
     blocks = list(decoder_layers(loaded.model)[: deepest + 1])
     ops = _onednn() if loaded.dtype == torch.bfloat16 else None
+    pack = _Packer(ops, rows_hint) if ops is not None else None
 
     def install(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:
         if forward is None:
@@ -174,11 +190,11 @@ def fused_blocks(loaded: LoadedModel, deepest: int, rows_hint: int) -> Iterator[
                     if install(module, _inplace_rms_norm(module)):
                         done.norms += 1
                     elif ops is not None and type(module) is nn.Linear:
-                        done.linears += install(module, _packed_forward(ops, module, rows_hint))
+                        done.linears += install(module, _packed_forward(ops, module, rows_hint, pack))
             if ops is not None:
                 for block in blocks:  # after the linears: the MLP's check runs its packed down_proj
                     for module in block.modules():
-                        if "forward" not in vars(module) and install(module, _fused_mlp(ops, module, rows_hint)):
+                        if "forward" not in vars(module) and install(module, _fused_mlp(ops, module, rows_hint, pack)):
                             done.mlps += 1
         yield done
     finally:

@@ -85,8 +85,9 @@ def resolve_dtype(dtype: str, device: str | torch.device = "auto") -> torch.dtyp
 def default_batch_tokens(device: torch.device) -> int:
     """Padded tokens per forward batch when the config leaves ``batch_tokens`` unset.
 
-    CPU: 2048. ``make bench`` sweeps it: on the bundled Gemma 3 270M (bf16, 2 cores) 1024 and 2048
-    tie, 4096 is ~10% and 8192 ~27% slower (bigger activations fall out of cache). GPU: 8192.
+    CPU: 2048. Swept with ``python -m bench.run --sweep ...`` on the bundled Gemma 3 270M (bf16,
+    2 cores): 1024 and 2048 within a few percent, 4096 ~5% and 8192 19-27% slower (bigger
+    activations fall out of cache). GPU: 8192.
     """
     return 8192 if device.type == "cuda" else 2048
 

@@ -630,8 +630,9 @@ def encode_sparse(
     SAEs). TopK and JumpReLU SAEs (Gemma Scope, BatchTopK for inference) go from pre-activations
     straight to CSR, with a fused encoder on CPU: equal to sae.encode up to float32 rounding (so a
     value may land one float16 step away, or a latent within ~1e-6 of the threshold may flip).
-    Any other SAE class, or one with a hook on its codes, runs ``sae.encode`` itself. With ``real_mask`` given, rows of non-real tokens (BOS, padding) are left empty instead of
-    encoded: they are never pooled, and BOS rows are costly outliers.
+    Any other SAE class, or one with a hook on its codes, runs ``sae.encode`` itself. With
+    ``real_mask`` given, rows of non-real tokens (BOS, padding) are left empty instead of encoded:
+    they are never pooled, and BOS rows are costly outliers.
     """
     import torch
 

@@ -120,3 +120,23 @@ def test_only_gemma_style_rms_norms_are_replaced():
     x = torch.randn(4, 32)
     before = x.clone()
     assert torch.equal(fast(x), gemma(x)) and torch.equal(x, before)  # float32 input is not normalised in place
+
+
+def test_each_weight_is_packed_once_per_extraction(pair, monkeypatch: pytest.MonkeyPatch):
+    """The fused MLP reuses the gate/up weights the packed linears already packed (no second copy)."""
+    from mosaic_dag import fused
+
+    l16, _ = pair
+    if _onednn() is None:
+        pytest.skip("torch here has no oneDNN packed linear")
+    packed: list[int] = []
+    real_call = fused._Packer.__call__
+
+    def counting(self: fused._Packer, module: nn.Linear) -> torch.Tensor:
+        if module not in self.done:
+            packed.append(id(module))
+        return real_call(self, module)
+
+    monkeypatch.setattr(fused._Packer, "__call__", counting)
+    with fused_blocks(l16, 2, 64) as n:
+        assert n.mlps == 3 and len(packed) == len(set(packed)) == n.linears
