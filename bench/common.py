@@ -152,6 +152,30 @@ def peak_matmul_gflops(repeats: int = 5) -> dict[str, Any]:
     return out
 
 
+def spot_peak(peak: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
+    """The best shape and library of each dtype in ``peak``, measured again now (~1 s).
+
+    Taken right before each timed run, so each run's share of the roofline can be paired with the
+    machine's speed at that moment: this machine's speed drifts by up to ~25% within minutes.
+    """
+    import torch
+
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            shape, lib = max(peak[name]["by_shape"].items(), key=lambda kv: kv[1])[0].split()
+            m, k, n = (int(x) for x in shape.split("x"))
+            fn = _onednn_linear(m, k, n, dtype) if lib == "onednn" else None
+            if fn is None:
+                a, b, c = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype), torch.empty(m, n, dtype=dtype)
+                fn = lambda a=a, b=b, c=c: torch.matmul(a, b, out=c)
+            fn()
+            times, _ = timed(fn, repeats)
+            gflops = round(2 * m * k * n / min(times) / 1e9, 1)
+            out[name] = {"gflops": gflops, "by_shape": {f"{shape} {lib}": gflops}}
+    return out
+
+
 def merge_peaks(*peaks: dict[str, Any]) -> dict[str, Any]:
     """Best of several roofline measurements (taken at different moments of the run)."""
     out: dict[str, Any] = {}

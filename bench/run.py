@@ -28,6 +28,7 @@ from bench.common import (
     merge_peaks,
     peak_matmul_gflops,
     setup_threads,
+    spot_peak,
     tweets,
     write_json,
 )
@@ -107,11 +108,11 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
                      "measured": f"{100 * frac:.1f}%", "goal": f">= {100 * TARGETS['roofline']:.0f}%",
                      "pass": frac >= TARGETS["roofline"]})
         h = t.get("float32_option")
-        if h:
-            rows.append({"target": "1 (option) speedup with dtype: float32", "measured": f"{h['speedup']:.1f}x",
-                         "goal": f">= {TARGETS['speedup']:.0f}x", "pass": h["speedup"] >= TARGETS["speedup"]})
-            rows.append({"target": "1 (option) share of fp32 matmul roofline", "measured": f"{100 * h['roofline_fraction']:.1f}%",
-                         "goal": f">= {100 * TARGETS['roofline']:.0f}%", "pass": h["roofline_fraction"] >= TARGETS["roofline"]})
+        if h:  # the same measures for the non-default dtype: shown for reference, not targets
+            rows.append({"target": "1 (reference) speedup with dtype: float32 (an option, not the default)",
+                         "measured": f"{h['speedup']:.1f}x", "goal": "-", "pass": None})
+            rows.append({"target": "1 (reference) share of fp32 matmul roofline, dtype: float32",
+                         "measured": f"{100 * h['roofline_fraction']:.1f}%", "goal": "-", "pass": None})
     c = r.get("cache_reuse")
     if c:
         n = c["second"]["forward_calls"]
@@ -154,6 +155,10 @@ def table(r: dict[str, Any]) -> str:
             f"codes+pool {a['encode_pool_s_median']:.1f} s)")
         add("(a) achieved; share of roofline (time at peak / time)", f"{a['achieved_gflops']:.1f} GFLOP/s; {100 * a['roofline_fraction']:.1f}% "
             f"(forward alone {100 * a['forward_only_roofline_fraction']:.0f}% of {a['dtype']} peak)")
+        if "paired_roofline_fraction" in a:
+            add("(a) each run against the peak measured just before it (drift check; median)",
+                f"{100 * a['paired_roofline_fraction']:.1f}% (runs: "
+                + ", ".join(f"{100 * x:.0f}%" for x in a["paired_roofline_fractions"]) + ")")
         add(f"(b) seed loop, {b['dtype']} ({b['texts']} length-matched texts)",
             f"{b['tokens_per_s']:.1f} tok/s ({b['median_s']:.1f} s; {b['achieved_gflops']:.1f} GFLOP/s)")
         add("speedup (a)/(b); FLOP ratio (b)/(a) per token", f"{t['speedup']:.1f}x; {t['flop_ratio_seed_over_mosaic_per_token']:.1f}x")
@@ -192,7 +197,8 @@ def table(r: dict[str, Any]) -> str:
                     add(label, f"{x['seconds']:.1f} s, +{x['fit_peak_extra_mib']:.0f} MiB peak during fit, data {x['data_mib']:.0f} MiB")
     lines += ["", "| target | measured | goal | result |", "|---|---|---|---|"]
     for v in r.get("verdicts", []):
-        lines.append(f"| {v['target']} | {v['measured']} | {v['goal']} | {'PASS' if v['pass'] else 'FAIL'} |")
+        verdict = "-" if v["pass"] is None else "PASS" if v["pass"] else "FAIL"
+        lines.append(f"| {v['target']} | {v['measured']} | {v['goal']} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -207,7 +213,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--texts", type=int, default=256, help="texts for section 1 (real jailbreak prompts)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed-texts", type=int, default=32, help="length-matched texts the slow seed loop runs on")
     p.add_argument("--sae-width", type=int, default=16384)
     p.add_argument("--small-sae-width", type=int, default=2048, help="SAE for the memory and cache sections")
@@ -281,11 +287,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                max_length=args.max_length, batch_tokens=args.batch_tokens,
                                                repeats=args.repeats, seed_texts=args.seed_texts, peak=res["peak"],
                                                workdir=workdir, loaded_fp32=None if args.no_fp32 else loaded,
-                                               sweep=args.sweep)
+                                               sweep=args.sweep, spot=lambda: spot_peak(res["peak"]))
             res["throughput"]["load_average_after"] = load_average()
-            # Roofline = the best of two measurements (before and after the section).
+            # Roofline = the best of all measurements (before and after the section, and the spot
+            # measurements before each run of (a)).
             res["peak_first"] = res["peak"]
-            res["peak"] = merge_peaks(res["peak"], peak_matmul_gflops())
+            res["peak"] = merge_peaks(res["peak"], peak_matmul_gflops(), *res["throughput"]["mosaic"].get("spot_peaks", []))
             throughput.refraction(res["throughput"], res["peak"])
             t = res["throughput"]
             print(f"[1] mosaic {t['mosaic']['tokens_per_s']:.0f} tok/s, seed loop {t['seed_loop']['tokens_per_s']:.1f} tok/s, "

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,8 @@ def refraction(res: dict[str, Any], peak: dict[str, Any]) -> None:
 
     Fraction = (time the FLOPs need at the roofline of their dtype) / (time taken): the forward in
     the model's dtype, the SAE encode in the SAE's (float32), the whole pipeline's wall time.
+    Where a spot peak was measured before each run of (a), each run is also paired with its own
+    (``paired_roofline_fraction``, the median over runs): a check on drift, not the target.
     """
     runs = [res["mosaic"]] + ([res["float32_option"]] if "float32_option" in res else [])
     for a in runs:
@@ -163,6 +165,11 @@ def refraction(res: dict[str, Any], peak: dict[str, Any]) -> None:
         a["roofline_s"] = roofline_seconds(f["total"], f["sae_encode"], a["dtype"], a["sae_dtype"], peak)
         a["roofline_fraction"] = a["roofline_s"] / a["median_s"]
         a["forward_only_roofline_fraction"] = f["total"] / (peak[a["dtype"]]["gflops"] * 1e9) / a["forward_s_median"]
+        if a.get("spot_peaks"):
+            shares = [roofline_seconds(f["total"], f["sae_encode"], a["dtype"], a["sae_dtype"], p) / sec
+                      for p, sec in zip(a["spot_peaks"], a["seconds"])]
+            a["paired_roofline_fractions"] = shares
+            a["paired_roofline_fraction"] = median(shares)
     a = res["mosaic"]
     # If (a) ran at 100% of its roofline while (b) kept its measured rate, the speedup would be:
     res["speedup_ceiling"] = a["median_s"] / a["roofline_s"] * res["speedup"]
@@ -170,9 +177,11 @@ def refraction(res: dict[str, Any], peak: dict[str, Any]) -> None:
 
 def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: int, batch_tokens: int,
         repeats: int, seed_texts: int, peak: dict[str, Any], workdir: Path | None = None,
-        loaded_fp32: Any | None = None, sweep: Sequence[int] = ()) -> dict[str, Any]:
+        loaded_fp32: Any | None = None, sweep: Sequence[int] = (),
+        spot: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Measure (a) in the default dtype and (b) in float32 [and (a) in float32, and a batch_tokens sweep].
 
+    ``spot`` (optional) measures the matmul peak again; it runs right before each timed run of (a).
     ``loaded`` is the model as mosaic loads it by default (``dtype: auto``: bfloat16 where the CPU has
     native bf16, else float32); ``loaded_fp32`` the float32 model the seed loop runs (the seed tool's
     default), also used for the float32 option of (a) and the accuracy comparison. The SAE stays
@@ -200,7 +209,10 @@ def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: 
         runs: list[dict[str, Any]] = []
         times_a: list[float] = []
         times_b: list[float] = []
+        spots: list[dict[str, Any]] = []
         for _ in range(repeats):
+            if spot is not None:
+                spots.append(spot())
             sec, Xa, info_a = _timed_features(loaded, sae, texts, layer, max_length=max_length,
                                               batch_tokens=batch_tokens, workdir=workdir)
             times_a.append(sec)
@@ -217,6 +229,8 @@ def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: 
             "max_length": max_length, "batch_tokens": batch_tokens, "d_sae": d_sae, "repeats": repeats,
             "mosaic": _summary(times_a, runs, info_a["tokens"], fwd, enc, dtype_name(loaded.dtype), sae_dtype),
         }
+        if spots:
+            res["mosaic"]["spot_peaks"] = spots
         sec_b = median(times_b)
         sub_tokens = int(sum(lengths[i] for i in sub))
         if info_b["tokens"] != sub_tokens:

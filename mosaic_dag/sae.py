@@ -577,23 +577,28 @@ def _topk_parts(sae: SAE[Any], pre: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return values.relu(), ids
 
 
-def grouped_topk(x: torch.Tensor, k: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise top-k (values, indices; unordered) of a 2-D tensor, like ``torch.topk``, ~1.5x faster on wide rows.
+def grouped_topk(x: torch.Tensor, k: int, groups: tuple[int, ...] = (64, 8)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise top-k (values, indices; unordered) of a 2-D tensor, like ``torch.topk``, ~1.7x faster on wide rows.
 
-    Split each row into groups of ``group``; the k groups with the largest maxima hold every top-k
-    element (the k-th largest group maximum is <= the k-th largest element, and any element at least
-    that large lies in a group whose maximum is too), so top-k runs on k * group candidates instead
-    of the whole row. Exact up to which of several equal values is picked, as torch.topk itself.
+    Split each row into groups of ``groups[0]``; the k groups with the largest maxima hold every
+    top-k element (the k-th largest group maximum is <= the k-th largest element, and any element
+    at least that large lies in a group whose maximum is too), so top-k runs on the k * group
+    candidates instead of the whole row, and recursively with the next group size on those
+    (64 then 8: measured fastest here for 16k and 65k latents). Exact up to which of several equal
+    values is picked, as torch.topk itself.
     """
     import torch
 
     n, d = x.shape
-    if d % group or d // group < 2 * k:
+    if not groups:
         return torch.topk(x, k, dim=1, sorted=False)
-    groups = x.view(n, d // group, group)
-    best = torch.topk(groups.amax(dim=2), k, dim=1, sorted=False).indices  # [n, k] group ids
-    candidates = torch.gather(groups, 1, best.unsqueeze(2).expand(n, k, group)).view(n, k * group)
-    values, at = torch.topk(candidates, k, dim=1, sorted=False)
+    group, rest = groups[0], groups[1:]
+    if d % group or d // group < 2 * k:
+        return grouped_topk(x, k, rest)
+    split = x.view(n, d // group, group)
+    best = torch.topk(split.amax(dim=2), k, dim=1, sorted=False).indices  # [n, k] group ids
+    candidates = torch.gather(split, 1, best.unsqueeze(2).expand(n, k, group)).view(n, k * group)
+    values, at = grouped_topk(candidates, k, rest)
     return values, best.gather(1, at // group) * group + at % group
 
 

@@ -15,7 +15,15 @@ from mosaic_dag.extract import (
     make_batches,
     tokenize,
 )
-from mosaic_dag.fused import _fused_mlp, _inplace_rms_norm, _onednn, fused_blocks
+from mosaic_dag.fused import (
+    _causal_attention,
+    _causal_rows_only,
+    _fused_attention,
+    _fused_mlp,
+    _inplace_rms_norm,
+    _onednn,
+    fused_blocks,
+)
 from mosaic_dag.models import decoder_layers, forget_loaded, load_model
 
 TEXTS = ["hello world", "you are a stupid idiot and i hate your post", "thank you my friend", "bonjour",
@@ -42,6 +50,7 @@ def test_fused_blocks_replace_norms_linears_and_mlps_then_restore(pair):
         assert n.norms == norms > 0  # Gemma's (1 + w) RMSNorm, bit-identical in place
         if _onednn() is not None:
             assert n.mlps == 3 and n.linears == sum(type(m) is nn.Linear for b in blocks for m in b.modules())
+            assert n.attentions == 3
         assert _replaced(l16.model) == n.total
         assert "forward" not in vars(decoder_layers(l16.model)[3].mlp)  # blocks after the deepest untouched
     assert _replaced(l16.model) == 0
@@ -140,3 +149,73 @@ def test_each_weight_is_packed_once_per_extraction(pair, monkeypatch: pytest.Mon
     monkeypatch.setattr(fused._Packer, "__call__", counting)
     with fused_blocks(l16, 2, 64) as n:
         assert n.mlps == 3 and len(packed) == len(set(packed)) == n.linears
+
+
+def test_blocked_causal_attention_matches_masked_softmax():
+    torch.manual_seed(0)
+    n, tokens, group, d = 3, 45, 4, 16  # 45 tokens: a partial last block, for block sizes 8 and 32
+    q, k, v = torch.randn(n, tokens * group, d), torch.randn(n, tokens, d), torch.randn(n, tokens, d)
+    heads_first = q.view(n, tokens, group, d).transpose(1, 2)  # [n, group, T, D]
+    scores = heads_first @ k[:, None].transpose(-1, -2)
+    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    want = (torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v[:, None]).transpose(1, 2)
+    for block in (8, 32, 64):
+        got = _causal_attention(q, k, v, group, block=block).view(n, tokens, group, d)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_takes_only_causal_right_padded_masks():
+    tokens = 6
+    real = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    right = (causal & real[:, None, :])[:, None]
+    assert _causal_rows_only(None, tokens) and _causal_rows_only(right, tokens)
+    additive = torch.zeros(right.shape).masked_fill(~right, torch.finfo(torch.float32).min)
+    assert _causal_rows_only(additive, tokens)  # eager attention's float mask, same pattern
+    left = (causal & real.flip(1)[:, None, :])[:, None]
+    assert not _causal_rows_only(left, tokens)  # left padding: real tokens sit at shifted positions
+    window = right & ~torch.ones(tokens, tokens, dtype=torch.bool).tril(-3)
+    assert not _causal_rows_only(window, tokens)  # a sliding window cuts keys off
+    assert not _causal_rows_only(torch.ones(2, 1, tokens, tokens, dtype=torch.bool), tokens)  # bidirectional
+
+
+def test_fused_attention_runs_where_it_applies_and_defers_elsewhere(pair, monkeypatch: pytest.MonkeyPatch):
+    """Real tokens agree with the stock forward; a batch longer than the sliding window goes to it."""
+    from mosaic_dag import fused
+
+    l16, _ = pair
+    blocks = decoder_layers(l16.model)
+    full, sliding = blocks[1].self_attn, blocks[0].self_attn  # the tiny model: sliding window 8
+    calls: list[int] = []
+    blocked = fused._causal_attention
+    monkeypatch.setattr(fused, "_causal_attention", lambda *a, **k: calls.append(1) or blocked(*a, **k))
+    torch.manual_seed(0)
+    for tokens, module, used in ((12, full, True), (12, sliding, False), (8, sliding, True)):
+        fast = _fused_attention(module)
+        assert fast is not None
+        x = torch.randn(2, tokens, 64).to(torch.bfloat16)
+        real = torch.arange(tokens)[None, :] < torch.tensor([[tokens], [tokens - 3]])
+        mask = (torch.ones(tokens, tokens, dtype=torch.bool).tril() & real[:, None, :])[:, None]
+        emb = l16.model.model.rotary_emb(x, torch.arange(tokens)[None].expand(2, tokens), layer_type=module.layer_type)
+        calls.clear()
+        with torch.inference_mode():
+            got = fast(x, emb, mask)[0]
+            assert bool(calls) == used
+            stock = module(x, emb, mask)[0]
+            with pytest.raises(AttributeError, match="update"):  # a cache goes to the stock forward, which uses it
+                fast(x, emb, mask, past_key_values=object())
+        assert len(calls) == int(used)
+        torch.testing.assert_close(got[real].float(), stock[real].float(), rtol=3e-2, atol=3e-2)
+
+
+def test_attention_fusion_only_for_the_gemma_formula(pair):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    l16, _ = pair
+    attention = decoder_layers(l16.model)[1].self_attn
+    assert _fused_attention(attention) is not None
+    attention.attn_logit_softcapping = 50.0  # Gemma 2's tanh capping: not what the fused forward computes
+    assert _fused_attention(attention) is None
+    attention.attn_logit_softcapping = None
+    attention.k_norm = LlamaRMSNorm(32).to(torch.bfloat16)  # another norm formula
+    assert _fused_attention(attention) is None

@@ -67,7 +67,7 @@ def test_default_dtype_on_real_gemma_is_close_to_float32(gemma, tmp_path: Path):
     with fused_blocks(default, 6, 32) as fused:  # what extract_to_cache runs: the checks pass on the real blocks
         assert fused.norms == 7 * 6  # four block norms + q/k norms, blocks 0..6
         if _onednn() is not None:
-            assert fused.mlps == 7 and fused.linears == 7 * 7
+            assert fused.mlps == 7 and fused.linears == 7 * 7 and fused.attentions == 7
     for loaded, name in ((default, "default"), (gemma, "fp32")):
         extract_to_cache(loaded, texts, [6], {6: tmp_path / name}, max_length=64, batch_tokens=32)
     a, b = HiddenCache(tmp_path / "default").load_all(), HiddenCache(tmp_path / "fp32").load_all()

@@ -470,5 +470,11 @@ def test_grouped_topk_equals_torch_topk() -> None:
         assert torch.equal(torch.sort(i, dim=1).values, torch.sort(ri, dim=1).values)
         assert torch.equal(torch.sort(v, dim=1).values, torch.sort(rv, dim=1).values)
         assert torch.equal(torch.gather(x, 1, i), v)
+    wide = torch.randn(20, 16384, generator=g)  # two levels at k = 32: groups of 64, then of 8
+    wide[0, 5000:5040] = 10 + torch.arange(40.0)  # crowded into one group at both levels
+    wide[1, ::512] = 50.0 + torch.arange(32.0)
+    v, i = grouped_topk(wide, 32)
+    assert torch.equal(torch.sort(i, 1).values, torch.sort(torch.topk(wide, 32, 1).indices, 1).values)
+    assert torch.equal(torch.gather(wide, 1, i), v)
     odd = torch.randn(5, 100, generator=g)  # width not a multiple of the group: plain torch.topk
     assert torch.equal(torch.sort(grouped_topk(odd, 4)[1], 1).values, torch.sort(torch.topk(odd, 4, 1).indices, 1).values)
