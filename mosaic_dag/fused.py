@@ -14,8 +14,8 @@ Every replacement is tried on a fixed probe input first and kept only if it pass
   bfloat16-rounded one), so it must be at least as close as the stock forward to a float32
   evaluation of the same MLP;
 - fused attention keeps float32 from the q/k norms to the output (the stock forward rounds to
-  bfloat16 after the norms, after the rotation and before the value product), so it too must be
-  at least as close as the stock forward to a float64 evaluation, on a right-padded probe batch.
+  bfloat16 after the norms and at each step of the rotation), so it too must be at least as close
+  as the stock forward to a float64 evaluation, on a right-padded probe batch.
 Anything that fails, or any module of another shape, keeps its own forward. The model's forwards
 come back on exit, even on error.
 """
