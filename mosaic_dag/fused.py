@@ -235,7 +235,7 @@ def _fused_attention(module: nn.Module, ops: Any = None, rows_hint: int = 1) -> 
     """
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     linears = [getattr(module, name, None) for name in names]
-    if not all(type(m) is nn.Linear for m in linears) or not isinstance(getattr(module, "config", None), object):
+    if not all(type(m) is nn.Linear for m in linears):
         return None
     norms = [_gemma_norm_parts(getattr(module, name, None)) for name in ("q_norm", "k_norm")]  # type: ignore[arg-type]
     head_dim, scaling = getattr(module, "head_dim", None), getattr(module, "scaling", None)
@@ -317,10 +317,10 @@ def _attention_passes(module: nn.Module, fast: Callable[..., Any], heads: int, k
     angle = torch.arange(tokens, dtype=torch.float64)[None, :, None] / (1.0 + torch.arange(head_dim // 2))
     angle = torch.cat([angle, angle], dim=-1).expand(batch, tokens, head_dim)
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
-    ref = _attention_reference(module, x, cos, sin, mask, heads, kv_heads, head_dim)[real]
-    norm = float(ref.norm()) or 1.0
     try:
         with torch.inference_mode():
+            ref = _attention_reference(module, x, cos, sin, mask, heads, kv_heads, head_dim)[real]
+            norm = float(ref.norm()) or 1.0
             stock_err = float((module(x, (cos, sin), mask)[0].double()[real] - ref).norm()) / norm
             fast_err = float((fast(x, (cos, sin), mask)[0].double()[real] - ref).norm()) / norm
     except (RuntimeError, TypeError, ValueError):

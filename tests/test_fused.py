@@ -219,3 +219,32 @@ def test_attention_fusion_only_for_the_gemma_formula(pair):
     attention.attn_logit_softcapping = None
     attention.k_norm = LlamaRMSNorm(32).to(torch.bfloat16)  # another norm formula
     assert _fused_attention(attention) is None
+
+
+def test_fused_attention_with_several_key_value_heads():
+    """Grouped-query attention with 2 key/value heads (4 query heads): the transposing path."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import (
+        Gemma3Attention,
+        Gemma3RotaryEmbedding,
+    )
+
+    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, sliding_window=64,
+                           layer_types=["full_attention", "full_attention"], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    attention = Gemma3Attention(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        attention.q_norm.weight.normal_(0, 0.3)
+        attention.k_norm.weight.normal_(0, 0.3)
+    attention = attention.to(torch.bfloat16)
+    fast = _fused_attention(attention)
+    assert fast is not None
+    tokens = 10
+    x = torch.randn(3, tokens, 64).to(torch.bfloat16)
+    real = torch.arange(tokens)[None, :] < torch.tensor([[10], [7], [1]])
+    mask = (torch.ones(tokens, tokens, dtype=torch.bool).tril() & real[:, None, :])[:, None]
+    emb = Gemma3RotaryEmbedding(cfg)(x, torch.arange(tokens)[None].expand(3, tokens), layer_type="full_attention")
+    with torch.inference_mode():
+        got, want = fast(x, emb, mask)[0], attention(x, emb, mask)[0]
+    torch.testing.assert_close(got[real].float(), want[real].float(), rtol=3e-2, atol=3e-2)
