@@ -118,6 +118,21 @@ def _onednn_linear(m: int, k: int, n: int, dtype: Any) -> Callable[[], Any] | No
     return lambda: torch._C._nn.mkldnn_linear(x, w, None)
 
 
+def _torch_matmul(m: int, k: int, n: int, dtype: Any) -> Callable[[], Any]:
+    """[m, k] @ [k, n] through ``torch.matmul`` into a preallocated output."""
+    import torch
+
+    a, b, c = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype), torch.empty(m, n, dtype=dtype)
+    return lambda: torch.matmul(a, b, out=c)
+
+
+def _gflops(fn: Callable[[], Any], flops: float, repeats: int) -> float:
+    """Best GFLOP/s of ``repeats`` timed calls after one untimed warm-up (kernel selection, page faults)."""
+    fn()
+    times, _ = timed(fn, repeats)
+    return flops / min(times) / 1e9
+
+
 def peak_matmul_gflops(repeats: int = 5) -> dict[str, Any]:
     """Measured matmul roofline per dtype: the best GFLOP/s of ``repeats`` runs over shapes and libraries.
 
@@ -135,17 +150,12 @@ def peak_matmul_gflops(repeats: int = 5) -> dict[str, Any]:
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             best, per_shape = 0.0, {}
             for m, k, n in shapes:
-                a = torch.randn(m, k).to(dtype)
-                b = torch.randn(k, n).to(dtype)
-                c = torch.empty(m, n, dtype=dtype)
-                runs = {"torch": lambda a=a, b=b, c=c: torch.matmul(a, b, out=c)}
+                runs = {"torch": _torch_matmul(m, k, n, dtype)}
                 onednn = _onednn_linear(m, k, n, dtype)
                 if onednn is not None:
                     runs["onednn"] = onednn
                 for lib, fn in runs.items():
-                    fn()  # warm-up (kernel selection, page faults)
-                    times, _ = timed(fn, repeats)
-                    gf = 2 * m * k * n / min(times) / 1e9
+                    gf = _gflops(fn, 2 * m * k * n, repeats)
                     per_shape[f"{m}x{k}x{n} {lib}"] = round(gf, 1)
                     best = max(best, gf)
             out[name] = {"gflops": round(best, 1), "by_shape": per_shape}
@@ -165,13 +175,8 @@ def spot_peak(peak: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             shape, lib = max(peak[name]["by_shape"].items(), key=lambda kv: kv[1])[0].split()
             m, k, n = (int(x) for x in shape.split("x"))
-            fn = _onednn_linear(m, k, n, dtype) if lib == "onednn" else None
-            if fn is None:
-                a, b, c = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype), torch.empty(m, n, dtype=dtype)
-                fn = lambda a=a, b=b, c=c: torch.matmul(a, b, out=c)
-            fn()
-            times, _ = timed(fn, repeats)
-            gflops = round(2 * m * k * n / min(times) / 1e9, 1)
+            fn = (_onednn_linear(m, k, n, dtype) if lib == "onednn" else None) or _torch_matmul(m, k, n, dtype)
+            gflops = round(_gflops(fn, 2 * m * k * n, repeats), 1)
             out[name] = {"gflops": gflops, "by_shape": {f"{shape} {lib}": gflops}}
     return out
 
