@@ -3,16 +3,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test ui validate clean
+.PHONY: setup demo test ui validate clean lock check-latest
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Installs exactly the versions in requirements.lock (the set the suite passed with).
+$(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0   # first, so nothing pulls a CUDA build
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -c requirements.lock -e ".[test]"
 	touch $@
+
+lock:   # newest versions pyproject.toml allows, full suite in a throwaway env; rewrites requirements.lock only if it passes
+	python3 tools/deps.py lock
+
+check-latest:   # newest allowed versions in a throwaway env: fast tests + fused-forward checks, prints what broke
+	python3 tools/deps.py check-latest
 
 demo: setup
 	$(VENV)/bin/mosaic demo

@@ -16,12 +16,18 @@ Every replacement is tried on a fixed probe input first and kept only if it pass
 - fused attention keeps float32 from the q/k norms to the output (the stock forward rounds to
   bfloat16 after the norms and at each step of the rotation), so it too must be at least as close
   as the stock forward to a float64 evaluation, on a right-padded probe batch.
-Anything that fails, or any module of another shape, keeps its own forward. The model's forwards
-come back on exit, even on error.
+Anything that fails, or any module of another shape, keeps its own forward. Replacements bind to the
+installed module's real signature (``inspect``), pass every call they do not handle to the stock forward
+exactly as received, and are checked once more as a whole: a short probe batch through the patched
+blocks must match the stock blocks, else every replacement is removed. A transformers release that moves
+a signature can make extraction slower, never wrong. Each refusal is logged once, with its reason. The
+model's forwards come back on exit, even on error.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +37,49 @@ import torch
 from torch import nn
 
 from mosaic_dag.models import LoadedModel, decoder_layers
+
+log = logging.getLogger(__name__)
+_reported: set[str] = set()
+
+# Keywords that mean "attend over a cache": any of them set sends the call to the stock forward.
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
+# Extra keywords the fused attention may ignore (rotary is already in ``position_embeddings``).
+_HARMLESS_KEYWORDS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions"})
+
+
+def _refuse(what: str, reason: str) -> None:
+    """Log once per reason that a replacement is not used: the stock forward runs instead."""
+    key = f"{what}: {reason}"
+    if key not in _reported:
+        _reported.add(key)
+        log.warning("fused forward not used for %s, the stock forward runs: %s", what, reason)
+
+
+def _signature(forward: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _one_input(stock: Callable[..., Any], fast: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any] | None:
+    """``fast`` behind the stock forward's signature: used for a call with only the first input, given by
+    position or by its name; any other call goes to the stock forward as it came."""
+    sig = _signature(stock)
+    params = list(sig.parameters.values()) if sig is not None else []
+    if not params or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return None
+    name = params[0].name
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs:
+            return fast(args[0])
+        if not args and len(kwargs) == 1 and name in kwargs:
+            return fast(kwargs[name])
+        return stock(*args, **kwargs)
+
+    return forward
+
 
 # oneDNN post-ops tried on an MLP's activation, as (name, algorithm) of ``mkldnn._linear_pointwise``.
 _POST_OPS: tuple[tuple[str, str], ...] = (("gelu", "tanh"), ("gelu", "none"), ("swish", ""), ("relu", ""))
@@ -247,18 +296,44 @@ def _fused_attention(module: nn.Module, ops: Any = None, rows_hint: int = 1) -> 
     heads, kv_heads = q_proj.out_features // head_dim, k_proj.out_features // head_dim
     if heads * head_dim != q_proj.out_features or kv_heads < 1 or heads % kv_heads or v_proj.out_features != k_proj.out_features:
         return None
+    stock = module.forward
+    sig = _signature(stock)
+    params = sig.parameters if sig is not None else {}
+    if sig is None or not {"hidden_states", "position_embeddings", "attention_mask"} <= set(params):
+        _refuse(type(module).__name__, f"unexpected forward signature {sig}")
+        return None
+    extra = next((p.name for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     (q_scale, q_eps), (k_scale, k_eps) = norms  # type: ignore[misc]
     group = heads // kv_heads
     window = getattr(module, "sliding_window", None)
-    stock = module.forward
     project = _stacked_projection(ops, q_proj, k_proj, v_proj, rows_hint)
 
-    def fast(hidden_states: torch.Tensor, position_embeddings: Any = None, attention_mask: torch.Tensor | None = None,
-             past_key_values: Any = None, **kwargs: Any) -> Any:
+    def inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any, Any] | None:
+        """(hidden_states, position_embeddings, mask) of a call the fused path computes exactly, else None."""
+        try:
+            bound = sig.bind(*args, **kwargs).arguments
+        except TypeError:
+            return None
+        rest = dict(bound.pop(extra, {}) if extra else {})
+        rest.update({k: v for k, v in bound.items() if k not in ("hidden_states", "position_embeddings", "attention_mask")})
+        hidden_states, embeddings, mask = bound["hidden_states"], bound.get("position_embeddings"), bound.get("attention_mask")
+        if any(rest.get(name) is not None for name in _CACHE_KEYWORDS) or rest.get("output_attentions"):
+            return None
+        if any(v is not None and k not in _HARMLESS_KEYWORDS for k, v in rest.items()):
+            return None
+        if module.training or embeddings is None or not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+            return None
+        tokens = hidden_states.shape[1]
+        if (window is not None and tokens > window) or not _causal_rows_only(mask, tokens):
+            return None
+        return hidden_states, embeddings, mask
+
+    def fast(*args: Any, **kwargs: Any) -> Any:
+        taken = inputs(args, kwargs)
+        if taken is None:
+            return stock(*args, **kwargs)
+        hidden_states, position_embeddings, _ = taken
         batch, tokens = hidden_states.shape[:2]
-        if (past_key_values is not None or module.training or position_embeddings is None or kwargs.get("output_attentions")
-                or (window is not None and tokens > window) or not _causal_rows_only(attention_mask, tokens)):
-            return stock(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         cos, sin = (t.to(torch.float32).unsqueeze(2) for t in position_embeddings)  # [B, T, 1, D]
         q, k, v = project(hidden_states)
         q = _norm_rotate(q.view(batch, tokens, heads, head_dim), q_scale, q_eps, cos, sin)
@@ -274,7 +349,8 @@ def _fused_attention(module: nn.Module, ops: Any = None, rows_hint: int = 1) -> 
             out = _causal_attention(q, k, v, group).view(batch, kv_heads, tokens, group, head_dim).transpose(1, 2)
         return o_proj(out.reshape(batch, tokens, heads * head_dim).to(hidden_states.dtype)), None
 
-    return fast if _attention_passes(module, fast, heads, kv_heads, head_dim) else None
+    cache_keyword = next((name for name in _CACHE_KEYWORDS if name in params), None)
+    return fast if _attention_passes(module, fast, heads, kv_heads, head_dim, cache_keyword) else None
 
 
 def _stacked_projection(ops: Any, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
@@ -303,29 +379,61 @@ def _stacked_projection(ops: Any, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: 
     return stacked if same else separate
 
 
-def _attention_passes(module: nn.Module, fast: Callable[..., Any], heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Stock and fused attention against float64 on a right-padded probe batch (real tokens only)."""
+def _attention_passes(module: nn.Module, fast: Callable[..., Any], heads: int, kv_heads: int, head_dim: int,
+                      cache_keyword: str | None) -> bool:
+    """Stock and fused attention on the installed transformers, called the way a decoder layer calls them.
+
+    On a right-padded probe batch both must match a float64 evaluation (real tokens only), the fused
+    one at least as closely; calls it must not handle (left padding, longer than the sliding window)
+    must give exactly the stock result. Any exception means: not installed.
+    """
+    what = type(module).__name__
     dtype = module.q_proj.weight.dtype  # type: ignore[union-attr]
-    batch, tokens = 2, 12
     window = getattr(module, "sliding_window", None)
-    if window is not None:
-        tokens = min(tokens, int(window))
-    lengths = torch.tensor([tokens, max(1, tokens - 4)])
-    real = torch.arange(tokens)[None, :] < lengths[:, None]
-    mask = (torch.ones(tokens, tokens, dtype=torch.bool).tril() & real[:, None, :])[:, None]
-    x = _probe((batch, tokens, module.q_proj.in_features), dtype, scale=2.0)  # type: ignore[union-attr]
-    angle = torch.arange(tokens, dtype=torch.float64)[None, :, None] / (1.0 + torch.arange(head_dim // 2))
-    angle = torch.cat([angle, angle], dim=-1).expand(batch, tokens, head_dim)
-    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+
+    def probe(batch: int, tokens: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        lengths = torch.tensor([tokens] + [max(1, tokens - 4)] * (batch - 1))
+        pos = torch.arange(tokens)[None, :]
+        real = pos >= (tokens - lengths[:, None]) if left else pos < lengths[:, None]
+        mask = (torch.ones(tokens, tokens, dtype=torch.bool).tril() & real[:, None, :])[:, None]
+        x = _probe((batch, tokens, module.q_proj.in_features), dtype, scale=2.0)  # type: ignore[union-attr]
+        angle = torch.arange(tokens, dtype=torch.float64)[None, :, None] / (1.0 + torch.arange(head_dim // 2))
+        angle = torch.cat([angle, angle], dim=-1).expand(batch, tokens, head_dim)
+        cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+        call = {"hidden_states": x, "position_embeddings": (cos, sin), "attention_mask": mask, "position_ids": pos}
+        if cache_keyword is not None:
+            call[cache_keyword] = None
+        return real, mask, call
+
     try:
         with torch.inference_mode():
+            real, mask, call = probe(2, min(12, int(window)) if window is not None else 12)
+            x, (cos, sin) = call["hidden_states"], call["position_embeddings"]
             ref = _attention_reference(module, x, cos, sin, mask, heads, kv_heads, head_dim)[real]
             norm = float(ref.norm()) or 1.0
-            stock_err = float((module(x, (cos, sin), mask)[0].double()[real] - ref).norm()) / norm
-            fast_err = float((fast(x, (cos, sin), mask)[0].double()[real] - ref).norm()) / norm
-    except (RuntimeError, TypeError, ValueError):
+            stock_err = float((module(**call)[0].double()[real] - ref).norm()) / norm
+            fast_err = float((fast(**call)[0].double()[real] - ref).norm()) / norm
+            positional = fast(x, (cos, sin), mask)[0]
+            if not torch.equal(positional, fast(**call)[0]):
+                _refuse(what, "positional and keyword calls differ")
+                return False
+            deferred = [probe(2, 12, left=True)[2]]
+            if window is not None and window < 4096:
+                deferred.append(probe(1, int(window) + 1)[2])
+            for other in deferred:
+                if not torch.allclose(fast(**other)[0], module(**other)[0], rtol=0, atol=0, equal_nan=True):
+                    _refuse(what, "a call handed to the stock forward came back different")
+                    return False
+    except Exception as exc:  # noqa: BLE001 - any failure on this transformers means: keep the stock forward
+        _refuse(what, f"probe call failed ({type(exc).__name__}: {exc})")
         return False
-    return stock_err <= 0.05 and fast_err <= stock_err * 1.05 + 1e-6
+    if stock_err > 0.05:
+        _refuse(what, f"the stock forward is not the Gemma attention formula (error {stock_err:.3g})")
+        return False
+    if fast_err > stock_err * 1.05 + 1e-6:
+        _refuse(what, f"fused error {fast_err:.3g} above the stock forward's {stock_err:.3g}")
+        return False
+    return True
 
 
 def _attention_reference(module: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -367,7 +475,9 @@ def fused_blocks(loaded: LoadedModel, deepest: int, rows_hint: int) -> Iterator[
     ops = _onednn() if loaded.dtype == torch.bfloat16 else None
     pack = _Packer(ops, rows_hint) if ops is not None else None
 
-    def install(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:
+    def install(module: nn.Module, forward: Callable[..., Any] | None, one_input: bool = True) -> bool:
+        if forward is not None and one_input:
+            forward = _one_input(module.forward, forward)
         if forward is None:
             return False
         module.forward = forward  # type: ignore[method-assign]
@@ -390,9 +500,62 @@ def fused_blocks(loaded: LoadedModel, deepest: int, rows_hint: int) -> Iterator[
                         continue
                     if ops is not None and install(module, _fused_mlp(ops, module, rows_hint, pack)):
                         done.mlps += 1
-                    elif ops is not None and install(module, _fused_attention(module, ops, rows_hint)):
+                    elif ops is not None and install(module, _fused_attention(module, ops, rows_hint), one_input=False):
                         done.attentions += 1
+            if patched and not _blocks_agree(loaded, blocks, patched):
+                for module in patched:
+                    vars(module).pop("forward", None)
+                patched.clear()
+                done = Fused()
         yield done
     finally:
         for module in patched:
             vars(module).pop("forward", None)
+
+
+class _StopProbe(Exception):
+    pass
+
+
+def _blocks_agree(loaded: LoadedModel, blocks: list[nn.Module], patched: list[nn.Module], tolerance: float = 0.05) -> bool:
+    """A right-padded probe batch through the model, as extraction calls it, with and without the
+    replacements: the deepest block's output on real tokens must agree within ``tolerance`` (relative)."""
+    vocab = loaded.model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab, (2, 16), generator=gen)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 11:] = 0
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> None:
+        captured.append((output[0] if isinstance(output, (tuple, list)) else output).detach().float())
+        raise _StopProbe
+
+    def run() -> torch.Tensor:
+        handle = blocks[-1].register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                loaded.model.base_model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                                        use_cache=False)
+        except _StopProbe:
+            pass
+        finally:
+            handle.remove()
+        return captured.pop()[mask.bool()]
+
+    try:
+        fused = run()
+        saved = {module: vars(module).pop("forward") for module in patched}
+        try:
+            stock = run()
+        finally:
+            for module, forward in saved.items():
+                module.forward = forward  # type: ignore[method-assign]
+    except Exception as exc:  # noqa: BLE001 - any failure: the stock forwards run
+        _refuse("the decoder blocks", f"probe batch failed ({type(exc).__name__}: {exc})")
+        return False
+    error = float((fused - stock).norm()) / (float(stock.norm()) or 1.0)
+    if not error <= tolerance:
+        _refuse("the decoder blocks", f"probe batch differs from the stock blocks by {error:.3g} (> {tolerance})")
+        return False
+    return True

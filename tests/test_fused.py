@@ -248,3 +248,109 @@ def test_fused_attention_with_several_key_value_heads():
     with torch.inference_mode():
         got, want = fast(x, emb, mask)[0], attention(x, emb, mask)[0]
     torch.testing.assert_close(got[real].float(), want[real].float(), rtol=3e-2, atol=3e-2)
+
+
+def test_attention_binds_to_the_installed_signature_and_defers_by_keyword(pair):
+    """The decoder layer calls attention by keyword (``cache=`` in transformers 5.x); a call the fused
+    path does not handle (longer than the sliding window, a cache) reaches the stock forward as it came."""
+    import inspect
+
+    l16, _ = pair
+    with fused_blocks(l16, 2, 64) as n:
+        if n.attentions == 0:
+            pytest.skip("no fused attention on this torch (no oneDNN)")
+        sliding = decoder_layers(l16.model)[0].self_attn  # the tiny model's sliding window: 8 tokens
+        params = inspect.signature(type(sliding).forward).parameters
+        cache_keyword = next(k for k in ("cache", "past_key_values") if k in params)
+        x = torch.randn(1, 12, 64).to(torch.bfloat16)
+        emb = l16.model.model.rotary_emb(x, torch.arange(12)[None], layer_type=sliding.layer_type)
+        call = {"hidden_states": x, "position_embeddings": emb, "attention_mask": None, cache_keyword: None}
+        with torch.inference_mode():
+            got = sliding(**call)[0]  # 12 > 8 tokens: deferred with every keyword intact
+            want = type(sliding).forward(sliding, **call)[0]
+        assert torch.equal(got, want)
+
+
+def test_a_replacement_that_does_not_fit_the_installed_forward_is_not_installed(pair, monkeypatch, caplog):
+    """A forward whose signature moved (as a transformers release may do) keeps the stock forward, logged once."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    from mosaic_dag import fused
+
+    l16, _ = pair
+    stock = modeling_gemma3.Gemma3Attention.forward
+
+    def moved(self, states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):  # renamed input
+        return stock(self, states, position_embeddings, attention_mask, cache=cache, **kwargs)
+
+    monkeypatch.setattr(modeling_gemma3.Gemma3Attention, "forward", moved)
+    fused._reported.clear()
+    with caplog.at_level("WARNING", logger="mosaic_dag.fused"):
+        for _ in range(2):
+            with fused_blocks(l16, 2, 64) as n:
+                assert n.attentions == 0
+    refusals = [r for r in caplog.records if "Gemma3Attention" in r.getMessage()]
+    assert len(refusals) == 1 and "signature" in refusals[0].getMessage()
+
+
+def test_blocks_that_disagree_with_the_stock_forward_get_no_replacement(pair, tmp_path: Path, monkeypatch, caplog):
+    """The whole-block probe: a replacement that passed its own check but is wrong in the model removes every
+    replacement, and extraction then writes exactly the stock forward's activations."""
+    from mosaic_dag import fused
+
+    l16, _ = pair
+    extract_to_cache(l16, TEXTS, [2], {2: tmp_path / "before"}, max_length=32, batch_tokens=24)
+    real_norm_rotate = fused._norm_rotate
+    monkeypatch.setattr(fused, "_attention_passes", lambda *a, **k: True)
+    monkeypatch.setattr(fused, "_norm_rotate", lambda *a: real_norm_rotate(*a) * 3.0)  # a wrong attention
+    fused._reported.clear()
+    with caplog.at_level("WARNING", logger="mosaic_dag.fused"), fused_blocks(l16, 2, 64) as n:
+        assert n.total == 0 and _replaced(l16.model) == 0
+    if _onednn() is not None:
+        assert any("probe batch differs" in r.getMessage() for r in caplog.records)
+    extract_to_cache(l16, TEXTS, [2], {2: tmp_path / "after"}, max_length=32, batch_tokens=24)
+    ids, _ = tokenize(l16.tokenizer, TEXTS, 32)
+    got = HiddenCache(tmp_path / "after").load_all()
+    for batch in make_batches(ids, 24, l16.tokenizer.pad_token_id or 0):
+        out = forward_layers(l16, [2], batch.input_ids, batch.attention_mask)[2]
+        for b, row in enumerate(batch.rows):
+            n_tok = int(batch.attention_mask[b].sum())
+            np.testing.assert_array_equal(got.acts[got.offsets[row]:got.offsets[row + 1]],
+                                          out[b, :n_tok].float().numpy().astype(got.acts.dtype))
+
+
+def test_single_input_replacements_take_their_input_by_name_too(pair):
+    """Norms, linears and MLPs bound to the stock signature: a keyword call gives the same as a positional
+    one, and an unexpected extra argument reaches the stock forward (which rejects it as it would)."""
+    import inspect
+
+    l16, _ = pair
+    block = decoder_layers(l16.model)[0]
+    x = torch.randn(2, 5, 64).to(torch.bfloat16)
+    with fused_blocks(l16, 2, 64), torch.inference_mode():
+        norm = block.input_layernorm
+        assert "forward" in vars(norm)
+        name = list(inspect.signature(type(norm).forward).parameters)[1]  # after self
+        assert torch.equal(norm(x), norm(**{name: x}))
+        with pytest.raises(TypeError):
+            norm(x, "unexpected")
+
+
+def test_fused_checks_hold_on_a_cpu_without_native_bf16():
+    """The same fused-forward checks with oneDNN capped below AVX-512 BF16 (bf16 then runs emulated, as on
+    a CPU without it): slower, never different in verdict. Skipped where this torch has no oneDNN."""
+    import os
+    import subprocess
+    import sys
+
+    if _onednn() is None:
+        pytest.skip("torch here has no oneDNN: there is no native-bf16 path to cap")
+    here = Path(__file__)
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    tests = [f"{here}::{name}" for name in ("test_fused_extraction_is_no_less_accurate_than_the_stock_forward",
+                                            "test_attention_binds_to_the_installed_signature_and_defers_by_keyword",
+                                            "test_fused_blocks_replace_norms_linears_and_mlps_then_restore")]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=here.parents[1])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "3 passed" in run.stdout
