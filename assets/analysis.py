@@ -1,9 +1,18 @@
 """Transfer evaluations, hard conditions and the report: the graph's last steps."""
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetsDefinition,
+    AutomationCondition,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+)
 
-from assets.partitions import multi_keys, target_dataset_partitions, target_partitions
-from assets.probes import pooled_features, probes
+from assets.partitions import BY_DATASET, BY_TARGET, EVERY, SAME, dataset_part, multi_keys, target_dataset_partitions, target_partitions
+from assets.versions import code_version
 from mosaic_dag.analysis import (
     build_conditions,
     build_report,
@@ -12,80 +21,138 @@ from mosaic_dag.analysis import (
     multilingual_datasets,
     write_transfer,
 )
+from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
-from mosaic_dag.storage import write_parquet
+from mosaic_dag.storage import stable_hash, write_parquet
 from mosaic_dag.tables import markdown_table
 from mosaic_dag.transfer import offdiag_mean
 from resources import ExperimentResource, MlflowResource
 
 
-@asset(
-    partitions_def=target_partitions,
-    deps=[pooled_features],
-    group_name="transfer",
-    description="Cross-lingual transfer: train on each language's train split, test on every language's test "
-    "split, for SAE, hidden-state and TF-IDF features (train-language × test-language macro-F1).",
-)
-def transfer(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource) -> MaterializeResult:
-    cfg = experiment.load()
-    target = parse_target(context.partition_key)
-    names = multilingual_datasets(cfg) if cfg.transfer.enabled else []
-    metadata: dict = {"datasets": MetadataValue.json(names)}
-    with mlflow.run(context, cfg) as run:
-        for name in names:
-            outcome = build_transfer(cfg, target, name)
-            path = write_transfer(cfg, target, outcome, run.run_id)
-            run.log_artifact(path, "transfer")
-            for source, matrix in outcome.matrices.items():
-                metadata[f"{name}_{source}"] = MetadataValue.md(markdown_table(matrix.round(3).reset_index(names="train \\ test")))
-                run.log_metrics({f"{name}_{source}_offdiag_macro_f1": offdiag_mean(matrix)})
-    if not names:
-        context.log.info("no dataset with two or more languages: nothing to transfer")
-    metadata["mlflow_run_id"] = run.run_id
-    return MaterializeResult(metadata=metadata)
+def _versions(handles: dict) -> list:  # type: ignore[type-arg]
+    return sorted((k, h.version if h is not None else None) for k, h in handles.items())
 
 
-@asset(
-    partitions_def=target_dataset_partitions,
-    deps=[probes],
-    group_name="transfer",
-    description="Hard conditions (SAE-Probes style): train-size sweep, class imbalance and label noise, "
-    "one curve per feature source; the test split never changes.",
-)
-def conditions(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource) -> MaterializeResult:
-    cfg = experiment.load()
-    keys = multi_keys(context)
-    target, data = parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
-    if not cfg.conditions.enabled:
-        return MaterializeResult(metadata={"enabled": False})
-    curves = build_conditions(cfg, target, data.dataset, data.language)
-    path = conditions_file(cfg, target, data.dataset, data.language)
-    write_parquet(path, curves)
-    with mlflow.run(context, cfg) as run:
-        run.log_artifact(path, "conditions")
-    show = curves[["features", "condition", "value", "macro_f1", "ci_low", "ci_high", "n_train"]] if len(curves) else curves
-    return MaterializeResult(metadata={"enabled": True, "path": MetadataValue.path(str(path)), "points": len(curves),
-                                       "curves": MetadataValue.md(markdown_table(show, max_rows=60)),
-                                       "mlflow_run_id": run.run_id})
+def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
+    @asset(
+        name="transfer",
+        partitions_def=target_partitions,
+        ins={"pooled": AssetIn("pooled_features", partition_mapping=BY_TARGET, metadata={"many": True}),
+             "data": AssetIn("dataset", partition_mapping=EVERY, metadata={"many": True})},
+        group_name="transfer",
+        io_manager_key="handles",
+        code_version=code_version("transfer", cfg),
+        automation_condition=AutomationCondition.eager(),
+        description="Cross-lingual transfer: train on each language's train split, test on every language's test "
+        "split, for SAE, hidden-state and TF-IDF features (train-language × test-language macro-F1).",
+    )
+    def transfer(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+                 pooled: dict, data: dict):  # type: ignore[no-untyped-def, type-arg]
+        from mosaic_dag.handles import UpstreamMissing
 
+        cfg = experiment.load()
+        target = parse_target(context.partition_key)
+        names = multilingual_datasets(cfg) if cfg.transfer.enabled else []
+        by_dataset = {dataset_part(k): h for k, h in pooled.items()}
+        metadata: dict = {"datasets": MetadataValue.json(names)}
+        paths = []
+        with mlflow.run(context, cfg) as run:
+            for name in names:
+                langs = cfg.dataset_languages(name)
+                need = {lang: (by_dataset.get(f"{name}.{lang}"), data.get(f"{name}.{lang}")) for lang in langs}
+                missing = [f"{name}.{lang}" for lang, (p, d) in need.items() if p is None or d is None]
+                if missing:
+                    raise UpstreamMissing(f"transfer {target.key!r}: pooled_features/dataset for {missing} are not "
+                                          "materialized; materialize them first")
+                outcome = build_transfer(cfg, target, name, {lang: p for lang, (p, _) in need.items()},
+                                         {lang: d for lang, (_, d) in need.items()})
+                path = write_transfer(cfg, target, outcome, run.run_id)
+                paths += [str(path), *map(str, outcome.matrix_paths)]
+                run.log_artifact(path, "transfer")
+                for source, matrix in outcome.matrices.items():
+                    metadata[f"{name}_{source}"] = MetadataValue.md(markdown_table(matrix.round(3).reset_index(names="train \\ test")))
+                    run.log_metrics({f"{name}_{source}_offdiag_macro_f1": offdiag_mean(matrix)})
+        if not names:
+            context.log.info("no dataset with two or more languages: nothing to transfer")
+        handle = TableHandle(paths=paths, inputs=stable_hash([_versions(pooled), _versions(data),
+                                                              code_version("transfer", cfg)]))
+        metadata |= {"mlflow_run_id": run.run_id, "data_version": handle.version}
+        return Output(handle, data_version=DataVersion(handle.version), metadata=metadata)
 
-@asset(
-    deps=[probes, transfer, conditions],
-    group_name="report",
-    description="report/index.md + PNG plots: macro-F1 by layer × pooling, binarization effect, SAE vs hidden vs "
-    "TF-IDF with CIs, transfer heatmaps, hard-condition curves.",
-)
-def report(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource) -> MaterializeResult:
-    cfg = experiment.load()
-    rep = build_report(cfg)
-    with mlflow.run(context, cfg) as run:
-        run.log_artifact(rep.index, "report")
-        for png in rep.pngs:
-            run.log_artifact(png, "report")
-    return MaterializeResult(metadata={
-        "index": MetadataValue.path(str(rep.index)),
-        "plots": MetadataValue.json([p.name for p in rep.pngs]),
-        "skipped": MetadataValue.json(rep.skipped),
-        "report": MetadataValue.md(rep.index.read_text()[:30000]),
-        "mlflow_run_id": run.run_id,
-    })
+    @asset(
+        name="conditions",
+        partitions_def=target_dataset_partitions,
+        ins={"pooled": AssetIn("pooled_features", partition_mapping=SAME),
+             "data": AssetIn("dataset", partition_mapping=BY_DATASET)},
+        group_name="probes",
+        io_manager_key="handles",
+        code_version=code_version("conditions", cfg),
+        automation_condition=AutomationCondition.eager(),
+        description="Hard conditions (SAE-Probes style): train-size sweep, class imbalance and label noise, "
+        "one curve per feature source; the test split never changes.",
+    )
+    def conditions(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+                   pooled: PooledHandle, data: DatasetHandle):  # type: ignore[no-untyped-def]
+        cfg = experiment.load()
+        keys = multi_keys(context)
+        target, key = parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
+        inputs = stable_hash([pooled.version, data.version, code_version("conditions", cfg)])
+        if not cfg.conditions.enabled:
+            handle = TableHandle(paths=[], inputs=inputs)
+            return Output(handle, data_version=DataVersion(handle.version), metadata={"enabled": False})
+        with mlflow.run(context, cfg) as run:
+            curves = build_conditions(cfg, target, pooled, data)
+            path = conditions_file(cfg, target, key.dataset, key.language)
+            write_parquet(path, curves)
+            run.log_artifact(path, "conditions")
+        show = curves[["features", "condition", "value", "macro_f1", "ci_low", "ci_high", "n_train"]] if len(curves) else curves
+        handle = TableHandle(paths=[str(path)], inputs=inputs)
+        return Output(handle, data_version=DataVersion(handle.version), metadata={
+            "enabled": True, "path": MetadataValue.path(str(path)), "points": len(curves),
+            "curves": MetadataValue.md(markdown_table(show, max_rows=60)),
+            "data_version": handle.version, "mlflow_run_id": run.run_id})
+
+    @asset(
+        name="report",
+        ins={"probes": AssetIn("probes", partition_mapping=EVERY, metadata={"many": True}),
+             "transfer": AssetIn("transfer", partition_mapping=EVERY, metadata={"many": True}),
+             "conditions": AssetIn("conditions", partition_mapping=EVERY, metadata={"many": True})},
+        group_name="report",
+        io_manager_key="handles",
+        code_version=code_version("report", cfg),
+        automation_condition=AutomationCondition.eager(),
+        description="report/index.md + PNG plots of exactly the config's materialized partitions: macro-F1 by "
+        "layer × pooling, binarization effect, SAE vs hidden vs TF-IDF with CIs, transfer heatmaps, hard conditions.",
+    )
+    def report(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+               probes: dict, transfer: dict, conditions: dict):  # type: ignore[no-untyped-def, type-arg]
+        from pathlib import Path
+
+        cfg = experiment.load()
+
+        def files(handles: dict, pattern: str = "") -> list[Path]:  # type: ignore[type-arg]
+            return [Path(p) for h in handles.values() if h is not None for p in h.paths if pattern in Path(p).name]
+
+        missing = sorted(k for k, h in probes.items() if h is None)
+        if missing:
+            context.log.warning(f"report: probes not materialized for {missing}; the report leaves them out")
+        with mlflow.run(context, cfg) as run:
+            rep = build_report(cfg, results=files(probes) + files(transfer, "transfer."),
+                               transfer=files(transfer, "transfer-matrix."), conditions=files(conditions))
+            run.log_artifact(rep.index, "report")
+            for png in rep.pngs:
+                run.log_artifact(png, "report")
+        handle = TableHandle(paths=[str(rep.index)], inputs=stable_hash([_versions(probes), _versions(transfer),
+                                                                         _versions(conditions)]))
+        return Output(handle, data_version=DataVersion(handle.version), metadata={
+            "index": MetadataValue.path(str(rep.index)),
+            "plots": MetadataValue.json([p.name for p in rep.pngs]),
+            "skipped": MetadataValue.json(rep.skipped),
+            "report": MetadataValue.md(rep.index.read_text()[:30000]),
+            "missing_partitions": MetadataValue.json(missing),
+            "data_version": handle.version,
+            "mlflow_run_id": run.run_id,
+        })
+
+    return [conditions, transfer, report]

@@ -1,78 +1,97 @@
-"""The ``hidden_states`` asset: cached resid_post activations of one layer for one dataset partition."""
+"""The ``hidden_states`` asset: resid_post activations of every configured (model, layer) for one dataset."""
+
 
 import os
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetsDefinition,
+    AutomationCondition,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+)
 
-from assets.datasets import dataset
-from assets.partitions import target_dataset_partitions, multi_keys
-from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
+from assets.partitions import SAME, dataset_partitions
+from assets.versions import code_version
 from mosaic_dag.codes import check_target
+from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.handles import DatasetHandle
 from mosaic_dag.models import model_dims
-from mosaic_dag.pipeline import build_hidden, models_dir
+from mosaic_dag.partitions import targets
+from mosaic_dag.pipeline import build_hidden_states, hidden_cache, models_dir
+from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource
 
-@asset(
-    partitions_def=target_dataset_partitions,
-    deps=[dataset],
-    group_name="features",
-    description="Residual stream after block L (output of model.model.layers[L]) per token, padding-free, "
-    "content-addressed on disk; one forward pass serves all configured layers.",
-)
-def hidden_states(
-    context: AssetExecutionContext,
-    experiment: ExperimentResource,
-    model: ModelResource,
-    mlflow: MlflowResource,
-) -> MaterializeResult:
-    cfg = experiment.load()
-    keys = multi_keys(context)
-    target = parse_target(keys[TARGET_DIM])
-    data = parse_dataset(keys[DATASET_DIM])
-    step = 1
 
-    def progress(done: int, total: int) -> None:
-        nonlocal step
-        if done * 10 // total >= step:
-            context.log.info(f"hidden states: {done}/{total} texts")
-            step = done * 10 // total + 1
+def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
+    @asset(
+        name="hidden_states",
+        partitions_def=dataset_partitions,
+        ins={"data": AssetIn("dataset", partition_mapping=SAME)},
+        group_name="features",
+        io_manager_key="handles",
+        code_version=code_version("hidden_states", cfg),
+        automation_condition=AutomationCondition.eager(),
+        description="Residual stream after block L (output of model.model.layers[L]) per token, padding-free, "
+        "content-addressed on disk, for every configured model and layer: one forward pass per model serves "
+        "all its layers. Registry/local SAEs are checked against each model before its forward pass.",
+    )
+    def hidden_states(context: AssetExecutionContext, experiment: ExperimentResource, model: ModelResource,
+                      mlflow: MlflowResource, data: DatasetHandle):  # type: ignore[no-untyped-def]
+        cfg = experiment.load()
+        step = 1
 
-    result = build_hidden(
-        cfg, target.model, target.layer, data.dataset, data.language,
-        loader=lambda: model.get(cfg, target.model), progress=progress,
-        show_bar=os.environ.get("MOSAIC_PROGRESS") == "1",
-        preflight=lambda: check_target(cfg, target, *model_dims(cfg.model(target.model), models_dir(cfg))[:2]),
-    )
-    man = result.cache.manifest()
-    stats = result.stats
-    metrics = {
-        "texts": float(man["texts"]),
-        "tokens": float(man["tokens"]),
-        "real_tokens": float(man["real_tokens"]),
-        "cache_hit": 1.0 if result.hit else 0.0,
-        "forward_calls": float(stats.forward_calls if stats else 0),
-    }
-    if stats:
-        metrics |= {"seconds": stats.seconds, "tokens_per_s": stats.tokens_per_s}
-    with mlflow.run(context, cfg) as run:
-        run.log_params({"model": target.model, "layer": target.layer, "hook": man["hook"],
-                        "max_length": man["max_length"], "dataset": data.key})
-        run.log_metrics(metrics)
-    context.log.info(
-        f"{'cache hit' if result.hit else 'computed'}: {man['texts']} texts, {man['tokens']} tokens at {result.cache.path}"
-    )
-    return MaterializeResult(
-        metadata={
-            "path": MetadataValue.path(str(result.cache.path)),
-            "hook": man["hook"],
-            "d_model": man["d_model"],
-            "texts": man["texts"],
-            "tokens": man["tokens"],
-            "tokens_per_s": round(stats.tokens_per_s, 1) if stats else MetadataValue.text("cached"),
-            "cache_hit": result.hit,
-            "forward_calls": int(metrics["forward_calls"]),
-            "layers_computed": MetadataValue.json(result.layers_computed),
-            "disk_mb": round(sum(s["bytes"] for s in man["shards"]) / 2**20, 2),
-            "mlflow_run_id": run.run_id,
-        }
-    )
+        def progress(done: int, total: int) -> None:
+            nonlocal step
+            if done * 10 // total >= step:
+                context.log.info(f"hidden states: {done}/{total} texts")
+                step = done * 10 // total + 1
+
+        def preflight(name: str) -> None:
+            hf_name, d_model, _ = model_dims(cfg.model(name), models_dir(cfg))
+            for target in targets(cfg):
+                if target.model == name:
+                    check_target(cfg, target, hf_name, d_model)
+
+        with mlflow.run(context, cfg) as run:
+            result = build_hidden_states(cfg, data, loader=lambda name: model.get(cfg, name), progress=progress,
+                                         show_bar=os.environ.get("MOSAIC_PROGRESS") == "1", preflight=preflight)
+            rows = []
+            for m in result.models:
+                for layer in cfg.model(m.model).layers:
+                    man = hidden_cache(result.handle, m.model, layer).manifest()
+                    rows.append({"model": m.model, "layer": layer, "hook": man["hook"], "texts": man["texts"],
+                                 "tokens": man["tokens"], "cache_hit": layer not in m.layers_computed,
+                                 "disk_mb": round(sum(s["bytes"] for s in man["shards"]) / 2**20, 2)})
+            stats = [m.stats for m in result.models if m.stats]
+            metrics = {"forward_calls": float(result.forward_calls), "cache_hit": float(result.hit),
+                       "tokens": float(rows[0]["tokens"]) if rows else 0.0}
+            if stats:
+                metrics |= {"seconds": sum(s.seconds for s in stats),
+                            "tokens_per_s": sum(s.tokens for s in stats) / max(1e-9, sum(s.seconds for s in stats))}
+            run.log_params({"dataset": data.key, "sites": ",".join(sorted(result.handle.caches))})
+            run.log_metrics(metrics)
+        context.log.info(f"{'cache hit' if result.hit else 'computed'}: {len(rows)} caches for {data.key}")
+        import pandas as pd
+
+        return Output(
+            result.handle,
+            data_version=DataVersion(result.handle.version),
+            metadata={
+                "caches": MetadataValue.md(markdown_table(pd.DataFrame(rows))),
+                "sites": MetadataValue.json(sorted(result.handle.caches)),
+                "texts": int(rows[0]["texts"]) if rows else 0,
+                "tokens": int(rows[0]["tokens"]) if rows else 0,
+                "cache_hit": result.hit,
+                "forward_calls": int(result.forward_calls),
+                "layers_computed": MetadataValue.json({m.model: m.layers_computed for m in result.models}),
+                "tokens_per_s": round(metrics.get("tokens_per_s", 0.0), 1),
+                "data_version": result.handle.version,
+                "mlflow_run_id": run.run_id,
+            },
+        )
+
+    return hidden_states

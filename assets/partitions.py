@@ -1,8 +1,26 @@
-"""Dynamic partitions, registered from the config (see mosaic_dag.partitions for the key format)."""
+"""Partitions and how each asset's partitions map onto its upstream's (see mosaic_dag.partitions).
+
+Dagster multi-partitions have two dimensions and dynamic partitions map only by identity, by
+dimension or as a fixed set, so the graph uses exactly three partitionings:
+
+- ``dataset`` (``<dataset>.<language>``): ``dataset`` and ``hidden_states`` — one forward pass per model
+  serves every configured layer, so one hidden-states partition is the work actually done;
+- ``target`` (``<model>.L<layer>.<sae>``): ``sae`` and ``transfer``;
+- ``target × dataset``: ``sae_codes``, ``pooled_features``, ``probes``, ``conditions``.
+"""
 
 from __future__ import annotations
 
-from dagster import DynamicPartitionsDefinition, MultiPartitionsDefinition
+import warnings
+
+from dagster import (
+    AllPartitionMapping,
+    DynamicPartitionsDefinition,
+    IdentityPartitionMapping,
+    MultiPartitionsDefinition,
+    MultiToSingleDimensionPartitionMapping,
+    SpecificPartitionsPartitionMapping,
+)
 
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM
 
@@ -12,6 +30,19 @@ target_dataset_partitions = MultiPartitionsDefinition(
     {TARGET_DIM: target_partitions, DATASET_DIM: dataset_partitions}
 )
 
+SAME = IdentityPartitionMapping()
+EVERY = AllPartitionMapping()
+with warnings.catch_warnings():  # a beta class in Dagster 1.13; the mapping itself is what the graph means
+    warnings.simplefilter("ignore")
+    BY_DATASET = MultiToSingleDimensionPartitionMapping(partition_dimension_name=DATASET_DIM)
+    BY_TARGET = MultiToSingleDimensionPartitionMapping(partition_dimension_name=TARGET_DIM)
+
+
+def training_mapping(keys: list[str] | None) -> SpecificPartitionsPartitionMapping | AllPartitionMapping:
+    """``sae`` ← ``hidden_states``/``dataset``: exactly the partitions local SAEs train on (every one
+    when the config could not be read)."""
+    return EVERY if keys is None else SpecificPartitionsPartitionMapping(sorted(set(keys)))
+
 
 def multi_keys(context) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """{dimension: key} of a multi-partition run, whether Dagster hands us a MultiPartitionKey or a string."""
@@ -20,3 +51,8 @@ def multi_keys(context) -> dict[str, str]:  # type: ignore[no-untyped-def]
     if by_dim is None:
         by_dim = target_dataset_partitions.get_partition_key_from_str(str(key)).keys_by_dimension
     return dict(by_dim)
+
+
+def dataset_part(key: str) -> str:
+    """The dataset key inside a ``target × dataset`` key string (``<dataset>|<target>``)."""
+    return target_dataset_partitions.get_partition_key_from_str(str(key)).keys_by_dimension[DATASET_DIM]

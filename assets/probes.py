@@ -8,13 +8,18 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
-    MaterializeResult,
+    AssetIn,
+    AssetsDefinition,
+    AutomationCondition,
+    DataVersion,
     MetadataValue,
+    Output,
     asset,
 )
 
-from assets.partitions import target_dataset_partitions, multi_keys
-from assets.sae import sae_codes
+from assets.partitions import BY_DATASET, SAME, multi_keys, target_dataset_partitions
+from assets.versions import code_version
+from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation import (
     best_artifacts,
     best_rows,
@@ -25,8 +30,10 @@ from mosaic_dag.evaluation import (
     write_results,
 )
 from mosaic_dag.features import build_pooled
+from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledHandle, TableHandle
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
-from mosaic_dag.pipeline import read_dataset
+from mosaic_dag.pipeline import read_frame
+from mosaic_dag.storage import stable_hash
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource
 
@@ -36,65 +43,87 @@ def _keys(context: AssetExecutionContext):  # type: ignore[no-untyped-def]
     return parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
 
 
-@asset(
-    partitions_def=target_dataset_partitions,
-    deps=[sae_codes],
-    group_name="features",
-    description="Per-text features: SAE codes pooled over real tokens (sum/mean/max/last/topn_count; CSR, never "
-    "densified) and the same poolings of the hidden states. BOS and padding never count.",
-)
-def pooled_features(context: AssetExecutionContext, experiment: ExperimentResource) -> MaterializeResult:
-    cfg = experiment.load()
-    target, data = _keys(context)
-    result = build_pooled(cfg, target, data.dataset, data.language)
-    sizes = {name: round(p.stat().st_size / 2**20, 3) for name, p in sorted(result.files.items())}
-    return MaterializeResult(metadata={
-        "sae_path": MetadataValue.path(str(result.sae_dir)),
-        "hidden_path": MetadataValue.path(str(result.hidden_dir)),
-        "cache_hit": result.hit,
-        "width": result.width,
-        "matrices_mb": MetadataValue.json(sizes),
-    })
+def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
+    @asset(
+        name="pooled_features",
+        partitions_def=target_dataset_partitions,
+        ins={"codes": AssetIn("sae_codes", partition_mapping=SAME),
+             "hidden": AssetIn("hidden_states", partition_mapping=BY_DATASET)},
+        group_name="features",
+        io_manager_key="handles",
+        code_version=code_version("pooled_features", cfg),
+        automation_condition=AutomationCondition.eager(),
+        description="Per-text features: SAE codes pooled over real tokens (sum/mean/max/last/topn_count; CSR, never "
+        "densified) and the same poolings of the hidden states. BOS and padding never count.",
+    )
+    def pooled_features(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+                        codes: CodesHandle, hidden: HiddenHandle):  # type: ignore[no-untyped-def]
+        cfg = experiment.load()
+        target, data = _keys(context)
+        with mlflow.run(context, cfg) as run:
+            result = build_pooled(cfg, target, codes, hidden)
+            sizes = {name: round(p.stat().st_size / 2**20, 3) for name, p in sorted(result.files.items())}
+            run.log_params({"target": target.key, "dataset": data.key, "matrices": ",".join(sorted(result.files)),
+                            "cache_hit": result.hit})
+            run.log_metrics({"width": float(result.width), "matrices_mb": float(sum(sizes.values()))})
+        handle = result.handle
+        return Output(handle, data_version=DataVersion(handle.version), metadata={
+            "sae_path": MetadataValue.path(str(result.sae_dir)),
+            "hidden_path": MetadataValue.path(str(result.hidden_dir)),
+            "cache_hit": result.hit,
+            "width": result.width,
+            "matrices_mb": MetadataValue.json(sizes),
+            "data_version": handle.version,
+            "mlflow_run_id": run.run_id,
+        })
 
+    checks = [
+        AssetCheckSpec("beats_majority", asset="probes", partitions_def=target_dataset_partitions,
+                       description="best SAE macro-F1 above the majority-class baseline"),
+        AssetCheckSpec("train_test_disjoint", asset="probes", partitions_def=target_dataset_partitions,
+                       description="no id is both in train/validation and test"),
+        AssetCheckSpec("same_test_rows", asset="probes", partitions_def=target_dataset_partitions,
+                       description="every feature source scored on identical test ids"),
+    ]
 
-PROBE_CHECKS = [
-    AssetCheckSpec("beats_majority", asset="probes", description="best SAE macro-F1 above the majority-class baseline"),
-    AssetCheckSpec("train_test_disjoint", asset="probes", description="no id is both in train/validation and test"),
-    AssetCheckSpec("same_test_rows", asset="probes", description="every feature source scored on identical test ids"),
-]
-
-
-@asset(
-    partitions_def=target_dataset_partitions,
-    deps=[pooled_features],
-    check_specs=PROBE_CHECKS,
-    group_name="probes",
-    description="Logistic, decision-tree and k-sparse probes on SAE and hidden features, plus the TF-IDF baseline; "
-    "hyper-parameters chosen on train/validation only; macro-F1 with bootstrap 95% CI.",
-)
-def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource) -> MaterializeResult:
-    cfg = experiment.load()
-    target, data = _keys(context)
-    frame = read_dataset(cfg, data.dataset, data.language).frame
-    with mlflow.run(context, cfg) as run:
-        results = run_probes(cfg, target, data.dataset, data.language, mlflow_run_id=run.run_id,
-                             progress=lambda d, t: context.log.info(f"probes {d}/{t}") if d % 10 == 0 or d == t else None)
-        table = results.table
-        path = write_results(cfg, target, data.dataset, data.language, table)
-        best = best_rows(table)
-        run.log_params({"target": target.key, "dataset": data.key, "probes": len(table)})
-        for _, row in best.iterrows():
-            run.log_metrics({f"{row['features']}_macro_f1": row["macro_f1"], f"{row['features']}_accuracy": row["accuracy"]})
-        run.log_metrics({"majority_macro_f1": results.majority_f1})
-        with tempfile.TemporaryDirectory() as tmp:
-            for file, folder in best_artifacts(results, frame, Path(tmp)):
-                run.log_artifact(file, folder)
-            run.log_artifact(path, "results")
-    checks = probe_checks(results)
-    show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "macro_f1", "macro_f1_ci_low",
-                 "macro_f1_ci_high", "accuracy", "auroc"]]
-    return MaterializeResult(
-        metadata={
+    @asset(
+        name="probes",
+        partitions_def=target_dataset_partitions,
+        ins={"pooled": AssetIn("pooled_features", partition_mapping=SAME),
+             "data": AssetIn("dataset", partition_mapping=BY_DATASET)},
+        check_specs=checks,
+        group_name="probes",
+        io_manager_key="handles",
+        code_version=code_version("probes", cfg),
+        automation_condition=AutomationCondition.eager(),
+        description="Logistic, decision-tree and k-sparse probes on SAE and hidden features, plus the TF-IDF baseline; "
+        "hyper-parameters chosen on train/validation only; macro-F1 with bootstrap 95% CI.",
+    )
+    def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+               pooled: PooledHandle, data: DatasetHandle):  # type: ignore[no-untyped-def]
+        cfg = experiment.load()
+        target, key = _keys(context)
+        frame = read_frame(data)
+        with mlflow.run(context, cfg) as run:
+            results = run_probes(cfg, target, pooled, data, mlflow_run_id=run.run_id,
+                                 progress=lambda d, t: context.log.info(f"probes {d}/{t}") if d % 10 == 0 or d == t else None)
+            table = results.table
+            path = write_results(cfg, target, key.dataset, key.language, table)
+            best = best_rows(table)
+            run.log_params({"target": target.key, "dataset": key.key, "probes": len(table)})
+            for _, row in best.iterrows():
+                run.log_metrics({f"{row['features']}_macro_f1": row["macro_f1"], f"{row['features']}_accuracy": row["accuracy"]})
+            run.log_metrics({"majority_macro_f1": results.majority_f1})
+            with tempfile.TemporaryDirectory() as tmp:
+                for file, folder in best_artifacts(results, frame, Path(tmp)):
+                    run.log_artifact(file, folder)
+                run.log_artifact(path, "results")
+        checks = probe_checks(results)
+        show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "macro_f1", "macro_f1_ci_low",
+                     "macro_f1_ci_high", "accuracy", "auroc"]]
+        handle = TableHandle(paths=[str(path)], inputs=stable_hash([pooled.version, data.version,
+                                                                    code_version("probes", cfg)]))
+        yield Output(handle, data_version=DataVersion(handle.version), metadata={
             "results_path": MetadataValue.path(str(path)),
             "probes": len(table),
             "best": MetadataValue.md(markdown_table(show)),
@@ -102,15 +131,15 @@ def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflo
             "sae_macro_f1": round(float(checks.sae_macro_f1), 4),
             "majority_macro_f1": round(checks.majority_macro_f1, 4),
             "n_test": int(table["n_test"].iloc[0]) if len(table) else 0,
+            "data_version": handle.version,
             "mlflow_run_id": run.run_id,
-        },
-        check_results=[
-            AssetCheckResult(check_name="beats_majority", passed=bool(checks.sae_macro_f1 > checks.majority_macro_f1),
-                             metadata={"sae_macro_f1": float(np.round(checks.sae_macro_f1, 4)),
-                                       "majority": round(checks.majority_macro_f1, 4)}),
-            AssetCheckResult(check_name="train_test_disjoint", passed=checks.train_test_overlap == 0,
-                             metadata={"overlap": checks.train_test_overlap}),
-            AssetCheckResult(check_name="same_test_rows", passed=checks.distinct_test_sets == 1,
-                             metadata={"distinct_test_sets": checks.distinct_test_sets}),
-        ],
-    )
+        })
+        yield AssetCheckResult(check_name="beats_majority", passed=bool(checks.sae_macro_f1 > checks.majority_macro_f1),
+                               metadata={"sae_macro_f1": float(np.round(checks.sae_macro_f1, 4)),
+                                         "majority": round(checks.majority_macro_f1, 4)})
+        yield AssetCheckResult(check_name="train_test_disjoint", passed=checks.train_test_overlap == 0,
+                               metadata={"overlap": checks.train_test_overlap})
+        yield AssetCheckResult(check_name="same_test_rows", passed=checks.distinct_test_sets == 1,
+                               metadata={"distinct_test_sets": checks.distinct_test_sets})
+
+    return [pooled_features, probes]

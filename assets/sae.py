@@ -1,84 +1,165 @@
 """SAE assets: the SAE of a target (trained here or from sae-lens) and its sparse codes per dataset."""
 
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+import math
+from collections.abc import Iterator
+from typing import Any
 
-from assets.hidden_states import hidden_states
-from assets.partitions import target_dataset_partitions, target_partitions, multi_keys
-from mosaic_dag.codes import build_codes, build_sae, sae_config
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetIn,
+    AssetsDefinition,
+    AutomationCondition,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+)
+
+from assets.partitions import (
+    BY_DATASET,
+    BY_TARGET,
+    multi_keys,
+    target_dataset_partitions,
+    target_partitions,
+    training_mapping,
+)
+from assets.versions import code_version
+from mosaic_dag.codes import build_codes, build_sae, sae_config, training_partitions
+from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.handles import DatasetHandle, HiddenHandle, SaeHandle
 from mosaic_dag.models import model_dims
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import models_dir
-from resources import ExperimentResource, MlflowResource, SaeResource
+from resources import ExperimentResource, MlflowResource
 
 
-@asset(
-    partitions_def=target_partitions,
-    deps=[hidden_states],
-    group_name="sae",
-    description="The SAE of one model/layer/SAE target: trained here with sae-lens's trainer on TRAIN texts "
-    "only (source: train), or loaded from the sae-lens registry / a local folder and checked against the model.",
-)
-def sae(context: AssetExecutionContext, experiment: ExperimentResource, sae: SaeResource,
-        mlflow: MlflowResource) -> MaterializeResult:
+def _training_keys(cfg: ExperimentConfig | None) -> list[str] | None:
+    if cfg is None:
+        return None
+    return sorted({k for m in cfg.models for s in m.saes for k in training_partitions(cfg, s)})
+
+
+def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+              hidden: dict[str, HiddenHandle | None], data: dict[str, DatasetHandle | None]) -> Iterator[Any]:
     cfg = experiment.load()
     target = parse_target(context.partition_key)
-    context.log.info(f"sae source: {sae.spec(cfg, target)}")
-    hf_name, d_model, _ = model_dims(cfg.model(target.model), models_dir(cfg))
-    result = build_sae(cfg, target, hf_name, d_model)
     scfg = sae_config(cfg, target)
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    hf_name, d_model, _ = model_dims(cfg.model(target.model), models_dir(cfg))
     with mlflow.run(context, cfg) as run:
-        run.log_params({"source": scfg.source, "architecture": result.info.architecture, "width": result.info.d_sae,
+        result = build_sae(cfg, target, hf_name, d_model, hidden, data)
+        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        run.log_params({"origin": scfg.source, "architecture": result.info.architecture, "width": result.info.d_sae,
                         "release": scfg.release, "sae_id": scfg.sae_id, "hook": result.info.hook_name,
-                        "reused": result.reused})
+                        "cache_hit": result.cache_hit, "train_on": ",".join(training_partitions(cfg, scfg))})
         run.log_metrics(metrics)
-    context.log.info(f"sae {target.sae}: {'reused' if result.reused else 'trained'} ({result.info.architecture}, {result.info.d_sae} latents)")
-    return MaterializeResult(metadata={
-        "source": scfg.source,
-        "path": MetadataValue.path(str(result.path)) if result.path else MetadataValue.text(f"{scfg.release}/{scfg.sae_id}"),
+    handle = result.handle
+    context.log.info(f"sae {target.sae}: {'reused' if result.cache_hit else 'trained'} "
+                     f"({result.info.architecture}, {result.info.d_sae} latents)")
+    yield Output(handle, data_version=DataVersion(handle.version), metadata={
+        "origin": scfg.source,
+        "path": MetadataValue.path(handle.path) if handle.path else MetadataValue.text(f"{scfg.release}/{scfg.sae_id}"),
         "architecture": result.info.architecture,
         "width": result.info.d_sae,
         "hook": str(result.info.hook_name),
         "layer": int(target.layer),
-        "reused": result.reused,
+        "cache_hit": result.cache_hit,
+        "train_on": MetadataValue.json(training_partitions(cfg, scfg)),
         "neuronpedia_id": result.info.neuronpedia_id or "",
         **{k: round(v, 5) for k, v in metrics.items()},
+        "data_version": handle.version,
         "mlflow_run_id": run.run_id,
     })
+    yield AssetCheckResult(check_name="compatible", passed=result.mismatch is None,
+                           metadata={"d_in": int(result.info.d_in), "d_model": d_model, "hook": str(result.info.hook_name)},
+                           description=result.mismatch and f"{result.mismatch} (downstream steps are blocked)")
 
 
-@asset(
-    partitions_def=target_dataset_partitions,
-    deps=[hidden_states, sae],
-    group_name="sae",
-    description="SAE codes of every token, stored sparse (active latent indices + fp16 values per token).",
-)
-def sae_codes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource) -> MaterializeResult:
-    cfg = experiment.load()
-    keys = multi_keys(context)
-    target, data = parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
-    result = build_codes(cfg, target, data.dataset, data.language,
-                         progress=lambda d, t: context.log.info(f"encoded shard {d}/{t}"))
-    man = result.manifest
-    stats = {"mean_l0": man["mean_l0"], "dead_fraction": man["dead_fraction"],
-             "explained_variance": man["explained_variance"], "codes_mb": man["bytes"] / 2**20,
-             "dense_fp16_mb": man["dense_fp16_bytes"] / 2**20}
-    with mlflow.run(context, cfg) as run:
-        run.log_params({"sae": target.sae, "width": man["width"], "dataset": data.key, "cache_hit": result.hit})
-        run.log_metrics(stats)
-    return MaterializeResult(metadata={
-        "path": MetadataValue.path(str(result.path)),
-        "cache_hit": result.hit,
-        "tokens": man["tokens"],
-        "width": man["width"],
-        "mean_l0": round(man["mean_l0"], 2),
-        "dead_fraction": round(man["dead_fraction"], 4),
-        "explained_variance": round(man["explained_variance"], 4),
-        "codes_mb": round(stats["codes_mb"], 3),
-        "dense_fp16_mb": round(stats["dense_fp16_mb"], 3),
-        "compression": round(man["dense_fp16_bytes"] / max(1, man["bytes"]), 1),
-        "mlflow_run_id": run.run_id,
-    })
+def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
+    keys = _training_keys(cfg)
+    train_ins = {} if keys == [] else {
+        "hidden": AssetIn("hidden_states", partition_mapping=training_mapping(keys), metadata={"many": True}),
+        "data": AssetIn("dataset", partition_mapping=training_mapping(keys), metadata={"many": True}),
+    }
 
+    common = dict(
+        name="sae",
+        partitions_def=target_partitions,
+        check_specs=[AssetCheckSpec("compatible", asset="sae", blocking=True, partitions_def=target_partitions,
+                                    description="the SAE reads this model's layer (d_in, hook, layer, model name); "
+                                    "blocks every downstream step")],
+        group_name="sae",
+        io_manager_key="handles",
+        code_version=code_version("sae", cfg),
+        automation_condition=AutomationCondition.eager(),
+        description="The SAE of one model/layer/SAE target: trained here with sae-lens's trainer on the TRAIN "
+        "split of its `train_on` dataset partitions only (source: train), or loaded from the sae-lens registry / "
+        "a local folder and checked against the model (d_in, layer, hook, model name) before any compute.",
+    )
+    if train_ins:
+        @asset(ins=train_ins, **common)  # type: ignore[call-overload]
+        def sae(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+                hidden: dict, data: dict):  # type: ignore[no-untyped-def, type-arg]
+            yield from _sae_step(context, experiment, mlflow, hidden, data)
+    else:
+        @asset(**common)  # type: ignore[call-overload]
+        def sae(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource):  # type: ignore[no-untyped-def]
+            yield from _sae_step(context, experiment, mlflow, {}, {})
 
+    floor = cfg.checks.min_explained_variance if cfg is not None else 0.0
+
+    @asset(
+        name="sae_codes",
+        partitions_def=target_dataset_partitions,
+        ins={"sae": AssetIn("sae", partition_mapping=BY_TARGET),
+             "hidden": AssetIn("hidden_states", partition_mapping=BY_DATASET)},
+        check_specs=[AssetCheckSpec("reconstructs", asset="sae_codes", blocking=True,
+                                    partitions_def=target_dataset_partitions,
+                                    description=f"the SAE's explained variance on this data is finite and at least "
+                                    f"checks.min_explained_variance ({floor}); blocks every downstream step")],
+        group_name="sae",
+        io_manager_key="handles",
+        code_version=code_version("sae_codes", cfg),
+        automation_condition=AutomationCondition.eager(),
+        description="SAE codes of every token, stored sparse (active latent indices + fp16 values per token).",
+    )
+    def sae_codes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+                  sae: SaeHandle, hidden: HiddenHandle):  # type: ignore[no-untyped-def]
+        cfg = experiment.load()
+        keys = multi_keys(context)
+        target, data = parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
+        with mlflow.run(context, cfg) as run:
+            result = build_codes(cfg, target, sae, hidden, progress=lambda d, t: context.log.info(f"encoded shard {d}/{t}"))
+            man = result.manifest
+            stats = {"mean_l0": man["mean_l0"], "dead_fraction": man["dead_fraction"],
+                     "explained_variance": man["explained_variance"], "codes_mb": man["bytes"] / 2**20,
+                     "dense_fp16_mb": man["dense_fp16_bytes"] / 2**20}
+            run.log_params({"sae": target.sae, "width": man["width"], "dataset": data.key, "cache_hit": result.hit})
+            run.log_metrics(stats)
+        ev = float(man["explained_variance"])
+        ok = math.isfinite(ev) and ev >= cfg.checks.min_explained_variance
+        yield Output(result.handle, data_version=DataVersion(result.handle.version), metadata={
+            "path": MetadataValue.path(str(result.path)),
+            "cache_hit": result.hit,
+            "tokens": man["tokens"],
+            "width": man["width"],
+            "mean_l0": round(man["mean_l0"], 2),
+            "dead_fraction": round(man["dead_fraction"], 4),
+            "explained_variance": round(ev, 4) if math.isfinite(ev) else str(ev),
+            "codes_mb": round(stats["codes_mb"], 3),
+            "dense_fp16_mb": round(stats["dense_fp16_mb"], 3),
+            "compression": round(man["dense_fp16_bytes"] / max(1, man["bytes"]), 1),
+            "data_version": result.handle.version,
+            "mlflow_run_id": run.run_id,
+        })
+        yield AssetCheckResult(
+            check_name="reconstructs", passed=bool(ok),
+            metadata={"explained_variance": ev if math.isfinite(ev) else str(ev),
+                      "floor": cfg.checks.min_explained_variance},
+            description=None if ok else (f"sae {target.key!r} on {data.key!r}: explained variance {ev:.4g} is below "
+                                         f"checks.min_explained_variance {cfg.checks.min_explained_variance}; "
+                                         "pick or train a better SAE (downstream steps are blocked)"))
+
+    return [sae, sae_codes]

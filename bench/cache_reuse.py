@@ -1,7 +1,7 @@
 """Section 2: a second SAE on an already cached layer costs no LM forward.
 
-Through the library: ``build_dataset`` -> ``build_hidden`` (miss: extracts) -> features with SAE #1;
-then ``build_hidden`` again (hit) -> features with SAE #2. LM forward calls are counted with forward
+Through the library: ``build_dataset`` -> ``build_hidden_states`` (miss: extracts) -> features with SAE #1;
+then ``build_hidden_states`` again (hit) -> features with SAE #2. LM forward calls are counted with forward
 pre-hooks on the model (the whole LM and its base model), and model loads through the ``loader``.
 """
 
@@ -43,7 +43,7 @@ def run(model_id: str, texts: list[str], labels: list[str], layer: int, sae_a: A
         workdir: Path, max_length: int, batch_tokens: int, loaded: Any | None = None) -> dict[str, Any]:
     """``loaded``: an already loaded model for ``model_id`` (saves a load; the calls are counted the same)."""
     from mosaic_dag.config import parse_config
-    from mosaic_dag.pipeline import build_dataset, build_hidden, get_model
+    from mosaic_dag.pipeline import build_dataset, build_hidden_states, dataset_handle, get_model, hidden_cache
 
     csv_path = write_dataset(Path(workdir) / "bench_texts.csv", texts, labels)
     cfg = parse_config({
@@ -54,12 +54,12 @@ def run(model_id: str, texts: list[str], labels: list[str], layer: int, sae_a: A
         "datasets": [{"name": "bench", "path": str(csv_path), "text_field": "text", "label_field": "label",
                       "language": "en"}],
     }, "bench")
-    build_dataset(cfg, "bench", "en")
+    data = dataset_handle(build_dataset(cfg, "bench", "en"), "bench.en")
 
     counts = {"lm_forward": 0, "base_forward": 0, "model_loads": 0}
     model_box: dict[str, Any] = {}
 
-    def loader() -> Any:
+    def loader(_name: str = "m") -> Any:
         counts["model_loads"] += 1
         if "m" not in model_box:
             m = loaded if loaded is not None else get_model(cfg, "m")
@@ -79,13 +79,13 @@ def run(model_id: str, texts: list[str], labels: list[str], layer: int, sae_a: A
     ]
     try:
         t0 = time.perf_counter()
-        first = build_hidden(cfg, "m", layer, "bench", "en", loader=loader)
-        Xa = features(first.cache, sae_a)
+        first = build_hidden_states(cfg, data, loader=loader)
+        Xa = features(hidden_cache(first.handle, "m", layer), sae_a)
         t1 = time.perf_counter()
         after_first = dict(counts)
-        second = build_hidden(cfg, "m", layer, "bench", "en", loader=loader)
+        second = build_hidden_states(cfg, data, loader=loader)
         t2 = time.perf_counter()
-        Xb = features(second.cache, sae_b)
+        Xb = features(hidden_cache(second.handle, "m", layer), sae_b)
         t3 = time.perf_counter()
     finally:
         for h in handles:

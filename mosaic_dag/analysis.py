@@ -18,9 +18,10 @@ import pandas as pd
 
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation import RESULT_COLUMNS, SplitRows, _typed, results_table
-from mosaic_dag.features import build_pooled, feature_name, load_matrix
+from mosaic_dag.features import PooledResult, feature_name, load_matrix
+from mosaic_dag.handles import DatasetHandle, PooledHandle
 from mosaic_dag.partitions import Target
-from mosaic_dag.pipeline import read_dataset
+from mosaic_dag.pipeline import read_frame
 from mosaic_dag.pooling import binarize
 from mosaic_dag.storage import write_parquet
 
@@ -35,11 +36,11 @@ class TransferOutcome:
     matrices: dict[str, pd.DataFrame] = field(default_factory=dict)  # features -> train x test macro-F1
     rows: pd.DataFrame | None = None
     results_path: Path | None = None
+    matrix_paths: list[Path] = field(default_factory=list)
 
 
-def _feature_matrix(cfg: ExperimentConfig, target: Target, dataset: str, language: str, source: str) -> Any:
+def _feature_matrix(cfg: ExperimentConfig, pooled: PooledResult, source: str) -> Any:
     tc = cfg.transfer
-    pooled = build_pooled(cfg, target, dataset, language)
     pooling = tc.pooling if not (source == "hidden" and tc.pooling == "topn_count") else "mean"
     top_n = tc.top_n if pooling == "topn_count" else None
     name = feature_name(source, pooling, top_n)
@@ -53,13 +54,17 @@ def _feature_matrix(cfg: ExperimentConfig, target: Target, dataset: str, languag
     return X, pooling, top_n
 
 
-def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str) -> TransferOutcome:
-    """Train on each language, test on every language: SAE, hidden and TF-IDF matrices."""
+def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str, pooled: dict[str, PooledHandle],
+                   data: dict[str, DatasetHandle]) -> TransferOutcome:
+    """Train on each language, test on every language: SAE, hidden and TF-IDF matrices.
+
+    ``pooled`` and ``data``: the upstream handles of this dataset's partitions, by language."""
     from mosaic_dag.transfer import Split, tfidf_transfer_matrix, transfer_matrix
 
     languages = cfg.dataset_languages(dataset)
     seed, n_boot = cfg.classification.seed, cfg.classification.bootstrap
-    frames = {lang: read_dataset(cfg, dataset, lang).frame for lang in languages}
+    frames = {lang: read_frame(data[lang]) for lang in languages}
+    matrices = {lang: PooledResult.of(pooled[lang]) for lang in languages}
     rows = {lang: SplitRows.of(frames[lang]) for lang in languages}
     out = TransferOutcome(dataset)
     records: list[pd.DataFrame] = []
@@ -67,7 +72,7 @@ def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str) -> Trans
         splits = {}
         pooling, top_n = "", None
         for lang in languages:
-            X, pooling, top_n = _feature_matrix(cfg, target, dataset, lang, source)
+            X, pooling, top_n = _feature_matrix(cfg, matrices[lang], source)
             r = rows[lang]
             splits[lang] = Split(X[r.train], r.y(r.train), X[r.val], r.y(r.val), X[r.test], r.y(r.test),
                                  np.asarray(frames[lang]["id"].to_numpy()[r.test]))
@@ -104,30 +109,36 @@ def write_transfer(cfg: ExperimentConfig, target: Target, outcome: TransferOutco
     path = folder / f"transfer.{outcome.dataset}.parquet"
     write_parquet(path, rows)
     for source, matrix in outcome.matrices.items():
-        write_parquet(folder / f"transfer-matrix.{outcome.dataset}.{source}.parquet", matrix.reset_index(names="train_language"))
+        mpath = folder / f"transfer-matrix.{outcome.dataset}.{source}.parquet"
+        write_parquet(mpath, matrix.reset_index(names="train_language"))
+        outcome.matrix_paths.append(mpath)
     outcome.results_path = path
     return path
 
 
-def transfer_matrices(cfg: ExperimentConfig) -> dict[str, pd.DataFrame]:
-    """Every saved transfer matrix, named '<target> <dataset> <features>'."""
+def transfer_matrices(cfg: ExperimentConfig, files: list[Path] | None = None) -> dict[str, pd.DataFrame]:
+    """Transfer matrices named '<target> <dataset> <features>': ``files``, else every one saved."""
     out = {}
     root = cfg.data_path / "results"
-    for p in sorted(root.glob("*/transfer-matrix.*.parquet")) if root.exists() else []:
+    if files is None:
+        files = sorted(root.glob("*/transfer-matrix.*.parquet")) if root.exists() else []
+    for p in sorted(Path(f) for f in files):
         _, dataset, source, _ = p.name.split(".")
         out[f"{p.parent.name} {dataset} {source}"] = pd.read_parquet(p).set_index("train_language")
     return out
 
 
-def build_conditions(cfg: ExperimentConfig, target: Target, dataset: str, language: str) -> pd.DataFrame:
+def build_conditions(cfg: ExperimentConfig, target: Target, pooled_handle: PooledHandle,
+                     data: DatasetHandle) -> pd.DataFrame:
     """Hard-condition curves for SAE, hidden and TF-IDF features on one partition (same test rows)."""
     from mosaic_dag.conditions import condition_curves
     from mosaic_dag.tfidf import make_vectorizer
 
     cc = cfg.conditions
-    frame = read_dataset(cfg, dataset, language).frame
+    dataset, _, language = data.key.partition(".")
+    frame = read_frame(data)
     r = SplitRows.of(frame)
-    pooled = build_pooled(cfg, target, dataset, language)
+    pooled = PooledResult.of(pooled_handle)
     seed, n_boot = cfg.classification.seed, cfg.classification.bootstrap
     parts = []
     for source in ("sae", "hidden", "tfidf"):
@@ -155,20 +166,23 @@ def conditions_file(cfg: ExperimentConfig, target: Target, dataset: str, languag
     return cfg.data_path / "conditions" / target.key / f"{dataset}.{language}.parquet"
 
 
-def conditions_table(cfg: ExperimentConfig) -> pd.DataFrame:
+def conditions_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> pd.DataFrame:
     root = cfg.data_path / "conditions"
-    frames = [pd.read_parquet(p) for p in sorted(root.rglob("*.parquet"))] if root.exists() else []
+    if files is None:
+        files = sorted(root.rglob("*.parquet")) if root.exists() else []
+    frames = [pd.read_parquet(p) for p in files if Path(p).exists()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def build_report(cfg: ExperimentConfig) -> Any:
-    """``<data_dir>/report/index.md`` + PNGs from everything materialized so far."""
+def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, transfer: list[Path] | None = None,
+                 conditions: list[Path] | None = None) -> Any:
+    """``<data_dir>/report/index.md`` + PNGs from the given result files (default: every one on disk)."""
     from mosaic_dag.report import write_report
 
-    results = results_table(cfg)
-    conditions = conditions_table(cfg)
-    transfer = transfer_matrices(cfg)
-    extra = (f"Experiment `{cfg.name}`: {len(results)} probe rows, {len(transfer)} transfer matrices, "
-             f"{len(conditions)} hard-condition points. Data folder: `{cfg.data_path}`.\n")
-    return write_report(cfg.data_path / "report", results, transfer or None,
-                        conditions if len(conditions) else None, extra_md=extra, title=f"MOSAIC report: {cfg.name}")
+    table = results_table(cfg, None if results is None else [p for p in results if Path(p).exists()])
+    curves = conditions_table(cfg, conditions)
+    matrices = transfer_matrices(cfg, transfer)
+    extra = (f"Experiment `{cfg.name}`: {len(table)} probe rows, {len(matrices)} transfer matrices, "
+             f"{len(curves)} hard-condition points. Data folder: `{cfg.data_path}`.\n")
+    return write_report(cfg.data_path / "report", table, matrices or None,
+                        curves if len(curves) else None, extra_md=extra, title=f"MOSAIC report: {cfg.name}")

@@ -46,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mosaic_dag.runner import run_experiment
     from mosaic_dag.tables import markdown_table
 
-    summary = run_experiment(args.config, progress=not args.quiet)
+    summary = run_experiment(args.config, progress=not args.quiet, workers=getattr(args, "workers", None))
     table = results_table(summary.config)
     if len(table):
         cols = ["model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the asset graph for a config file")
     run.add_argument("--config", required=True, help="experiment YAML (see README)")
     run.add_argument("--quiet", action="store_true")
+    run.add_argument("--workers", type=int, default=None,
+                     help="independent partitions run this many at a time (default: the config's run.workers)")
     run.set_defaults(func=cmd_run)
     res = sub.add_parser("results", help="print the tidy results table of a config's runs")
     res.add_argument("--config", default=None, help="experiment YAML (default: the embedded demo)")

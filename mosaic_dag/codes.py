@@ -1,5 +1,7 @@
 """SAEs and their codes over the hidden-state caches: resolve or train an SAE, encode, store sparse.
 
+Each step takes its inputs as handles (mosaic_dag.handles) and never rebuilds them.
+
     <data_dir>/saes/<model>/L<layer>/<sae>-<key>/          trained SAEs (sae-lens format)
     <data_dir>/codes/<model>/L<layer>/<sae>/<key>/         shard-*.npz (CSR) + manifest.json
 """
@@ -10,8 +12,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,9 @@ import numpy as np
 from mosaic_dag.config import ExperimentConfig, SaeConfig
 from mosaic_dag.errors import ConfigError
 from mosaic_dag.extract import HiddenCache
+from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, SaeHandle, UpstreamMissing
 from mosaic_dag.partitions import Target, dataset_keys
-from mosaic_dag.pipeline import build_hidden, dataset_file, model_fingerprint, read_dataset
+from mosaic_dag.pipeline import hidden_cache, model_fingerprint, read_frame
 from mosaic_dag.storage import atomic_dir, stable_hash
 
 log = logging.getLogger(__name__)
@@ -44,40 +47,47 @@ def sae_config(cfg: ExperimentConfig, target: Target) -> SaeConfig:
     raise ConfigError(f"sae {target.sae!r} is not configured for model {target.model!r}; known: {[s.label for s in mcfg.saes]}")
 
 
-def _dataset_hashes(cfg: ExperimentConfig) -> list[str]:
-    """Contents and train split of every dataset partition: what an SAE trained here saw."""
-    out = []
-    for key in dataset_keys(cfg):
-        if not dataset_file(cfg, key.dataset, key.language).exists():
-            out.append(f"missing:{key.key}")
-            continue
-        data = read_dataset(cfg, key.dataset, key.language)
-        out.append(stable_hash([data.content_hash, (data.frame["split"] == "train").to_numpy().tobytes().hex()]))
-    return out
+def training_partitions(cfg: ExperimentConfig, sae: SaeConfig) -> list[str]:
+    """The dataset partitions whose TRAIN split trains a local SAE: ``train_on`` (dataset names or
+    ``<dataset>.<language>`` keys), else every dataset partition of the config."""
+    if sae.source != "train":
+        return []
+    every = [k.key for k in dataset_keys(cfg)]
+    if not sae.train_on:
+        return every
+    return [k for k in every if k in sae.train_on or k.partition(".")[0] in sae.train_on]
 
 
-def trained_dir(cfg: ExperimentConfig, target: Target) -> Path:
+def training_identity(hidden: HiddenHandle, data: DatasetHandle, model: str, layer: int) -> str:
+    """What one training partition contributes: its cache at this layer and which rows are train."""
+    return stable_hash([hidden.cache(model, layer).name, data.splits_hash])
+
+
+def trained_dir(cfg: ExperimentConfig, target: Target, training: list[str]) -> Path:
     """Folder of a locally trained SAE: keyed by model weights, layer, SAE settings and training data."""
     scfg = sae_config(cfg, target)
     key = stable_hash({"model": model_fingerprint(cfg, target.model), "layer": target.layer,
-                       "sae": scfg.model_dump(), "data": _dataset_hashes(cfg),
+                       "sae": scfg.model_dump(exclude={"train_on"}), "data": sorted(training),
                        "max_length": cfg.model(target.model).max_length})
     return cfg.data_path / "saes" / target.model / f"L{target.layer}" / f"{target.sae}-{key}"
 
 
-def sae_spec(cfg: ExperimentConfig, target: Target) -> Any:
-    """The SaeSpec to load this target's SAE (a trained one points at its folder)."""
+def sae_spec(cfg: ExperimentConfig, target: Target, trained: Path | str | None = None) -> Any:
+    """The SaeSpec to load this target's SAE (a trained one points at its folder, ``trained``)."""
     from mosaic_dag.sae import SaeSpec
 
     scfg = sae_config(cfg, target)
     if scfg.source == "train":
-        return SaeSpec(source="local", path=str(trained_dir(cfg, target)), name=target.sae)
+        if trained is None:
+            raise UpstreamMissing(f"sae {target.key!r} is trained here and not materialized yet; "
+                                  "materialize the 'sae' asset for it first")
+        return SaeSpec(source="local", path=str(trained), name=target.sae)
     path = str(cfg.resolve(scfg.path)) if scfg.path else None
     return SaeSpec(source=scfg.source, release=scfg.release, sae_id=scfg.sae_id, path=path, name=target.sae)
 
 
-def sae_identity(cfg: ExperimentConfig, target: Target) -> str:
-    spec = sae_spec(cfg, target)
+def spec_identity(spec: Any) -> str:
+    """Registry id, or the local folder plus its weights' size and time: what the codes are keyed on."""
     if spec.source == "registry":
         return f"registry:{spec.release}/{spec.sae_id}"
     weights = Path(spec.path) / "sae_weights.safetensors"
@@ -85,14 +95,15 @@ def sae_identity(cfg: ExperimentConfig, target: Target) -> str:
     return f"local:{spec.path}@{stable_hash(stamp)}"
 
 
-def get_sae(cfg: ExperimentConfig, target: Target) -> Any:
-    """Load (or reuse from this process) the target's SAE."""
+def load_target_sae(cfg: ExperimentConfig, target: Target, handle: SaeHandle | None = None) -> Any:
+    """Load (or reuse from this process) the target's SAE; a trained one from its handle's folder."""
     from mosaic_dag.sae import load_sae
 
-    ident = sae_identity(cfg, target)
+    spec = sae_spec(cfg, target, handle.path if handle is not None and handle.origin == "train" else None)
+    ident = spec_identity(spec)
     with _LOCK:
         if ident not in _SAES:
-            _SAES[ident] = load_sae(sae_spec(cfg, target))
+            _SAES[ident] = load_sae(spec)
         return _SAES[ident]
 
 
@@ -113,16 +124,17 @@ def registry_hint(cfg: ExperimentConfig, target: Target) -> str | None:
     return scfg.sae_id
 
 
-def check_target(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int) -> Any:
-    """Fail fast (before any forward pass) when the SAE cannot read this model's layer."""
-    from mosaic_dag.sae import check_compatible, sae_info
+def check_target(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
+                 handle: SaeHandle | None = None) -> Any:
+    """Fail fast (before any forward pass) when the SAE cannot read this model's layer.
+
+    A local SAE not trained yet is compatible by construction (it will be trained on this layer)."""
+    from mosaic_dag.sae import SaeMismatchError, check_compatible, sae_info
 
     scfg = sae_config(cfg, target)
-    if scfg.source == "train" and not (trained_dir(cfg, target) / "cfg.json").exists():
-        return None  # trained here from this very layer: compatible by construction
-    info = sae_info(get_sae(cfg, target), hint=registry_hint(cfg, target))
-    from mosaic_dag.sae import SaeMismatchError
-
+    if scfg.source == "train" and handle is None:
+        return None
+    info = sae_info(load_target_sae(cfg, target, handle), hint=registry_hint(cfg, target))
     try:
         check_compatible(info, hf_name, d_model, target.layer)
     except SaeMismatchError as err:
@@ -135,23 +147,25 @@ def check_target(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: i
 
 @dataclass
 class SaeResult:
-    path: Path | None
+    handle: SaeHandle
     info: Any
     metrics: dict[str, Any] = field(default_factory=dict)
-    reused: bool = True
+    cache_hit: bool = True
+    mismatch: str | None = None  # why the SAE cannot read this model's layer (a blocking check fails)
 
 
-def _train_tokens(cfg: ExperimentConfig, target: Target, limit: int, seed: int) -> np.ndarray:
-    """Real-token activations of TRAIN texts only, from every configured dataset's cache."""
+def _train_tokens(target: Target, training: Mapping[str, tuple[HiddenHandle, DatasetHandle]], limit: int,
+                  seed: int) -> np.ndarray:
+    """Real-token activations of TRAIN texts only, from the training partitions' caches."""
     chunks: list[np.ndarray] = []
     total = 0
-    for key in dataset_keys(cfg):
-        hidden = build_hidden(cfg, target.model, target.layer, key.dataset, key.language, verify=False).cache
-        split = read_dataset(cfg, key.dataset, key.language).frame["split"].to_numpy()
-        for shard in hidden.iter_shards():
+    for key in sorted(training):
+        hidden, data = training[key]
+        cache = hidden_cache(hidden, target.model, target.layer)
+        split = read_frame(data)["split"].to_numpy()
+        for shard in cache.iter_shards():
             keep_text = split[shard.rows] == "train"
-            lengths = np.diff(shard.offsets)
-            token_keep = np.repeat(keep_text, lengths) & shard.real_mask
+            token_keep = np.repeat(keep_text, np.diff(shard.offsets)) & shard.real_mask
             part = shard.acts[token_keep].astype(np.float32)
             chunks.append(part)
             total += len(part)
@@ -163,19 +177,47 @@ def _train_tokens(cfg: ExperimentConfig, target: Target, limit: int, seed: int) 
     return acts
 
 
-def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int) -> SaeResult:
-    """Resolve the target's SAE: train it here when the config says so (or reuse), else load and check it."""
+def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
+              hidden: Mapping[str, HiddenHandle | None], data: Mapping[str, DatasetHandle | None]) -> SaeResult:
+    """Resolve the target's SAE: train it here on its training partitions (or reuse), else load and check it.
+
+    ``hidden``/``data``: the upstream handles by dataset partition key (None where not materialized);
+    only a local SAE reads them, and only those of its ``training_partitions``."""
     from mosaic_dag.sae import sae_info
     from mosaic_dag.sae_training import read_training_metrics, train_sae
 
+    from mosaic_dag.sae import SaeMismatchError, check_compatible
+
     scfg = sae_config(cfg, target)
     if scfg.source != "train":
-        info = check_target(cfg, target, hf_name, d_model)
-        return SaeResult(Path(scfg.path) if scfg.path else None, info, {}, True)
-    folder = trained_dir(cfg, target)
+        info = sae_info(load_target_sae(cfg, target), hint=registry_hint(cfg, target))
+        spec = sae_spec(cfg, target)
+        handle = SaeHandle(target=target.key, origin=scfg.source, identity=spec_identity(spec), path=spec.path,
+                           release=scfg.release, sae_id=scfg.sae_id, width=int(info.d_sae),
+                           architecture=str(info.architecture))
+        try:
+            check_compatible(info, hf_name, d_model, target.layer)
+            mismatch = None
+        except SaeMismatchError as err:
+            mismatch = f"sae {target.sae!r}: {err}"
+        return SaeResult(handle, info, {}, True, mismatch)
+    keys = training_partitions(cfg, scfg)
+    missing = [k for k in keys if hidden.get(k) is None or data.get(k) is None]
+    if missing:
+        raise UpstreamMissing(f"sae {target.key!r} trains on hidden_states {missing} which are not materialized; "
+                              "materialize 'dataset' and 'hidden_states' for them first")
+    training = {k: (hidden[k], data[k]) for k in keys}
+    ids = [training_identity(h, d, target.model, target.layer) for h, d in training.values()]  # type: ignore[arg-type]
+    folder = trained_dir(cfg, target, ids)
+
+    def handle_of(info: Any) -> SaeHandle:
+        return SaeHandle(target=target.key, origin="train", identity=f"trained:{folder.name}", path=str(folder),
+                         width=int(info.d_sae), architecture=str(info.architecture), training_data=sorted(ids))
+
     if (folder / "cfg.json").exists():
-        return SaeResult(folder, sae_info(get_sae(cfg, target)), read_training_metrics(folder) or {}, True)
-    acts = _train_tokens(cfg, target, limit=max(scfg.training_tokens, scfg.batch_size), seed=scfg.seed)
+        handle = handle_of(sae_info(load_target_sae(cfg, target, SaeHandle(target.key, "train", "", str(folder)))))
+        return SaeResult(handle, sae_info(load_target_sae(cfg, target, handle)), read_training_metrics(folder) or {}, True)
+    acts = _train_tokens(target, training, limit=max(scfg.training_tokens, scfg.batch_size), seed=scfg.seed)  # type: ignore[arg-type]
     batch = min(scfg.batch_size, max(16, len(acts) // 4))
     trained = train_sae(
         acts, hook_name=f"model.layers.{target.layer}", model_name=hf_name, out_dir=folder,
@@ -185,7 +227,9 @@ def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int)
     forget_saes()
     metrics = dict(trained.metrics)
     metrics.setdefault("unique_train_tokens", len(acts))
-    return SaeResult(trained.path, sae_info(get_sae(cfg, target)), metrics, False)
+    probe = SaeHandle(target.key, "train", "", str(trained.path))
+    info = sae_info(load_target_sae(cfg, target, probe))
+    return SaeResult(handle_of(info), info, metrics, False)
 
 
 # --------------------------------------------------------------------------- codes
@@ -196,6 +240,7 @@ class CodesResult:
     path: Path
     hit: bool
     manifest: dict[str, Any]
+    handle: CodesHandle
 
 
 class CodesStore:
@@ -222,27 +267,27 @@ class CodesStore:
             yield load_codes(self.path / s["file"])
 
 
-def codes_dir(cfg: ExperimentConfig, target: Target, hidden: HiddenCache) -> Path:
-    key = stable_hash({"hidden": hidden.path.name, "sae": sae_identity(cfg, target)})
+def codes_dir(cfg: ExperimentConfig, target: Target, hidden: HiddenCache, sae: SaeHandle) -> Path:
+    key = stable_hash({"hidden": hidden.path.name, "sae": sae.identity})
     return cfg.data_path / "codes" / target.model / f"L{target.layer}" / target.sae / key
 
 
 def build_codes(
-    cfg: ExperimentConfig, target: Target, dataset: str, language: str,
+    cfg: ExperimentConfig, target: Target, sae_handle: SaeHandle, hidden_handle: HiddenHandle,
     progress: Callable[[int, int], None] | None = None,
 ) -> CodesResult:
     """Encode one dataset partition's cached hidden states, shard by shard, into sparse codes."""
     from mosaic_dag.sae import encode_sparse, encode_stats, sae_info, save_codes
 
-    hidden = build_hidden(cfg, target.model, target.layer, dataset, language, verify=False).cache
+    hidden = hidden_cache(hidden_handle, target.model, target.layer)
     hman = hidden.manifest()
-    if sae_config(cfg, target).source == "train" and not (trained_dir(cfg, target) / "cfg.json").exists():
-        build_sae(cfg, target, hman["hf_name"], hman["d_model"])
-    check_target(cfg, target, hman["hf_name"], hman["d_model"])
-    out = CodesStore(codes_dir(cfg, target, hidden))
+    data = hidden_handle.data
+    dataset, _, language = data.key.partition(".")
+    check_target(cfg, target, hman["hf_name"], hman["d_model"], handle=sae_handle)
+    out = CodesStore(codes_dir(cfg, target, hidden, sae_handle))
     if out.is_valid():
-        return CodesResult(out.path, True, out.manifest())
-    sae = get_sae(cfg, target)
+        return CodesResult(out.path, True, out.manifest(), _codes_handle(out.path, hidden_handle, sae_handle))
+    sae = load_target_sae(cfg, target, sae_handle)
     info = sae_info(sae, hint=registry_hint(cfg, target))
     width = int(info.d_sae)
     active = np.zeros(width, dtype=bool)
@@ -269,7 +314,7 @@ def build_codes(
             if progress:
                 progress(i + 1, n_shards)
         manifest = {
-            "model": target.model, "layer": target.layer, "sae": target.sae, "sae_identity": sae_identity(cfg, target),
+            "model": target.model, "layer": target.layer, "sae": target.sae, "sae_identity": sae_handle.identity,
             "width": width, "architecture": info.architecture, "signed": bool(info.signed),
             "neuronpedia_id": info.neuronpedia_id, "dataset": dataset, "language": language,
             "hidden_cache": str(hidden.path), "tokens": int(hman["tokens"]), "real_tokens": real_tokens,
@@ -279,5 +324,9 @@ def build_codes(
             "seconds": time.perf_counter() - t0, "shards": shards,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return CodesResult(out.path, False, manifest)
+    return CodesResult(out.path, False, manifest, _codes_handle(out.path, hidden_handle, sae_handle))
+
+
+def _codes_handle(path: Path, hidden: HiddenHandle, sae: SaeHandle) -> CodesHandle:
+    return CodesHandle(path=str(path), hidden=asdict(hidden), sae=asdict(sae))
 

@@ -47,6 +47,7 @@ class SaeConfig(_Strict):
     lr: float = Field(3e-4, gt=0)
     batch_size: int = Field(1024, ge=16)
     seed: int = 0
+    train_on: list[str] | None = None  # train: dataset names or <dataset>.<language> keys (default: all)
 
     @model_validator(mode="after")
     def _source_fields(self) -> "SaeConfig":
@@ -214,6 +215,19 @@ class MlflowConfig(_Strict):
     experiment: str = "mosaic"
 
 
+class ChecksConfig(_Strict):
+    """Floors for the blocking checks: below them no downstream step runs on the SAE's codes."""
+
+    # explained variance on the task's tokens; below -1 the reconstruction is further off than twice the data's spread
+    min_explained_variance: float = -1.0
+
+
+class RunConfig(_Strict):
+    """How ``mosaic run`` executes the graph."""
+
+    workers: int = Field(1, ge=1, le=64)  # independent partitions run in this many processes at once
+
+
 class ExperimentConfig(_Strict):
     """The whole experiment, as read from one YAML file."""
 
@@ -226,6 +240,8 @@ class ExperimentConfig(_Strict):
     transfer: TransferConfig = TransferConfig()
     conditions: ConditionsConfig = ConditionsConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    checks: ChecksConfig = ChecksConfig()
+    run: RunConfig = RunConfig()
     _base_dir: Path | None = PrivateAttr(default=None)
 
     @property
@@ -239,10 +255,17 @@ class ExperimentConfig(_Strict):
             dup = {n for n in names if names.count(n) > 1}
             if dup:
                 raise ValueError(f"{kind} names must be unique; repeated: {sorted(dup)}")
+        keys = {f"{d.name}.{lang}" for d in self.datasets for lang in self.dataset_languages(d.name)}
+        names = {d.name for d in self.datasets}
         for m in self.models:
             labels = [s.label for s in m.saes]
             if len(set(labels)) != len(labels):
                 raise ValueError(f"models[{m.name}].saes names must be unique; set 'name' on each")
+            for sae in m.saes:
+                unknown = [k for k in sae.train_on or [] if k not in keys and k not in names]
+                if unknown:
+                    raise ValueError(f"models[{m.name}].saes[{sae.label}].train_on: {unknown} are not datasets or "
+                                     f"dataset partitions of this config; use names from {sorted(names | keys)}")
         return self
 
     def model(self, name: str) -> ModelConfig:

@@ -1,57 +1,88 @@
 """Dagster Definitions for the code location (``dagster dev -w workspace.yaml``).
 
-The config is read from $MOSAIC_CONFIG (the embedded demo when unset). Partitions are dynamic:
-``mosaic run`` registers them, and so does ``config_partitions_sensor`` on each tick, so the UI
-shows a new model, layer, SAE or language as soon as the config names it.
-``new_sae_release_sensor`` watches sae-lens's packaged registry for SAEs that fit a configured
-model and layer, and ``weekly_refresh`` re-materializes everything (cache hits make that cheap).
+The config is read from $MOSAIC_CONFIG (the embedded demo when unset) when the code location loads:
+the training partitions of local SAEs and each asset's code version come from it. Partitions are
+dynamic: ``mosaic run`` registers them, and so does ``config_partitions_sensor`` on each tick.
+``new_sae_release_sensor`` watches sae-lens's packaged registry and only adds target partitions for
+SAEs that fit a configured model and layer; every asset carries an eager automation condition, so the
+``mosaic_automation`` sensor then materializes whatever is missing or has newer upstream data, and
+the ``dataset`` asset is re-read every Monday (``on_cron``), which refreshes the whole graph.
 """
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 from dagster import (
     AssetSelection,
-    DefaultScheduleStatus,
+    AssetsDefinition,
+    AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     Definitions,
-    MultiPartitionKey,
-    RunRequest,
-    ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
     define_asset_job,
-    schedule,
     sensor,
 )
 
-from assets.analysis import conditions, report, transfer
-from assets.datasets import dataset
-from assets.hidden_states import hidden_states
+from assets import analysis, datasets, hidden_states, probes, sae
 from assets.partitions import dataset_partitions, target_partitions
-from assets.probes import pooled_features, probes
-from assets.sae import sae, sae_codes
 from mosaic_dag.config import ExperimentConfig, load_config
-from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, Target, dataset_keys, targets
+from mosaic_dag.errors import MosaicError
+from mosaic_dag.partitions import Target, dataset_keys, targets
 from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 from resources.experiment import CONFIG_ENV
+from resources.handles import HandleIOManager
 
-ALL_ASSETS = [dataset, hidden_states, sae, sae_codes, pooled_features, probes, conditions, transfer, report]
 REGISTRY_ENV = "MOSAIC_SAE_REGISTRY"
 MAX_REGISTRY_WIDTH = 65536
-
-dataset_job = define_asset_job("datasets", selection=AssetSelection.assets(dataset))
-sae_job = define_asset_job("saes", selection=AssetSelection.assets(sae))
-features_job = define_asset_job(
-    "features", selection=AssetSelection.assets(hidden_states, sae_codes, pooled_features, probes, conditions)
-)
-transfer_job = define_asset_job("transfer_job", selection=AssetSelection.assets(transfer))
-report_job = define_asset_job("report_job", selection=AssetSelection.assets(report))
 
 
 def _config() -> ExperimentConfig:
     return load_config(os.environ.get(CONFIG_ENV) or None)
+
+
+def build_assets(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
+    """Every asset of the graph for this config (``None``: a config that could not be read — the
+    steps then fail with its error line)."""
+    with warnings.catch_warnings():  # partitioned asset checks are a Dagster preview feature
+        warnings.simplefilter("ignore")
+        return [datasets.build(cfg), hidden_states.build(cfg), *sae.build(cfg), *probes.build(cfg),
+                *analysis.build(cfg)]
+
+
+def stages(assets: list[AssetsDefinition]) -> list[list[AssetsDefinition]]:
+    """The graph in topological order (Dagster's dependency edges; ties in definition order), cut where
+    the partitioning changes: each stage is one run per partition key, independent of each other."""
+    graph = Definitions(assets=assets, resources=resources()).resolve_asset_graph()
+    order = [a.key for a in assets]
+    by_key = {a.key: a for a in assets}
+    parents = {key: set(graph.get(key).parent_keys) & set(order) for key in order}
+    done: list = []
+    while len(done) < len(order):
+        key = next(k for k in order if k not in done and parents[k] <= set(done))
+        done.append(key)
+    out: list[list[AssetsDefinition]] = []
+    for key in done:
+        a = by_key[key]
+        if out and out[-1][0].partitions_def == a.partitions_def:
+            out[-1].append(a)
+        else:
+            out.append([a])
+    return out
+
+
+def stage_name(stage: list[AssetsDefinition]) -> str:
+    """The stage's job name: its assets joined (a job may not share an asset's name)."""
+    return "__".join(a.key.to_user_string() for a in stage) + "_job"
+
+
+def stage_jobs(assets: list[AssetsDefinition]) -> list:  # type: ignore[type-arg]
+    """One named job per stage (runs show as these, not as ad-hoc asset jobs)."""
+    return [define_asset_job(stage_name(stage), selection=AssetSelection.assets(*stage),
+                             partitions_def=stage[0].partitions_def)
+            for stage in stages(assets)]
 
 
 def missing_partitions(instance, cfg) -> tuple[list[str], list[str]]:  # type: ignore[no-untyped-def]
@@ -105,8 +136,8 @@ def make_new_sae_release_sensor(registry_path: Path | None = None, default_statu
     """Sensor factory (the path override is for tests and for users with their own registry file)."""
 
     @sensor(name="new_sae_release_sensor", minimum_interval_seconds=3600, default_status=default_status,
-            description="Re-reads sae-lens's pretrained_saes.yaml; adds partitions and requests runs for new "
-            "(release, sae_id) pairs that fit a configured model and layer.")
+            description="Re-reads sae-lens's pretrained_saes.yaml and adds a target partition for each new "
+            "(release, sae_id) that fits a configured model and layer; automation materializes the rest.")
     def new_sae_release_sensor(context: SensorEvaluationContext) -> SensorResult:
         from mosaic_dag.storage import stable_hash
 
@@ -117,16 +148,10 @@ def make_new_sae_release_sensor(registry_path: Path | None = None, default_statu
         if cursor == context.cursor:
             return SensorResult(skip_reason="no new SAE release")
         known = set(context.instance.get_dynamic_partitions(target_partitions.name))
-        new = [t for t in found if t.key not in known]
-        runs: list[RunRequest] = []
-        for t in new:
-            runs.append(RunRequest(run_key=f"sae:{t.key}", job_name=sae_job.name, partition_key=t.key))
-            for d in dataset_keys(cfg):
-                runs.append(RunRequest(run_key=f"features:{t.key}|{d.key}", job_name=features_job.name,
-                                       partition_key=MultiPartitionKey({TARGET_DIM: t.key, DATASET_DIM: d.key})))
+        new = [t.key for t in found if t.key not in known]
         return SensorResult(
-            run_requests=runs,
-            dynamic_partitions_requests=[target_partitions.build_add_request([t.key for t in new])] if new else [],
+            dynamic_partitions_requests=[target_partitions.build_add_request(new)] if new else [],
+            skip_reason=None if new else "no SAE that fits a configured model and layer is new",
             cursor=cursor,
         )
 
@@ -135,31 +160,43 @@ def make_new_sae_release_sensor(registry_path: Path | None = None, default_statu
 
 new_sae_release_sensor = make_new_sae_release_sensor()
 
-
-@schedule(cron_schedule="0 3 * * 1", job=features_job, default_status=DefaultScheduleStatus.STOPPED,
-          description="Weekly: re-materialize every (target, dataset) partition; unchanged inputs are cache hits.")
-def weekly_refresh(context: ScheduleEvaluationContext):  # type: ignore[no-untyped-def]
-    cfg = _config()
-    stamp = context.scheduled_execution_time.strftime("%Y-%m-%d") if context.scheduled_execution_time else "now"
-    for t in targets(cfg):
-        for d in dataset_keys(cfg):
-            yield RunRequest(run_key=f"{stamp}:{t.key}|{d.key}",
-                             partition_key=MultiPartitionKey({TARGET_DIM: t.key, DATASET_DIM: d.key}))
+AUTOMATION_ENV = "MOSAIC_AUTOMATION"  # "off": the automation sensor starts stopped (turn it on in the UI)
+automation_sensor = AutomationConditionSensorDefinition(
+    "mosaic_automation", target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.STOPPED if os.environ.get(AUTOMATION_ENV) == "off" else DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Evaluates every asset's automation condition: materializes missing partitions and partitions "
+    "whose upstream has newer data (new dataset partitions, new SAE partitions, changed sources).")
 
 
-def resources() -> dict[str, object]:
+def resources(config_path: str | Path | None = None) -> dict[str, object]:
+    """The resources every asset uses; the config is ``config_path``, else $MOSAIC_CONFIG, else the demo."""
+    experiment = ExperimentResource(config_path=str(config_path or os.environ.get(CONFIG_ENV, "")))
     return {
-        "experiment": ExperimentResource(config_path=os.environ.get(CONFIG_ENV, "")),
+        "experiment": experiment,
         "model": ModelResource(),
         "sae": SaeResource(),
         "mlflow": MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")),
+        "handles": HandleIOManager(experiment=experiment),
     }
 
 
-defs = Definitions(
-    assets=ALL_ASSETS,
-    sensors=[config_partitions_sensor, new_sae_release_sensor],
-    schedules=[weekly_refresh],
-    jobs=[dataset_job, sae_job, features_job, transfer_job, report_job],
-    resources=resources(),
-)
+def build_definitions(cfg: ExperimentConfig | None, registry_path: Path | None = None,
+                      resource_defs: dict[str, object] | None = None) -> Definitions:
+    assets = build_assets(cfg)
+    return Definitions(
+        assets=assets,
+        sensors=[config_partitions_sensor, make_new_sae_release_sensor(registry_path), automation_sensor],
+        jobs=stage_jobs(assets),
+        resources=resource_defs or resources(),
+    )
+
+
+def _load() -> ExperimentConfig | None:
+    try:
+        return _config()
+    except MosaicError:
+        return None  # the steps report the config's error line when they run
+
+
+defs = build_definitions(_load())

@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.features import PooledResult, build_pooled, feature_name, load_matrix
+from mosaic_dag.features import PooledResult, feature_name, load_matrix
+from mosaic_dag.handles import DatasetHandle, PooledHandle
 from mosaic_dag.partitions import Target
-from mosaic_dag.pipeline import read_dataset
+from mosaic_dag.pipeline import read_frame
 from mosaic_dag.pooling import binarize
 from mosaic_dag.probes import (
     ProbeResult,
@@ -136,12 +137,13 @@ def _fit(spec: ProbeSpec, X: Any, rows: SplitRows, seed: int, n_boot: int, langu
 
 
 def run_probes(
-    cfg: ExperimentConfig, target: Target, dataset: str, language: str,
+    cfg: ExperimentConfig, target: Target, pooled_handle: PooledHandle, data: DatasetHandle,
     mlflow_run_id: str = "", progress: Callable[[int, int], None] | None = None,
 ) -> PartitionResults:
     """Fit every configured probe on one (target, dataset) partition; identical test rows for all."""
-    pooled = build_pooled(cfg, target, dataset, language)
-    frame = read_dataset(cfg, dataset, language).frame
+    pooled = PooledResult.of(pooled_handle)
+    frame = read_frame(data)
+    dataset, _, language = data.key.partition(".")
     rows = SplitRows.of(frame)
     cls = cfg.classification
     specs = probe_specs(cfg)
@@ -283,9 +285,11 @@ def iter_result_files(cfg: ExperimentConfig) -> Iterator[Path]:
         yield from sorted(p for p in root.rglob("*.parquet") if not p.name.startswith("transfer-matrix."))
 
 
-def results_table(cfg: ExperimentConfig) -> pd.DataFrame:
-    """Every partition's results in one tidy table; hidden/TF-IDF rows shared by SAEs appear once."""
-    frames = [pd.read_parquet(p) for p in iter_result_files(cfg)]
+def results_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> pd.DataFrame:
+    """Results of ``files`` (default: every partition's) in one tidy table; hidden/TF-IDF rows shared by
+    SAEs appear once."""
+    frames = [pd.read_parquet(p) for p in (iter_result_files(cfg) if files is None else files)]
+    frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame(columns=RESULT_COLUMNS)
     table = pd.concat(frames, ignore_index=True)

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from mosaic_dag.codes import CodesStore, build_codes
+from mosaic_dag.codes import CodesStore
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.extract import HiddenCache
+from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledHandle, UpstreamMissing
 from mosaic_dag.partitions import Target
-from mosaic_dag.pipeline import build_hidden
+from mosaic_dag.pipeline import hidden_cache
 from mosaic_dag.pooling import pool_dense, pool_sparse
 from mosaic_dag.storage import atomic_dir, atomic_path, stable_hash
 
@@ -75,6 +76,24 @@ class PooledResult:
     width: int
     signed: bool
     neuronpedia_id: str | None
+    data: DatasetHandle | None = None
+
+    @property
+    def handle(self) -> PooledHandle:
+        from dataclasses import asdict
+
+        return PooledHandle(sae_dir=str(self.sae_dir), hidden_dir=str(self.hidden_dir),
+                            files={k: str(v) for k, v in self.files.items()}, width=self.width, signed=self.signed,
+                            neuronpedia_id=self.neuronpedia_id, dataset=asdict(self.data) if self.data else {})
+
+    @classmethod
+    def of(cls, handle: PooledHandle) -> "PooledResult":
+        """The pooled matrices behind a handle (checked to still be on disk)."""
+        if not handle.exists():
+            raise UpstreamMissing(f"pooled_features for {handle.data.key!r}: {handle.sae_dir} is gone; "
+                                  "re-materialize pooled_features")
+        return cls(Path(handle.sae_dir), Path(handle.hidden_dir), {k: Path(v) for k, v in handle.files.items()},
+                   True, handle.width, handle.signed, handle.neuronpedia_id, handle.data)
 
 
 def _poolings(cfg: ExperimentConfig) -> list[tuple[str, int | None]]:
@@ -87,11 +106,16 @@ def _poolings(cfg: ExperimentConfig) -> list[tuple[str, int | None]]:
     return out
 
 
-def build_pooled(cfg: ExperimentConfig, target: Target, dataset: str, language: str) -> PooledResult:
+def build_pooled(cfg: ExperimentConfig, target: Target, codes_handle: CodesHandle,
+                 hidden_handle: HiddenHandle) -> PooledResult:
     """Pool SAE codes and hidden states over real tokens only, for every configured pooling."""
-    hidden = build_hidden(cfg, target.model, target.layer, dataset, language, verify=False).cache
-    codes = build_codes(cfg, target, dataset, language)
-    man = codes.manifest
+    hidden = hidden_cache(hidden_handle, target.model, target.layer)
+    codes = CodesStore(Path(codes_handle.path))
+    if not codes.is_valid():
+        raise UpstreamMissing(f"sae_codes at {codes.path} are missing or incomplete; re-materialize sae_codes")
+    man = codes.manifest()
+    data = hidden_handle.data
+    dataset, _, language = data.key.partition(".")
     poolings = _poolings(cfg)
     n = int(hidden.manifest()["texts"])
     base = cfg.data_path / "pooled" / target.model / f"L{target.layer}"
@@ -102,7 +126,8 @@ def build_pooled(cfg: ExperimentConfig, target: Target, dataset: str, language: 
     files = {feature_name("sae", p, k): sae_out / f"{feature_name('sae', p, k)}.npz" for p, k in poolings}
     files |= {feature_name("hidden", p, None): hid_out / f"{feature_name('hidden', p, None)}.npz" for p, _ in hid_pool}
     if all(f.exists() for f in files.values()):
-        return PooledResult(sae_out, hid_out, files, True, int(man["width"]), bool(man["signed"]), man.get("neuronpedia_id"))
+        return PooledResult(sae_out, hid_out, files, True, int(man["width"]), bool(man["signed"]),
+                            man.get("neuronpedia_id"), data)
     signed = bool(man["signed"])
     if not all(files[feature_name("sae", p, k)].exists() for p, k in poolings):
         acc: dict[str, list] = {feature_name("sae", p, k): [] for p, k in poolings}
@@ -124,4 +149,4 @@ def build_pooled(cfg: ExperimentConfig, target: Target, dataset: str, language: 
             for name, parts in acc_h.items():
                 save_dense(tmp / f"{name}.npz", _reorder(parts, n))
             (tmp / "meta.json").write_text(json.dumps({"hidden": str(hidden.path), "poolings": hid_pool}))
-    return PooledResult(sae_out, hid_out, files, False, int(man["width"]), signed, man.get("neuronpedia_id"))
+    return PooledResult(sae_out, hid_out, files, False, int(man["width"]), signed, man.get("neuronpedia_id"), data)

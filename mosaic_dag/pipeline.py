@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,8 +23,9 @@ from mosaic_dag import datasets as ds
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.errors import DatasetError
 from mosaic_dag.extract import ExtractionStats, HiddenCache, cache_key, check_layers, extract_to_cache
+from mosaic_dag.handles import DatasetHandle, HiddenHandle, UpstreamMissing
 from mosaic_dag.models import LoadedModel, default_batch_tokens, fingerprint, load_model
-from mosaic_dag.storage import write_parquet
+from mosaic_dag.storage import stable_hash, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,22 @@ def read_dataset(cfg: ExperimentConfig, dataset: str, language: str) -> DatasetR
     return DatasetResult(path, frame, ds.content_hash(frame))
 
 
+def dataset_handle(result: DatasetResult, key: str) -> DatasetHandle:
+    frame = result.frame
+    splits = stable_hash(frame["split"].astype(str).tolist())
+    labels = stable_hash(frame["label"].astype(str).tolist())
+    return DatasetHandle(key=key, path=str(result.path), content_hash=result.content_hash, rows=len(frame),
+                         splits_hash=splits, labels_hash=labels)
+
+
+def read_frame(data: DatasetHandle) -> pd.DataFrame:
+    """The rows behind a dataset handle (labels, splits, texts)."""
+    path = Path(data.path)
+    if not path.exists():
+        raise UpstreamMissing(f"dataset partition {data.key!r}: {path} is gone; re-materialize the 'dataset' asset")
+    return pd.read_parquet(path)
+
+
 def hidden_dir(cfg: ExperimentConfig, model: str, layer: int, fingerprint: str, dataset_hash: str) -> Path:
     mcfg = cfg.model(model)
     key = cache_key(fingerprint, layer, dataset_hash, mcfg.max_length)
@@ -128,66 +145,89 @@ def hidden_dir(cfg: ExperimentConfig, model: str, layer: int, fingerprint: str, 
 
 
 @dataclass
-class HiddenResult:
-    cache: HiddenCache
+class ModelExtraction:
+    """What one model's pass did for a dataset partition."""
+
+    model: str
     hit: bool
     stats: ExtractionStats | None
     layers_computed: list[int]
+
+
+@dataclass
+class HiddenResult:
+    handle: HiddenHandle
+    models: list[ModelExtraction]
+
+    @property
+    def hit(self) -> bool:
+        return all(m.hit for m in self.models)
+
+    @property
+    def forward_calls(self) -> int:
+        return sum(m.stats.forward_calls for m in self.models if m.stats)
 
 
 def get_model(cfg: ExperimentConfig, model: str) -> LoadedModel:
     return load_model(cfg.model(model), models_dir(cfg))
 
 
-def build_hidden(
+def build_hidden_states(
     cfg: ExperimentConfig,
-    model: str,
-    layer: int,
-    dataset: str,
-    language: str,
+    data: DatasetHandle,
     *,
-    loader: Callable[[], LoadedModel] | None = None,
+    loader: Callable[[str], LoadedModel] | None = None,
     progress: Callable[[int, int], None] | None = None,
     show_bar: bool = False,
-    preflight: Callable[[], None] | None = None,
+    preflight: Callable[[str], None] | None = None,
     verify: bool = True,
 ) -> HiddenResult:
-    """Hidden states of one layer for one dataset partition, from the cache when it is there.
+    """Hidden states of every configured (model, layer) for one dataset partition, cached.
 
-    On a miss, every configured layer of this model that is missing for this dataset is computed in
-    the same forward pass, so the next layer's partition is a cache hit. ``preflight`` runs before
-    any model load or forward pass (e.g. the SAE/model compatibility check). ``verify`` re-hashes every
-    shard (the hidden_states asset does); downstream steps pass False and only check sizes, so the
-    cache is not read twice per step.
+    One forward pass per model serves all of its configured layers; layers already cached (checksums
+    verified when ``verify``) are not recomputed, and a model whose layers are all cached is not even
+    loaded. ``preflight(model)`` runs before that model's load or forward pass (the SAE/model check).
     """
-    mcfg = cfg.model(model)
-    if layer not in mcfg.layers:
-        raise DatasetError(f"layer {layer} is not configured for model {model!r}; add it to models[{model}].layers")
-    data = read_dataset(cfg, dataset, language)
-    fingerprint = model_fingerprint(cfg, model)
-    target = HiddenCache(hidden_dir(cfg, model, layer, fingerprint, data.content_hash))
-    if target.is_valid(deep=verify):
-        return HiddenResult(target, True, None, [])
-    if preflight is not None:
-        preflight()
-    if target.path.exists():
-        log.warning("hidden-state cache %s failed its checksum; recomputing", target.path)
-        shutil.rmtree(target.path, ignore_errors=True)
-    loaded = loader() if loader else get_model(cfg, model)
-    check_layers(loaded, mcfg.layers)
-    todo = {}
-    for other in mcfg.layers:
-        folder = hidden_dir(cfg, model, other, loaded.fingerprint, data.content_hash)
-        if other == layer or not HiddenCache(folder).is_valid(deep=False):
-            todo[other] = folder
-    stats = extract_to_cache(
-        loaded, data.frame["text"].tolist(), sorted(todo), todo,
-        max_length=mcfg.max_length, batch_tokens=mcfg.batch_tokens or default_batch_tokens(loaded.device),
-        extra_manifest={"dataset": dataset, "language": language, "dataset_hash": data.content_hash,
-                        "ids_head": data.frame["id"].head(3).tolist()},
-        progress=progress, show_bar=show_bar,
-    )
-    return HiddenResult(HiddenCache(todo[layer]), False, stats, sorted(todo))
+    frame = read_frame(data)
+    caches: dict[str, str] = {}
+    done: list[ModelExtraction] = []
+    for mcfg in cfg.models:
+        fingerprint = model_fingerprint(cfg, mcfg.name)
+        folders = {layer: hidden_dir(cfg, mcfg.name, layer, fingerprint, data.content_hash) for layer in mcfg.layers}
+        caches |= {f"{mcfg.name}.L{layer}": str(folder) for layer, folder in folders.items()}
+        todo = {layer: f for layer, f in folders.items() if not HiddenCache(f).is_valid(deep=verify)}
+        if not todo:
+            done.append(ModelExtraction(mcfg.name, True, None, []))
+            continue
+        if preflight is not None:
+            preflight(mcfg.name)
+        for folder in todo.values():
+            if folder.exists():
+                log.warning("hidden-state cache %s failed its checksum; recomputing", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+        loaded = loader(mcfg.name) if loader else get_model(cfg, mcfg.name)
+        check_layers(loaded, mcfg.layers)
+        if loaded.fingerprint != fingerprint:  # the weights on disk moved under the config's name
+            todo = {layer: hidden_dir(cfg, mcfg.name, layer, loaded.fingerprint, data.content_hash) for layer in todo}
+            caches |= {f"{mcfg.name}.L{layer}": str(folder) for layer, folder in todo.items()}
+        stats = extract_to_cache(
+            loaded, frame["text"].tolist(), sorted(todo), todo,
+            max_length=mcfg.max_length, batch_tokens=mcfg.batch_tokens or default_batch_tokens(loaded.device),
+            extra_manifest={"dataset": data.key.partition(".")[0], "language": data.key.partition(".")[2],
+                            "dataset_hash": data.content_hash, "ids_head": frame["id"].head(3).tolist()},
+            progress=progress, show_bar=show_bar,
+        )
+        done.append(ModelExtraction(mcfg.name, False, stats, sorted(todo)))
+    return HiddenResult(HiddenHandle(dataset=asdict(data), caches=caches), done)
+
+
+def hidden_cache(hidden: HiddenHandle, model: str, layer: int) -> HiddenCache:
+    """The cache of one (model, layer) inside a hidden_states handle; size-checked, not re-hashed."""
+    cache = HiddenCache(hidden.cache(model, layer))
+    if not cache.is_valid(deep=False):
+        raise UpstreamMissing(f"hidden_states partition {hidden.data.key!r}: cache {cache.path} is missing or "
+                              "incomplete; re-materialize hidden_states for it")
+    return cache
 
 
 def model_fingerprint(cfg: ExperimentConfig, model: str) -> str:

@@ -1,13 +1,15 @@
 """Materialize the asset graph for a config into a persistent Dagster instance (used by the CLI).
 
-Each step is a real Dagster run in ``$DAGSTER_HOME`` (default ``./.dagster_home``), so ``dagster dev``
-shows the same materializations, lineage and partitions afterwards.
+The order is Dagster's: the graph's assets in topological order, cut into stages where the
+partitioning changes (``mosaic_dag.definitions.stages``); each stage is one named job, run once per
+partition key, so ``dagster dev`` shows the same runs, materializations, lineage and partitions.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,17 +68,98 @@ def register_partitions(instance: Any, cfg: ExperimentConfig) -> tuple[list[str]
     return new_t, new_d
 
 
-def run_experiment(config_path: str | Path | None, *, progress: bool = True, echo: Any = print) -> RunSummary:
-    """Load and validate the config, register partitions, and materialize every partition in order."""
-    from dagster import DagsterInstance, MultiPartitionKey, materialize
+def _stage_partitions(cfg: ExperimentConfig, partitions_def: Any) -> list[tuple[Any, str]]:
+    """(partition key, label) of a stage, from the config (the same keys the instance holds)."""
+    from dagster import MultiPartitionKey
 
-    from assets.analysis import conditions, report, transfer
-    from assets.datasets import dataset
-    from assets.hidden_states import hidden_states
-    from assets.probes import pooled_features, probes
-    from assets.sae import sae, sae_codes
-    from mosaic_dag.definitions import ALL_ASSETS
-    from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
+    from assets.partitions import dataset_partitions, target_partitions
+
+    if partitions_def is None:
+        return [(None, "all")]
+    if partitions_def == dataset_partitions:
+        return [(d.key, d.key) for d in dataset_keys(cfg)]
+    if partitions_def == target_partitions:
+        return [(t.key, t.key) for t in targets(cfg)]
+    return [(MultiPartitionKey({TARGET_DIM: t.key, DATASET_DIM: d.key}), f"{t.key} × {d.key}")
+            for t in targets(cfg) for d in dataset_keys(cfg)]
+
+
+@dataclass
+class PartitionRun:
+    """One Dagster run of one stage for one partition key (what a worker process returns)."""
+
+    job: str
+    label: str
+    seconds: float
+    steps: list[StepRecord]
+    error: str | None = None
+
+
+def _definitions(config_path: str) -> Any:
+    from mosaic_dag.definitions import build_definitions, resources
+
+    res = resources()
+    return build_definitions(load_config(config_path or None), resource_defs=res)
+
+
+def run_partition(config_path: str, job_name: str, partition: Any, label: str) -> PartitionRun:
+    """Execute one stage job for one partition in this process's Dagster instance."""
+    from dagster import DagsterInstance
+    from dagster._core.errors import DagsterAssetCheckFailedError
+
+    from mosaic_dag.errors import MosaicError
+
+    console_level = os.environ.get("MOSAIC_LOG_LEVEL", "CRITICAL")
+    job = _definitions(config_path).resolve_job_def(job_name)
+    t0 = time.perf_counter()
+    run_id = str(uuid.uuid4())
+    try:
+        result = job.execute_in_process(
+            partition_key=str(partition) if partition is not None else None, instance=DagsterInstance.get(),
+            tags={"mosaic/config": config_path or "demo"}, run_id=run_id,
+            run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
+    except DagsterAssetCheckFailedError:
+        raise MosaicError(_failed_check_line(run_id, label)) from None
+    secs = time.perf_counter() - t0
+    steps = [StepRecord(ev.asset_key.to_user_string(), label, secs, _metadata_values(ev))
+             for ev in result.get_asset_materialization_events()]
+    if any(not e.passed and e.blocking for e in result.get_asset_check_evaluations()):
+        raise MosaicError(_failed_check_line(run_id, label))
+    return PartitionRun(job_name, label, secs, steps)
+
+
+def _failed_check_line(run_id: str, label: str) -> str:
+    """The line of the blocking check that failed in a run (its description names the number and the fix)."""
+    from dagster import DagsterEventType, DagsterInstance
+
+    for record in DagsterInstance.get().all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = record.dagster_event.event_specific_data
+        if not evaluation.passed and evaluation.blocking:
+            key = evaluation.asset_check_key
+            why = evaluation.description or f"check {key.name} failed on {key.asset_key.to_user_string()} {label}"
+            return f"{why} (blocking check '{key.name}')"
+    return f"a blocking check failed for {label}; see the run's Checks in the Dagster UI"
+
+
+def _run_in_worker(config_path: str, job_name: str, partition: str | None, label: str) -> PartitionRun:
+    """A worker process: the same run, with the error line instead of a traceback across processes."""
+    from mosaic_dag.cli import _root_cause
+
+    try:
+        return run_partition(config_path, job_name, partition, label)
+    except Exception as err:  # noqa: BLE001 - reported as one line by the parent
+        return PartitionRun(job_name, label, 0.0, [], error=str(_root_cause(err)))
+
+
+def run_experiment(config_path: str | Path | None, *, progress: bool = True, echo: Any = print,
+                   workers: int | None = None) -> RunSummary:
+    """Validate the config, register partitions, then run the graph stage by stage in Dagster's
+    topological order; the partitions of a stage are independent and run ``workers`` at a time."""
+    from dagster import DagsterInstance
+
+    from mosaic_dag.definitions import stage_name, stages
+    from mosaic_dag.errors import MosaicError
+    from resources import MlflowResource
     from resources.experiment import CONFIG_ENV
 
     cfg = load_config(config_path)
@@ -90,38 +173,37 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
     home = dagster_home()
     instance = DagsterInstance.get()
     register_partitions(instance, cfg)
-    mlflow_res = MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""))
-    resources = {"experiment": ExperimentResource(config_path=abs_config), "model": ModelResource(),
-                 "sae": SaeResource(), "mlflow": mlflow_res}
-    summary = RunSummary(cfg, home, mlflow_res.uri(cfg))
-    console_level = os.environ.get("MOSAIC_LOG_LEVEL", "CRITICAL")
+    summary = RunSummary(cfg, home, MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")).uri(cfg))
+    defs = _definitions(abs_config)
+    n_workers = workers or cfg.run.workers
+    echo(f"mosaic: experiment {cfg.name!r}, Dagster instance {home}" + (f", {n_workers} workers" if n_workers > 1 else ""))
 
-    def step(asset: Any, partition: Any, label: str, also: tuple[Any, ...] = ()) -> None:
-        t0 = time.perf_counter()
-        result = materialize(ALL_ASSETS, selection=[asset, *also], partition_key=partition, instance=instance,
-                             resources=resources, tags={"mosaic/config": abs_config or "demo"},
-                             run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
-        secs = time.perf_counter() - t0
-        for ev in result.get_asset_materialization_events():
-            summary.steps.append(StepRecord(ev.asset_key.to_user_string(), label, secs, _metadata_values(ev)))
-        names = "+".join(a.key.to_user_string() for a in (asset, *also))
-        echo(f"  ✓ {names:<38} {label:<44} {secs:6.1f}s")
+    def show(run: PartitionRun) -> None:
+        summary.steps.extend(run.steps)
+        echo(f"  ✓ {run.job.removesuffix('_job').replace('__', '+'):<38} {run.label:<44} {run.seconds:6.1f}s")
 
-    echo(f"mosaic: experiment {cfg.name!r}, Dagster instance {home}")
-    for dkey in dataset_keys(cfg):
-        step(dataset, dkey.key, dkey.key)
-    for target in targets(cfg):
-        for dkey in dataset_keys(cfg):
-            mpk = MultiPartitionKey({TARGET_DIM: target.key, DATASET_DIM: dkey.key})
-            step(hidden_states, mpk, f"{target.key} × {dkey.key}")
-    for target in targets(cfg):
-        step(sae, target.key, target.key)
-    for target in targets(cfg):
-        for dkey in dataset_keys(cfg):
-            mpk = MultiPartitionKey({TARGET_DIM: target.key, DATASET_DIM: dkey.key})
-            step(sae_codes, mpk, f"{target.key} × {dkey.key}", also=(pooled_features, probes, conditions))
-    for target in targets(cfg):
-        step(transfer, target.key, target.key)
-    step(report, None, "all")
+    for stage in stages(list(defs.assets)):
+        job = stage_name(stage)
+        parts = _stage_partitions(cfg, stage[0].partitions_def)
+        if n_workers <= 1 or len(parts) <= 1:
+            for partition, label in parts:
+                show(run_partition(abs_config, job, partition, label))
+            continue
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(n_workers, len(parts)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_in_worker, abs_config, job, None if p is None else str(p), label)
+                       for p, label in parts]
+            errors = []
+            for fut in futures:
+                run = fut.result()
+                if run.error:
+                    errors.append(run.error)
+                else:
+                    show(run)
+            if errors:
+                raise MosaicError(errors[0])
     summary.report = cfg.data_path / "report" / "index.md"
     return summary

@@ -506,8 +506,7 @@ def test_config_typo_under_dagster_dev_fails_the_step_with_the_same_line(tmp_pat
     """`dagster dev` reads $MOSAIC_CONFIG when a step runs: the step shows the line the CLI prints."""
     from dagster import DagsterInstance, materialize
 
-    from assets.datasets import dataset
-    from resources import ExperimentResource, MlflowResource
+    from mosaic_dag.definitions import build_assets, resources
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"models": [{"name": "m", "layers": [1], "layres": 2}],
@@ -517,9 +516,9 @@ def test_config_typo_under_dagster_dev_fails_the_step_with_the_same_line(tmp_pat
 
     instance = DagsterInstance.get()
     instance.add_dynamic_partitions("dataset", ["d.en"])
-    result = materialize([dataset], partition_key="d.en", instance=instance, raise_on_error=False,
-                         resources={"experiment": ExperimentResource(config_path=str(config)), "mlflow": MlflowResource()},
-                         tags={"mosaic/config": str(config.resolve())})
+    # the code location could not read the config: its assets are built without it, and the step says why
+    result = materialize(build_assets(None), selection=["dataset"], partition_key="d.en", instance=instance,
+                         raise_on_error=False, resources=resources(config), tags={"mosaic/config": str(config.resolve())})
     assert not result.success
     assert_step_failed_with(config, "dataset", line)
 

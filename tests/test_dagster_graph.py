@@ -21,9 +21,9 @@ def test_run_materializes_into_the_instance_and_reuses_the_cache(tmp_path: Path,
     config = tiny_config(tmp_path, tiny_model_dir, layers=[0, 2])
     first = run_experiment(config, progress=False, echo=lambda *_: None)
     hidden = [s for s in first.steps if s.asset == "hidden_states"]
-    assert len(hidden) == 2
-    # one forward pass served both layers: the first partition computed L0 and L2, the second was a hit
-    assert hidden[0].metadata["layers_computed"] == [0, 2] and hidden[1].metadata["cache_hit"] is True
+    # one hidden_states partition per dataset: one forward pass served both layers (and both targets)
+    assert len(hidden) == 1
+    assert hidden[0].metadata["layers_computed"] == {"tiny": [0, 2]} and hidden[0].metadata["cache_hit"] is False
     assert first.forward_calls() > 0
 
     instance = DagsterInstance.get()

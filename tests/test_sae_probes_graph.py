@@ -4,13 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import scipy.sparse as sp
 import yaml
-from dagster import DagsterInstance, build_sensor_context
 
 from mosaic_dag.cli import main
-from mosaic_dag.codes import CodesStore, forget_saes, get_sae
+from mosaic_dag.codes import CodesStore, forget_saes, load_target_sae
+from mosaic_dag.handles import SaeHandle
 from mosaic_dag.config import load_config
 from mosaic_dag.evaluation import RESULT_COLUMNS, results_table
 from mosaic_dag.extract import HiddenCache
@@ -51,7 +50,8 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
     man = store.manifest()
     assert man["bytes"] < man["dense_fp16_bytes"] / 3
     hidden = HiddenCache(Path(man["hidden_cache"]))
-    sae = get_sae(cfg, parse_target("tiny.L1.btk"))
+    sae_step = next(s for s in summary.steps if s.asset == "sae")
+    sae = load_target_sae(cfg, parse_target("tiny.L1.btk"), SaeHandle("tiny.L1.btk", "train", "", sae_step.metadata["path"]))
     import torch
 
     for shard, codes in zip(hidden.iter_shards(), store.iter_shards()):
@@ -61,8 +61,7 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
         ref[~shard.real_mask] = 0.0
         np.testing.assert_allclose(codes.codes.toarray(), ref, rtol=1e-3, atol=1e-3)
     # SAE trained on TRAIN texts only: its metadata says so and the asset reports training metrics
-    sae_step = next(s for s in summary.steps if s.asset == "sae")
-    assert sae_step.metadata["reused"] is False and sae_step.metadata["width"] == 128
+    assert sae_step.metadata["cache_hit"] is False and sae_step.metadata["width"] == 128
     # a second run in another folder gives the identical table (seeds fixed), MLflow ids aside
     forget_saes()
     config_b = _config(tmp_path / "b", tiny_model_dir)
@@ -96,50 +95,3 @@ def test_mismatched_sae_fails_before_any_forward_pass(tmp_path: Path, tiny_model
     assert not list((tmp_path / "data").rglob("manifest.json"))  # no forward pass ran
 
 
-def _registry(path: Path, entries: list[tuple[str, str]]) -> Path:
-    data = {"my-release": {"model": "google/gemma-3-270m", "repo_id": "org/repo", "conversion_func": "gemma_3",
-                           "saes": [{"id": sid, "path": p} for sid, p in entries]}}
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def test_new_sae_release_sensor(tmp_path: Path, dagster_home: Path, monkeypatch: pytest.MonkeyPatch):
-    from mosaic_dag.definitions import make_new_sae_release_sensor
-
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "models": [{"name": "g", "id": "google/gemma-3-270m", "layers": [5, 9]}],
-        "datasets": [{"name": "d", "path": "x.csv"}, {"name": "e", "path": "y.csv", "language": "fr"}],
-    }))
-    monkeypatch.setenv("MOSAIC_CONFIG", str(config))
-    reg = _registry(tmp_path / "reg.yaml", [
-        ("layer_5_width_16k_l0_medium", "resid_post/layer_5_width_16k_l0_medium"),
-        ("layer_7_width_16k_l0_medium", "resid_post/layer_7_width_16k_l0_medium"),  # layer not configured
-        ("layer_9_width_1m_l0_medium", "resid_post/layer_9_width_1m_l0_medium"),  # too wide by default
-    ])
-    sensor = make_new_sae_release_sensor(reg)
-    instance = DagsterInstance.get()
-
-    def tick(cursor):
-        ctx = build_sensor_context(instance=instance, cursor=cursor)
-        result = sensor(ctx)
-        for req in result.dynamic_partitions_requests or []:
-            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-        return result
-
-    first = tick(None)
-    keys = sorted({str(r.partition_key) for r in first.run_requests})
-    assert {r.job_name for r in first.run_requests} == {"saes", "features"}
-    assert len(first.run_requests) == 1 + 2  # the sae, then one features run per dataset partition
-    assert "g.L5.my-release-layer_5_width_16k_l0_medium" in keys
-    second = tick(first.cursor)
-    assert not second.run_requests and second.cursor is None
-    _registry(reg, [
-        ("layer_5_width_16k_l0_medium", "resid_post/layer_5_width_16k_l0_medium"),
-        ("layer_9_width_16k_l0_small", "resid_post/layer_9_width_16k_l0_small"),
-    ])
-    third = tick(first.cursor)
-    targets = {str(r.partition_key).split("|")[0] for r in third.run_requests}
-    assert len(third.run_requests) == 3
-    assert all("layer_9_width_16k_l0_small" in str(r.partition_key) for r in third.run_requests)
-    assert targets  # exactly the new entry's partitions

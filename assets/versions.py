@@ -1,0 +1,35 @@
+"""Code versions: the asset's code revision plus a hash of the config sections its step reads, so a
+config edit marks exactly the assets that read the edited section as changed in the UI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.storage import stable_hash
+
+# Bump an asset's number when its step's code changes what it writes.
+REVISION = {"dataset": 1, "hidden_states": 1, "sae": 1, "sae_codes": 1, "pooled_features": 1, "probes": 1,
+            "conditions": 1, "transfer": 1, "report": 1}
+
+
+def _sections(cfg: ExperimentConfig, asset: str) -> Any:
+    models = [m.model_dump(exclude={"saes"}) for m in cfg.models]
+    saes = {m.name: [s.model_dump() for s in m.saes] for m in cfg.models}
+    c = cfg.classification.model_dump()
+    return {
+        "dataset": [[d.model_dump() for d in cfg.datasets], cfg.split.model_dump()],
+        "hidden_states": models,
+        "sae": saes,
+        "sae_codes": None,
+        "pooled_features": [c["poolings"], c["top_n"]],
+        "probes": c,
+        "conditions": [cfg.conditions.model_dump(), c["seed"], c["bootstrap"]],
+        "transfer": [cfg.transfer.model_dump(), c["seed"], c["bootstrap"]],
+        "report": None,
+    }[asset]
+
+
+def code_version(asset: str, cfg: ExperimentConfig | None) -> str:
+    rev = REVISION[asset]
+    return f"{rev}" if cfg is None else f"{rev}-{stable_hash(_sections(cfg, asset), length=10)}"
