@@ -124,8 +124,34 @@ class BehaviourConfig(_Strict):
         return self
 
 
+class DescriptionsConfig(_Strict):
+    """Text rows written from templates, one per (template, class): the text side of text -> image transfer."""
+
+    language: str = "en"  # partition key of the text rows (next to 'image')
+    templates: list[str] = Field(default_factory=lambda: [
+        "a picture of a {label_name}", "an image of a {label_name}", "a photo of the {label_name}",
+        "a drawing of a {label_name}", "this is a {label_name}", "a {label_name}", "the {label_name}",
+        "an example of a {label_name}",
+    ], min_length=4)
+
+    @model_validator(mode="after")
+    def _templates(self) -> "DescriptionsConfig":
+        _check_key(self.language, "language")
+        if self.language == "image":
+            raise ValueError("language 'image' is the image partition's key; pick another (e.g. en)")
+        bad = [t for t in self.templates if "{label_name}" not in t]
+        if bad:
+            raise ValueError(f"templates must contain {{label_name}}; {bad[0]!r} does not")
+        if len(set(self.templates)) != len(self.templates):
+            raise ValueError("templates must not repeat")
+        return self
+
+
+IMAGE_LANGUAGE = "image"  # the partition key of an image dataset's image rows: <dataset>.image
+
+
 class DatasetConfig(_Strict):
-    """A labelled text dataset: Hugging Face hub, local file(s), or the bundled demo."""
+    """A labelled dataset: Hugging Face hub, local file(s), a bundled set; text or images."""
 
     name: str
     path: str | None = None
@@ -142,11 +168,45 @@ class DatasetConfig(_Strict):
     split_field: str | None = None
     max_rows: int | None = Field(None, ge=2)
     behaviour: BehaviourConfig | None = None
+    # images (mosaic_dag.images): bundled:digits, a folder with one sub-folder per class, or a table whose
+    # image_field holds a path or the image bytes; the prompt and the tokens that count (mosaic_dag.vlm)
+    modality: Literal["text", "image"] = "text"
+    image_field: str = "image"
+    prompt_template: str = "{image}"
+    tokens: Literal["image", "text", "all"] | None = None  # None: image for images, text for texts
+    descriptions: DescriptionsConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bundled_images(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("path") == "bundled:digits" and "modality" not in data:
+            return {**data, "modality": "image"}
+        return data
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_key(v, "name")
+
+    @property
+    def token_selection(self) -> str:
+        """Which tokens of each row reach the cache as real: image, text or all."""
+        return self.tokens or ("image" if self.modality == "image" else "text")
+
+    @model_validator(mode="after")
+    def _images(self) -> "DatasetConfig":
+        if self.modality == "text":
+            if self.tokens not in (None, "text"):
+                raise ValueError(f"tokens {self.tokens!r} needs modality 'image'; a text dataset has only text tokens")
+            if self.descriptions is not None:
+                raise ValueError("descriptions needs modality 'image' (they are the text side of an image dataset)")
+            return self
+        if self.paths or self.language_field or self.behaviour is not None:
+            raise ValueError("modality 'image' takes one 'path' or 'hf_name'; 'paths', 'language_field' and "
+                             "'behaviour' are for text datasets")
+        if "{image}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {image} (where the image tokens go)")
+        return self
 
     @model_validator(mode="after")
     def _source(self) -> "DatasetConfig":
@@ -259,6 +319,8 @@ class ExperimentConfig(_Strict):
 
     def dataset_languages(self, name: str) -> list[str]:
         d = self.dataset(name)
+        if d.modality == "image":
+            return [IMAGE_LANGUAGE] + ([d.descriptions.language] if d.descriptions else [])
         if d.paths:
             return list(d.paths)
         if d.language_field is not None:

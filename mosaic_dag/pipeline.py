@@ -164,8 +164,11 @@ def build_hidden(
     if layer not in mcfg.layers:
         raise DatasetError(f"layer {layer} is not configured for model {model!r}; add it to models[{model}].layers")
     data = read_dataset(cfg, dataset, language)
+    from mosaic_dag import vlm
+
+    rows_hash = vlm.partition_hash(cfg.dataset(dataset), data.frame, data.content_hash)
     fingerprint = model_fingerprint(cfg, model)
-    target = HiddenCache(hidden_dir(cfg, model, layer, fingerprint, data.content_hash))
+    target = HiddenCache(hidden_dir(cfg, model, layer, fingerprint, rows_hash))
     if target.is_valid(deep=verify):
         return HiddenResult(target, True, None, [])
     if preflight is not None:
@@ -177,16 +180,23 @@ def build_hidden(
     check_layers(loaded, mcfg.layers)
     todo = {}
     for other in mcfg.layers:
-        folder = hidden_dir(cfg, model, other, loaded.fingerprint, data.content_hash)
+        folder = hidden_dir(cfg, model, other, loaded.fingerprint, rows_hash)
         if other == layer or not HiddenCache(folder).is_valid(deep=False):
             todo[other] = folder
-    stats = extract_to_cache(
-        loaded, data.frame["text"].tolist(), sorted(todo), todo,
-        max_length=mcfg.max_length, batch_tokens=mcfg.batch_tokens or default_batch_tokens(loaded.device),
-        extra_manifest={"dataset": dataset, "language": language, "dataset_hash": data.content_hash,
-                        "ids_head": data.frame["id"].head(3).tolist()},
-        progress=progress, show_bar=show_bar,
-    )
+    extra = {"dataset": dataset, "language": language, "dataset_hash": data.content_hash,
+             "ids_head": data.frame["id"].head(3).tolist()}
+    batch_tokens = mcfg.batch_tokens or default_batch_tokens(loaded.device)
+    if "image" in data.frame.columns:  # an image partition: processor inputs, the dataset's token selection
+        dcfg = cfg.dataset(dataset)
+        stats = vlm.extract_images_to_cache(
+            loaded, data.frame["image"].tolist(), sorted(todo), todo, prompt_template=dcfg.prompt_template,
+            tokens=dcfg.token_selection, max_length=mcfg.max_length, batch_tokens=batch_tokens,
+            extra_manifest=extra, progress=progress)
+    else:
+        stats = extract_to_cache(
+            loaded, data.frame["text"].tolist(), sorted(todo), todo, max_length=mcfg.max_length,
+            batch_tokens=batch_tokens, extra_manifest=extra, progress=progress, show_bar=show_bar,
+        )
     return HiddenResult(HiddenCache(todo[layer]), False, stats, sorted(todo))
 
 
