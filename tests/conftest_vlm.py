@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import WORDS
+from tests.conftest import WORDS
 
 VLM_WORDS = WORDS + ("handwritten digit number zero one two three four five six seven eight nine "
                      "picture image photo drawing of an caption en what").split()
