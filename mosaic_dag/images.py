@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def to_png(value: Any, where: str, base: Path | None = None) -> bytes:
             img = Image.fromarray(arr)
         elif isinstance(source, Image.Image):
             img = source
-        elif isinstance(source, (bytes, bytearray, memoryview)):
+        elif isinstance(source, (bytes, bytearray, memoryview)) and len(source):
             img = Image.open(io.BytesIO(bytes(source)))
         elif isinstance(source, str) and source.strip():
             path = Path(source).expanduser()
@@ -66,6 +67,7 @@ def to_png(value: Any, where: str, base: Path | None = None) -> bytes:
         raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types; the user needs one line
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", reason)
         raise DatasetError(f"{where}: image is unreadable ({reason}); fix or remove it") from None
     if img.width == 0 or img.height == 0:
         raise DatasetError(f"{where}: image has zero size ({img.width}x{img.height}); remove it")
