@@ -124,7 +124,9 @@ def check_target(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: i
     from mosaic_dag.sae import SaeMismatchError
 
     try:
-        check_compatible(info, hf_name, d_model, target.layer)
+        from mosaic_dag.vlm import sae_model_name
+
+        check_compatible(info, sae_model_name(hf_name), d_model, target.layer)  # PaliGemma: its Gemma text model
     except SaeMismatchError as err:
         raise SaeMismatchError(f"sae {target.sae!r}: {err}") from None
     return info

@@ -28,6 +28,21 @@ from mosaic_dag.errors import ModelError
 from mosaic_dag.models import LoadedModel
 
 IMAGE_PLACEHOLDER = "{image}"
+# The text model each PaliGemma's language model starts from: SAEs trained on that model (Gemma Scope)
+# read it, which is the seed paper's setting (PaliGemma 2 3B image tokens read by Gemma Scope 2B SAEs).
+LANGUAGE_MODELS = {
+    "paligemma2-3b": "google/gemma-2-2b", "paligemma2-10b": "google/gemma-2-9b",
+    "paligemma2-28b": "google/gemma-2-27b", "paligemma-3b": "google/gemma-2b",
+}
+
+
+def sae_model_name(hf_name: str) -> str:
+    """The model name an SAE must have been trained on to read this model's language model."""
+    key = hf_name.strip().lower().rstrip("/").split("/")[-1]
+    for prefix, text_model in LANGUAGE_MODELS.items():
+        if key.startswith(prefix + "-"):
+            return text_model
+    return hf_name
 
 
 def is_vlm(src: str, kwargs: dict[str, Any]) -> bool:

@@ -152,3 +152,13 @@ def test_text_model_cannot_read_images(tiny_model_dir: Path, tmp_path: Path, cle
         extract_images_to_cache(loaded, _pngs(1), [0], {0: tmp_path / "c"}, prompt_template="{image}",
                                 tokens="image", max_length=64, batch_tokens=64)
     assert not (tmp_path / "c").exists()
+
+
+def test_paligemma_language_model_is_what_its_saes_must_match():
+    from mosaic_dag.sae_registry import models_match
+    from mosaic_dag.vlm import sae_model_name
+
+    assert models_match(sae_model_name("google/paligemma2-3b-pt-224"), "gemma-2-2b")
+    assert sae_model_name("google/paligemma2-10b-pt-448") == "google/gemma-2-9b"
+    assert sae_model_name("google/gemma-3-4b-pt") == "google/gemma-3-4b-pt"  # Gemma 3 SAEs name the VLM itself
+    assert sae_model_name("someone/paligemma2-3bx") == "someone/paligemma2-3bx"
