@@ -15,6 +15,7 @@ from mosaic_dag.datasets import COLUMNS, load_dataset
 from mosaic_dag.errors import ConfigError, DatasetError
 from mosaic_dag.images import decode_png
 from mosaic_dag.pipeline import build_dataset, dataset_file
+from tests.test_bad_input import home  # noqa: F401 - the module-scoped Dagster instance fixture
 
 
 def _dataset(**fields):
@@ -126,7 +127,15 @@ def test_table_with_paths_or_bytes_and_hf_image_feature(tmp_path: Path, monkeypa
     assert (frame["split"] == "test").sum() == 12
 
 
-def _bad_png_rows(tmp_path: Path, value: bytes) -> Path:
+def _bad_png_rows(tmp_path: Path, value: bytes | str | None) -> Path:
+    """Ten good images and a bad row 6: bytes in a parquet, or (a str) a path in a CSV."""
+    if isinstance(value, str):
+        for i in range(10):
+            (tmp_path / f"{i}.png").write_bytes(_png(i))
+        rows = [{"image": f"{i}.png", "label": i % 2} for i in range(10)]
+        rows[6]["image"] = value
+        pd.DataFrame(rows).to_csv(tmp_path / "bad.csv", index=False)
+        return tmp_path / "bad.csv"
     rows = [{"image": _png(i), "label": i % 2} for i in range(10)]
     rows[6]["image"] = value
     pd.DataFrame(rows).to_parquet(tmp_path / "bad.parquet")
@@ -143,7 +152,7 @@ def _cmyk() -> bytes:
     (b"\x89PNG not really", "row 6 (image): image is unreadable"),
     (b"", "row 6 (image): has no image"),
     (None, "row 6 (image): has no image"),
-    ("missing.png", "image file"),
+    ("missing.png", "image file '"),
     ("cmyk", "image mode 'CMYK' is not supported; convert it to RGB or L"),
 ])
 def test_bad_images_fail_with_one_line_and_no_partial_artifact(value, expect: str, tmp_path: Path):
@@ -181,3 +190,25 @@ def test_image_config_errors_are_one_line(fields: dict, expect: str):
     with pytest.raises(ConfigError) as err:
         _dataset(**fields)
     assert expect in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(("value", "expect"), [
+    (b"GIF89a broken", "dataset 'img': row 6 (image): image is unreadable (cannot identify image file); fix or remove it"),
+    ("cmyk", "dataset 'img': row 6 (image): image mode 'CMYK' is not supported; convert it to RGB or L"),
+    ("gone.png", "dataset 'img': row 6 (image): image file '"),
+])
+def test_bad_image_through_mosaic_run_one_line_same_on_dagster_step(value, expect: str, tmp_path: Path,
+                                                                    tiny_model_dir: Path, home: Path,
+                                                                    capsys: pytest.CaptureFixture[str]):
+    from tests.test_bad_input import (assert_no_dataset_artifact, assert_step_failed_with, error_line, fast_config,
+                                      run_cli)
+
+    path = _bad_png_rows(tmp_path, _cmyk() if value == "cmyk" else value)
+    config = fast_config(tmp_path, tiny_model_dir, datasets=[{"name": "img", "path": str(path), "modality": "image"}])
+    code, stderr = run_cli(config, capsys)
+    assert code == 1
+    line = error_line(stderr)
+    assert line.startswith(expect), line
+    assert_step_failed_with(config, "dataset", line)
+    assert_no_dataset_artifact(tmp_path / "data", "img")
+    assert not (tmp_path / "data" / "hidden").exists()
