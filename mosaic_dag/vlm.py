@@ -109,8 +109,8 @@ def selection(token_ids: np.ndarray, image_id: int, specials: np.ndarray, marker
 def processor_inputs(loaded: LoadedModel, images: Sequence[Any], prompt: str) -> dict[str, torch.Tensor]:
     """The processor's tensors for a batch of images with one prompt each (right-padded)."""
     proc = loaded.processor
-    nested = [[img] for img in images] if type(proc).__name__.startswith("Gemma3") else list(images)
-    out = proc(images=nested, text=[prompt] * len(images), return_tensors="pt", padding=True)
+    # one image per row, nested: Gemma 3 needs it, PaliGemma takes it
+    out = proc(images=[[img] for img in images], text=[prompt] * len(images), return_tensors="pt", padding=True)
     keep = {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids") if k in out}
     if "attention_mask" not in keep:
         keep["attention_mask"] = torch.ones_like(keep["input_ids"])

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import yaml
 
-from mosaic_dag.analysis import transfer_matrices
+from mosaic_dag.analysis import conditions_table, transfer_matrices
 from mosaic_dag.cli import main
 from mosaic_dag.config import load_config
 from mosaic_dag.evaluation import results_table
 from mosaic_dag.extract import HiddenCache
 from mosaic_dag.pipeline import build_hidden, read_dataset
-from tests.conftest import TINY_SAE
 from tests.conftest_vlm import build_tiny_vlm
 
+SAE = {"source": "train", "name": "btk", "architecture": "batchtopk", "width": 64, "k": 4, "training_tokens": 4000,
+       "batch_size": 32}
 TEMPLATES = ["a handwritten digit {label_name}", "the digit {label_name}", "the number {label_name}",
              "a picture of the number {label_name}", "a drawing of a {label_name}", "an image of a {label_name}"]
 
@@ -34,12 +35,13 @@ def test_mosaic_run_on_digits_with_a_tiny_vlm(tmp_path: Path, vlm_dir: Path, dag
     config.write_text(yaml.safe_dump({
         "name": "digits-vlm", "data_dir": str(tmp_path / "data"),
         "models": [{"name": "vlm", "id": str(vlm_dir), "layers": [1], "dtype": "float32", "max_length": 32,
-                    "batch_tokens": 320, "saes": [TINY_SAE]}],
+                    "batch_tokens": 320, "saes": [SAE]}],
         "datasets": [{"name": "digits", "path": "bundled:digits", "max_rows": 200,
                       "prompt_template": "{image} a handwritten digit",
                       "descriptions": {"language": "en", "templates": TEMPLATES}}],
         "classification": {"poolings": ["mean", "max"], "thresholds": [None], "top_n": [4], "classifiers": ["logistic"],
                            "tfidf": ["word"], "bootstrap": 50},
+        "conditions": {"enabled": True, "sizes": [20, None], "imbalances": [0.5], "noise_rates": [0.0, 0.2]},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }))
     assert main(["run", "--config", str(config), "--quiet"]) == 0, capsys.readouterr().err
@@ -72,6 +74,11 @@ def test_mosaic_run_on_digits_with_a_tiny_vlm(tmp_path: Path, vlm_dir: Path, dag
     assert man["modality"] == "image" and man["token_selection"] == "image"
     np.testing.assert_array_equal(shard.real_mask, shard.token_ids == man["image_token_id"])
     assert int(shard.real_mask.sum()) == 4 * man["texts"]  # 4 soft tokens per image, nothing else counted
+
+    curves = conditions_table(cfg)
+    assert set(curves.loc[curves["language"] == "image", "features"]) == {"sae", "hidden"}
+    assert set(curves.loc[curves["language"] == "en", "features"]) == {"sae", "hidden", "tfidf"}
+    assert set(curves["condition"]) == {"size", "imbalance", "noise"}
 
     report = (cfg.data_path / "report" / "index.md").read_text()
     assert "TF-IDF has no words to read in an image" in report
