@@ -212,3 +212,13 @@ def test_bad_image_through_mosaic_run_one_line_same_on_dagster_step(value, expec
     assert_step_failed_with(config, "dataset", line)
     assert_no_dataset_artifact(tmp_path / "data", "img")
     assert not (tmp_path / "data" / "hidden").exists()
+
+
+@pytest.mark.parametrize("name", ["digits_gemma3_4b.yaml", "digits_paligemma2.yaml"])
+def test_real_model_image_examples_validate(name: str):
+    from mosaic_dag.config import load_config
+    from mosaic_dag.partitions import dataset_keys
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / name)
+    assert [k.key for k in dataset_keys(cfg)] == ["digits.image", "digits.en"]
+    assert cfg.dataset("digits").token_selection == "image" and cfg.models[0].saes[0].source == "registry"
