@@ -59,12 +59,39 @@ def _name(folder: Path, name: str) -> None:
     (folder / "config.json").write_text(json.dumps(meta))
 
 
-def build_tiny_vlm(folder: Path, n_layers: int = 4, seed: int = 0) -> Path:
-    """Gemma3ForConditionalGeneration + Gemma3Processor (4 image tokens per image)."""
+def gemma3_tokenizer_with_image_token(source: Path, folder: Path):
+    """Gemma 3's own tokenizer (the bundled model's) plus the image soft token, named as on the Hub.
+
+    It has ``<start_of_image>``/``<end_of_image>`` but not ``<image_soft_token>``; added, it gets id 262144,
+    the real Gemma 3 multimodal models' ``image_token_index``.
+    """
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<image_soft_token>", special=True, normalized=False)]})
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(folder)
+    meta = json.loads((folder / "tokenizer_config.json").read_text())
+    meta["extra_special_tokens"] = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                    "image_token": "<image_soft_token>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(meta))
+    tok = AutoTokenizer.from_pretrained(folder)
+    return tok, tok.get_vocab()
+
+
+def build_tiny_vlm(folder: Path, n_layers: int = 4, seed: int = 0, tokenizer_from: Path | None = None) -> Path:
+    """Gemma3ForConditionalGeneration + Gemma3Processor (4 image tokens per image).
+
+    ``tokenizer_from``: a folder with Gemma 3's real tokenizer (else a word-level one with the image tokens).
+    """
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
-    fast, vocab = _tokenizer(IMAGE_TOKENS, {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                                            "image_token": "<image_soft_token>"})
+    if tokenizer_from is not None:
+        fast, vocab = gemma3_tokenizer_with_image_token(tokenizer_from, folder / "tokenizer-src")
+    else:
+        fast, vocab = _tokenizer(IMAGE_TOKENS, {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                                "image_token": "<image_soft_token>"})
     torch.manual_seed(seed)
     cfg = Gemma3Config(text_config=_text_config(len(vocab), n_layers).to_dict(),
                        vision_config=_vision_config().to_dict(), mm_tokens_per_image=4,

@@ -162,3 +162,59 @@ def test_paligemma_language_model_is_what_its_saes_must_match():
     assert sae_model_name("google/paligemma2-10b-pt-448") == "google/gemma-2-9b"
     assert sae_model_name("google/gemma-3-4b-pt") == "google/gemma-3-4b-pt"  # Gemma 3 SAEs name the VLM itself
     assert sae_model_name("someone/paligemma2-3bx") == "someone/paligemma2-3bx"
+
+
+@pytest.mark.integration
+def test_real_gemma3_tokenizer_image_tokens_mask_and_parity(tmp_path: Path, clean):
+    """The bundled model's tokenizer is Gemma 3's: the processor's output tokenizes into the real ids."""
+    from mosaic_dag.models import bundled_snapshot
+    from mosaic_dag.pipeline import models_dir
+
+    folder = build_tiny_vlm(tmp_path / "vlm-real-tok", tokenizer_from=bundled_snapshot(models_dir(None)))
+    loaded = _load(folder, tmp_path)
+    tok = loaded.tokenizer
+    assert tok.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>", "<image_soft_token>"]) == [255999, 256000, 262144]
+    assert loaded.model.config.image_token_id == tok.image_token_id == 262144
+    layers = [0, 3]
+    pngs = _pngs(2)
+    _, caches = _extract(loaded, pngs, layers, tmp_path, "text", PROMPTS["gemma3"])
+    shard = caches[3]
+    np.testing.assert_array_equal(shard.image_mask, shard.token_ids == 262144)
+    assert np.add.reduceat(shard.image_mask.astype(int), shard.offsets[:-1]).tolist() == [4, 4]
+    counted = {tok.convert_ids_to_tokens(int(t)) for t in shard.token_ids[shard.real_mask]}
+    assert not counted & {"<bos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"}
+    assert {"▁handwritten", "▁digit"} <= counted
+    inputs = processor_inputs(loaded, [decode_png(pngs[1])], prompt_text(loaded, PROMPTS["gemma3"]))
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_m, _i, out) -> None:  # a hook that returns something would replace the block's output
+        seen["x"] = (out[0] if isinstance(out, tuple) else out)[0]
+
+    h = decoder_layers(loaded.model)[3].register_forward_hook(keep)
+    try:
+        with torch.inference_mode():
+            loaded.model(**inputs)
+    finally:
+        h.remove()
+    a, b = shard.offsets[1], shard.offsets[2]
+    np.testing.assert_array_equal(shard.token_ids[a:b], inputs["input_ids"][0].numpy())
+    np.testing.assert_allclose(shard.acts[a:b].astype(np.float32), seen["x"].float().numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_prompt_and_token_selection_are_part_of_the_cache_key():
+    import pandas as pd
+
+    from mosaic_dag.config import parse_config
+    from mosaic_dag.vlm import partition_hash
+
+    def dcfg(**fields):
+        cfg = parse_config({"models": [{"name": "m", "layers": [0]}],
+                            "datasets": [{"name": "d", "path": "bundled:digits", **fields}]})
+        return cfg.dataset("d")
+
+    images = pd.DataFrame({"text": ["image:ab"], "image": [b"png"]})
+    keys = {partition_hash(dcfg(**f), images, "rows") for f in
+            ({}, {"tokens": "all"}, {"tokens": "text"}, {"prompt_template": "{image} a digit"})}
+    assert len(keys) == 4 and "rows" not in keys
+    assert partition_hash(dcfg(), images, "rows") == partition_hash(dcfg(tokens="image"), images, "rows")
+    assert partition_hash(dcfg(), pd.DataFrame({"text": ["a digit"]}), "rows") == "rows"  # text rows: as before
