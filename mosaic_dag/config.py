@@ -204,6 +204,8 @@ class DatasetConfig(_Strict):
         if self.paths or self.language_field or self.behaviour is not None:
             raise ValueError("modality 'image' takes one 'path' or 'hf_name'; 'paths', 'language_field' and "
                              "'behaviour' are for text datasets")
+        if "language" in self.model_fields_set:
+            raise ValueError("an image dataset's partitions are 'image' and descriptions.language; drop 'language'")
         if "{image}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {image} (where the image tokens go)")
         return self

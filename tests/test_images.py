@@ -185,6 +185,7 @@ def test_zero_size_image_is_refused():
     ({"path": "bundled:digits", "descriptions": {"language": "image"}}, "language 'image'"),
     ({"path": "x.csv", "descriptions": {}}, "descriptions needs modality 'image'"),
     ({"path": "bundled:digits", "language_field": "lang", "languages": ["en"]}, "for text datasets"),
+    ({"path": "bundled:digits", "language": "fr"}, "drop 'language'"),
 ])
 def test_image_config_errors_are_one_line(fields: dict, expect: str):
     with pytest.raises(ConfigError) as err:
