@@ -128,6 +128,7 @@ class DescriptionsConfig(_Strict):
     """Text rows written from templates, one per (template, class): the text side of text -> image transfer."""
 
     language: str = "en"  # partition key of the text rows (next to 'image')
+    names: dict[str, str] | None = None  # label_name -> the class as written in this language ({seven: sept})
     templates: list[str] = Field(default_factory=lambda: [
         "a picture of a {label_name}", "an image of a {label_name}", "a photo of the {label_name}",
         "a drawing of a {label_name}", "this is a {label_name}", "a {label_name}", "the {label_name}",
@@ -174,14 +175,23 @@ class DatasetConfig(_Strict):
     image_field: str = "image"
     prompt_template: str = "{image}"
     tokens: Literal["image", "text", "all"] | None = None  # None: image for images, text for texts
-    descriptions: DescriptionsConfig | None = None
+    descriptions: list[DescriptionsConfig] | None = None  # one mapping or a list (one per language)
 
     @model_validator(mode="before")
     @classmethod
     def _bundled_images(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("path") == "bundled:digits" and "modality" not in data:
-            return {**data, "modality": "image"}
+            data = {**data, "modality": "image"}
+        if isinstance(data, dict) and isinstance(data.get("descriptions"), dict):
+            data = {**data, "descriptions": [data["descriptions"]]}
         return data
+
+    @property
+    def description_languages(self) -> list[str]:
+        return [d.language for d in self.descriptions or []]
+
+    def description(self, language: str) -> DescriptionsConfig | None:
+        return next((d for d in self.descriptions or [] if d.language == language), None)
 
     @field_validator("name")
     @classmethod
@@ -206,6 +216,9 @@ class DatasetConfig(_Strict):
                              "'behaviour' are for text datasets")
         if "language" in self.model_fields_set:
             raise ValueError("an image dataset's partitions are 'image' and descriptions.language; drop 'language'")
+        langs = self.description_languages
+        if len(set(langs)) != len(langs):
+            raise ValueError(f"descriptions languages must be unique; got {langs}")
         if "{image}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {image} (where the image tokens go)")
         return self
@@ -322,7 +335,7 @@ class ExperimentConfig(_Strict):
     def dataset_languages(self, name: str) -> list[str]:
         d = self.dataset(name)
         if d.modality == "image":
-            return [IMAGE_LANGUAGE] + ([d.descriptions.language] if d.descriptions else [])
+            return [IMAGE_LANGUAGE] + d.description_languages
         if d.paths:
             return list(d.paths)
         if d.language_field is not None:

@@ -155,10 +155,10 @@ def load_image_dataset(cfg: DatasetConfig, language: str, split_cfg: SplitConfig
         cols = [c for c in raw.columns if not str(c).startswith("__")][:12]
         raise DatasetError(f"dataset {cfg.name!r}: label_field {cfg.label_field!r} is not a column; columns: {cols}")
     if language != IMAGE_LANGUAGE:
-        if cfg.descriptions is None or language != cfg.descriptions.language:
+        if cfg.description(language) is None:
             raise DatasetError(f"dataset {cfg.name!r} has no partition {language!r}; it has "
-                               f"{[IMAGE_LANGUAGE] + ([cfg.descriptions.language] if cfg.descriptions else [])}")
-        return describe(raw, cfg, split_cfg)
+                               f"{[IMAGE_LANGUAGE] + cfg.description_languages}")
+        return describe(raw, cfg, language, split_cfg)
     if column not in raw.columns:
         cols = [c for c in raw.columns if not str(c).startswith("__")][:12]
         raise DatasetError(f"dataset {cfg.name!r}: image_field {column!r} is not a column; columns: {cols}")
@@ -177,19 +177,29 @@ def load_image_dataset(cfg: DatasetConfig, language: str, split_cfg: SplitConfig
     return out[ds.COLUMNS + ["image"]]
 
 
-def describe(raw: pd.DataFrame, cfg: DatasetConfig, split_cfg: SplitConfig) -> pd.DataFrame:
-    """Text rows ``template.format(label_name=...)`` for every class of the image source, same label ids."""
+def describe(raw: pd.DataFrame, cfg: DatasetConfig, language: str, split_cfg: SplitConfig) -> pd.DataFrame:
+    """Text rows ``template.format(label_name=...)`` for every class of the image source, same label ids.
+
+    ``label_name`` is the class as ``names`` writes it in that language (default: the class name itself);
+    the rows keep the image partition's ``label_name`` so both partitions share one label space.
+    """
     from mosaic_dag import datasets as ds
 
-    assert cfg.descriptions is not None
+    desc = cfg.description(language)
+    assert desc is not None
     values = raw[cfg.label_field]
     _, names = ds._labels(values, cfg, raw.attrs.get("label_names"))
+    unknown = sorted(set(desc.names or {}) - set(names))
+    if unknown:
+        raise DatasetError(f"dataset {cfg.name!r}.{language}: descriptions.names has {unknown[:5]}, which are not "
+                           f"classes; the classes are {names[:12]}")
     classes = sorted(set(values.tolist()))
-    rows = [{"text": t.format(label_name=name), "label": c}
-            for t in cfg.descriptions.templates for c, name in zip(classes, names)]
+    written = desc.names or {}
+    rows = [{"text": t.format(label_name=written.get(name, name)), "label": c}
+            for t in desc.templates for c, name in zip(classes, names)]
     frame = pd.DataFrame(rows)
     frame.attrs = dict(raw.attrs)
-    lang = cfg.descriptions.language
+    lang = language
     dcfg = cfg.model_copy(update={"text_field": "text", "label_field": "label", "modality": "text", "tokens": None,
                                   "descriptions": None, "max_rows": None, "language": lang})
     out = ds.normalise(frame, dcfg, lang, split_cfg)

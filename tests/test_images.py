@@ -73,6 +73,24 @@ def test_descriptions_share_the_image_label_ids():
     assert set(texts.loc[texts["split"] == "test", "label"]) == set(range(10))
 
 
+def test_descriptions_in_several_languages_with_their_own_class_words():
+    fr = {"language": "fr", "templates": ["un chiffre {label_name}", "le chiffre {label_name}", "le nombre {label_name}",
+                                          "un {label_name} manuscrit"],
+          "names": {"zero": "zéro", "one": "un", "seven": "sept"}}
+    cfg, d = _dataset(path="bundled:digits", max_rows=200, descriptions=[{"language": "en"}, fr])
+    assert cfg.dataset_languages("img") == ["image", "en", "fr"]
+    images = load_dataset(d, "image", cfg.split)
+    texts = load_dataset(d, "fr", cfg.split)
+    assert {"le chiffre sept", "un chiffre zéro", "le nombre two"} <= set(texts["text"])  # unnamed classes as is
+    assert set(zip(texts["label"], texts["label_name"])) == set(zip(images["label"], images["label_name"]))
+    assert (texts["language"] == "fr").all() and texts["id"].str.startswith("img.fr.").all()
+    with pytest.raises(DatasetError, match=r"has no partition 'de'; it has \['image', 'en', 'fr'\]"):
+        load_dataset(d, "de", cfg.split)
+    _, bad = _dataset(path="bundled:digits", descriptions={"names": {"seventy": "x"}})
+    with pytest.raises(DatasetError, match=r"descriptions.names has \['seventy'\], which are not classes"):
+        load_dataset(bad, "en", cfg.split)
+
+
 def test_class_folders_with_and_without_split_folders(tmp_path: Path):
     flat = tmp_path / "flat"
     for c, cls in enumerate(["cat", "dog", "eel"]):
@@ -186,6 +204,7 @@ def test_zero_size_image_is_refused():
     ({"path": "x.csv", "descriptions": {}}, "descriptions needs modality 'image'"),
     ({"path": "bundled:digits", "language_field": "lang", "languages": ["en"]}, "for text datasets"),
     ({"path": "bundled:digits", "language": "fr"}, "drop 'language'"),
+    ({"path": "bundled:digits", "descriptions": [{"language": "en"}, {"language": "en"}]}, "must be unique"),
 ])
 def test_image_config_errors_are_one_line(fields: dict, expect: str):
     with pytest.raises(ConfigError) as err:
