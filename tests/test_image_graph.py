@@ -82,3 +82,30 @@ def test_mosaic_run_on_digits_with_a_tiny_vlm(tmp_path: Path, vlm_dir: Path, dag
 
     report = (cfg.data_path / "report" / "index.md").read_text()
     assert "TF-IDF has no words to read in an image" in report
+
+
+def test_paligemma_partition_through_the_library_steps(tmp_path: Path, clean):
+    """Without Dagster: dataset -> hidden states of a tiny PaliGemma, its 16 image tokens per image counted."""
+    from mosaic_dag.config import parse_config
+    from mosaic_dag.pipeline import build_dataset
+    from tests.conftest_vlm import build_tiny_paligemma
+
+    folder = build_tiny_paligemma(tmp_path / "pali")
+    cfg = parse_config({
+        "data_dir": str(tmp_path / "data"),
+        "models": [{"name": "pali", "id": str(folder), "layers": [0, 2], "dtype": "float32", "max_length": 24}],
+        "datasets": [{"name": "digits", "path": "bundled:digits", "max_rows": 60, "prompt_template": "{image}caption en",
+                      "tokens": "all", "descriptions": {"templates": TEMPLATES}}],
+    })
+    for language in cfg.dataset_languages("digits"):
+        build_dataset(cfg, "digits", language)
+    images = build_hidden(cfg, "pali", 2, "digits", "image")
+    assert not images.hit and images.layers_computed == [0, 2]  # one forward pass for both layers
+    shard = HiddenCache(images.cache.path).load_all()
+    per_row = np.add.reduceat(shard.image_mask.astype(int), shard.offsets[:-1])
+    assert (per_row == 16).all() and len(per_row) == 60
+    words = np.add.reduceat((shard.real_mask & ~shard.image_mask).astype(int), shard.offsets[:-1])
+    assert (words == 2).all()  # tokens: all = 16 image tokens + "caption en"; BOS never
+    assert build_hidden(cfg, "pali", 0, "digits", "image").hit
+    texts = build_hidden(cfg, "pali", 2, "digits", "en")
+    assert HiddenCache(texts.cache.path).load_all().image_mask is None  # text rows: the text path
