@@ -210,6 +210,9 @@ class DatasetConfig(_Strict):
                 raise ValueError(f"tokens {self.tokens!r} needs modality 'image'; a text dataset has only text tokens")
             if self.descriptions is not None:
                 raise ValueError("descriptions needs modality 'image' (they are the text side of an image dataset)")
+            for key in ("prompt_template", "image_field"):
+                if key in self.model_fields_set:
+                    raise ValueError(f"{key} needs modality 'image'; set modality: image or drop it")
             return self
         if self.paths or self.language_field or self.behaviour is not None:
             raise ValueError("modality 'image' takes one 'path' or 'hf_name'; 'paths', 'language_field' and "

@@ -202,6 +202,7 @@ def test_zero_size_image_is_refused():
      "must contain {label_name}"),
     ({"path": "bundled:digits", "descriptions": {"language": "image"}}, "language 'image'"),
     ({"path": "x.csv", "descriptions": {}}, "descriptions needs modality 'image'"),
+    ({"path": "x.csv", "image_field": "file"}, "image_field needs modality 'image'"),
     ({"path": "bundled:digits", "language_field": "lang", "languages": ["en"]}, "for text datasets"),
     ({"path": "bundled:digits", "language": "fr"}, "drop 'language'"),
     ({"path": "bundled:digits", "descriptions": [{"language": "en"}, {"language": "en"}]}, "must be unique"),
