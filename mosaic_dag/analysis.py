@@ -80,13 +80,16 @@ def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str, pooled: 
         out.matrices[source] = res.matrix
         records.append(res.long.assign(features=source, pooling=pooling, top_n=top_n,
                                        threshold=cfg.transfer.threshold if source == "sae" else math.nan))
-    texts = {}
-    for lang in languages:
-        r, t = rows[lang], frames[lang]["text"].to_numpy()
-        texts[lang] = (list(t[r.train]), r.y(r.train), list(t[r.val]), r.y(r.val), list(t[r.test]), r.y(r.test))
-    res = tfidf_transfer_matrix(texts, cfg.transfer.tfidf, seed=seed, n_boot=n_boot)
-    out.matrices["tfidf"] = res.matrix
-    records.append(res.long.assign(features="tfidf", pooling=cfg.transfer.tfidf, top_n=None, threshold=math.nan))
+    from mosaic_dag.images import is_image_frame
+
+    if not any(is_image_frame(f) for f in frames.values()):  # TF-IDF has no words to read in an image
+        texts = {}
+        for lang in languages:
+            r, t = rows[lang], frames[lang]["text"].to_numpy()
+            texts[lang] = (list(t[r.train]), r.y(r.train), list(t[r.val]), r.y(r.val), list(t[r.test]), r.y(r.test))
+        res = tfidf_transfer_matrix(texts, cfg.transfer.tfidf, seed=seed, n_boot=n_boot)
+        out.matrices["tfidf"] = res.matrix
+        records.append(res.long.assign(features="tfidf", pooling=cfg.transfer.tfidf, top_n=None, threshold=math.nan))
     long = pd.concat(records, ignore_index=True)
     long = long[long["train_language"] != long["test_language"]]  # the diagonal lives in the probes rows
     table = pd.DataFrame({
@@ -141,7 +144,9 @@ def build_conditions(cfg: ExperimentConfig, target: Target, pooled_handle: Poole
     pooled = PooledResult.of(pooled_handle)
     seed, n_boot = cfg.classification.seed, cfg.classification.bootstrap
     parts = []
-    for source in ("sae", "hidden", "tfidf"):
+    from mosaic_dag.images import is_image_frame
+
+    for source in ("sae", "hidden") + (() if is_image_frame(frame) else ("tfidf",)):
         if source == "tfidf":
             vec = make_vectorizer("word", language)
             texts = frame["text"].to_numpy()
@@ -184,5 +189,10 @@ def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, trans
     matrices = transfer_matrices(cfg, transfer)
     extra = (f"Experiment `{cfg.name}`: {len(table)} probe rows, {len(matrices)} transfer matrices, "
              f"{len(curves)} hard-condition points. Data folder: `{cfg.data_path}`.\n")
+    images = [d.name for d in cfg.datasets if d.modality == "image"]
+    if images:
+        extra += (f"\nImage datasets ({', '.join(images)}): TF-IDF has no words to read in an image, so image "
+                  "partitions have SAE and hidden-state probes only; a transfer matrix with an `image` row/column "
+                  "is text -> image transfer (class descriptions vs images).\n")
     return write_report(cfg.data_path / "report", table, matrices or None,
                         curves if len(curves) else None, extra_md=extra, title=f"MOSAIC report: {cfg.name}")

@@ -136,7 +136,9 @@ def check_target(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: i
         return None
     info = sae_info(load_target_sae(cfg, target, handle), hint=registry_hint(cfg, target))
     try:
-        check_compatible(info, hf_name, d_model, target.layer)
+        from mosaic_dag.vlm import sae_model_name
+
+        check_compatible(info, sae_model_name(hf_name), d_model, target.layer)  # PaliGemma: its Gemma text model
     except SaeMismatchError as err:
         raise SaeMismatchError(f"sae {target.sae!r}: {err}") from None
     return info
@@ -196,7 +198,9 @@ def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
                            release=scfg.release, sae_id=scfg.sae_id, width=int(info.d_sae),
                            architecture=str(info.architecture))
         try:
-            check_compatible(info, hf_name, d_model, target.layer)
+            from mosaic_dag.vlm import sae_model_name
+
+            check_compatible(info, sae_model_name(hf_name), d_model, target.layer)  # PaliGemma: its text model
             mismatch = None
         except SaeMismatchError as err:
             mismatch = f"sae {target.sae!r}: {err}"

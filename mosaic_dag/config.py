@@ -125,8 +125,35 @@ class BehaviourConfig(_Strict):
         return self
 
 
+class DescriptionsConfig(_Strict):
+    """Text rows written from templates, one per (template, class): the text side of text -> image transfer."""
+
+    language: str = "en"  # partition key of the text rows (next to 'image')
+    names: dict[str, str] | None = None  # label_name -> the class as written in this language ({seven: sept})
+    templates: list[str] = Field(default_factory=lambda: [
+        "a picture of a {label_name}", "an image of a {label_name}", "a photo of the {label_name}",
+        "a drawing of a {label_name}", "this is a {label_name}", "a {label_name}", "the {label_name}",
+        "an example of a {label_name}",
+    ], min_length=4)
+
+    @model_validator(mode="after")
+    def _templates(self) -> "DescriptionsConfig":
+        _check_key(self.language, "language")
+        if self.language == "image":
+            raise ValueError("language 'image' is the image partition's key; pick another (e.g. en)")
+        bad = [t for t in self.templates if "{label_name}" not in t]
+        if bad:
+            raise ValueError(f"templates must contain {{label_name}}; {bad[0]!r} does not")
+        if len(set(self.templates)) != len(self.templates):
+            raise ValueError("templates must not repeat")
+        return self
+
+
+IMAGE_LANGUAGE = "image"  # the partition key of an image dataset's image rows: <dataset>.image
+
+
 class DatasetConfig(_Strict):
-    """A labelled text dataset: Hugging Face hub, local file(s), or the bundled demo."""
+    """A labelled dataset: Hugging Face hub, local file(s), a bundled set; text or images."""
 
     name: str
     path: str | None = None
@@ -143,11 +170,62 @@ class DatasetConfig(_Strict):
     split_field: str | None = None
     max_rows: int | None = Field(None, ge=2)
     behaviour: BehaviourConfig | None = None
+    # images (mosaic_dag.images): bundled:digits, a folder with one sub-folder per class, or a table whose
+    # image_field holds a path or the image bytes; the prompt and the tokens that count (mosaic_dag.vlm)
+    modality: Literal["text", "image"] = "text"
+    image_field: str = "image"
+    prompt_template: str = "{image}"
+    tokens: Literal["image", "text", "all"] | None = None  # None: image for images, text for texts
+    descriptions: list[DescriptionsConfig] | None = None  # one mapping or a list (one per language)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bundled_images(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("path") == "bundled:digits" and "modality" not in data:
+            data = {**data, "modality": "image"}
+        if isinstance(data, dict) and isinstance(data.get("descriptions"), dict):
+            data = {**data, "descriptions": [data["descriptions"]]}
+        return data
+
+    @property
+    def description_languages(self) -> list[str]:
+        return [d.language for d in self.descriptions or []]
+
+    def description(self, language: str) -> DescriptionsConfig | None:
+        return next((d for d in self.descriptions or [] if d.language == language), None)
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_key(v, "name")
+
+    @property
+    def token_selection(self) -> str:
+        """Which tokens of each row reach the cache as real: image, text or all."""
+        return self.tokens or ("image" if self.modality == "image" else "text")
+
+    @model_validator(mode="after")
+    def _images(self) -> "DatasetConfig":
+        if self.modality == "text":
+            if self.tokens not in (None, "text"):
+                raise ValueError(f"tokens {self.tokens!r} needs modality 'image'; a text dataset has only text tokens")
+            if self.descriptions is not None:
+                raise ValueError("descriptions needs modality 'image' (they are the text side of an image dataset)")
+            for key in ("prompt_template", "image_field"):
+                if key in self.model_fields_set:
+                    raise ValueError(f"{key} needs modality 'image'; set modality: image or drop it")
+            return self
+        if self.paths or self.language_field or self.behaviour is not None:
+            raise ValueError("modality 'image' takes one 'path' or 'hf_name'; 'paths', 'language_field' and "
+                             "'behaviour' are for text datasets")
+        if "language" in self.model_fields_set:
+            raise ValueError("an image dataset's partitions are 'image' and descriptions.language; drop 'language'")
+        langs = self.description_languages
+        if len(set(langs)) != len(langs):
+            raise ValueError(f"descriptions languages must be unique; got {langs}")
+        if "{image}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {image} (where the image tokens go)")
+        return self
 
     @model_validator(mode="after")
     def _source(self) -> "DatasetConfig":
@@ -282,6 +360,8 @@ class ExperimentConfig(_Strict):
 
     def dataset_languages(self, name: str) -> list[str]:
         d = self.dataset(name)
+        if d.modality == "image":
+            return [IMAGE_LANGUAGE] + d.description_languages
         if d.paths:
             return list(d.paths)
         if d.language_field is not None:

@@ -277,6 +277,10 @@ def normalise(raw: pd.DataFrame, cfg: DatasetConfig, language: str, split_cfg: S
 
 def load_dataset(cfg: DatasetConfig, language: str, split_cfg: SplitConfig, base: Path | None = None) -> pd.DataFrame:
     """Read + normalise one (dataset, language) partition."""
+    if cfg.modality == "image":
+        from mosaic_dag.images import load_image_dataset
+
+        return load_image_dataset(cfg, language, split_cfg, base)
     return normalise(read_source(cfg, base, language), cfg, language, split_cfg)
 
 

@@ -146,7 +146,10 @@ def run_probes(
     dataset, _, language = data.key.partition(".")
     rows = SplitRows.of(frame)
     cls = cfg.classification
-    specs = probe_specs(cfg)
+    from mosaic_dag.images import is_image_frame
+
+    # TF-IDF reads words: an image partition has none, so it has no TF-IDF rows (README: images)
+    specs = [s for s in probe_specs(cfg) if not (s.features == "tfidf" and is_image_frame(frame))]
     cache: dict[str, Any] = {}
     runs: list[ProbeRun] = []
     records = []

@@ -55,6 +55,7 @@ class ActivationShard:
     acts: np.ndarray  # float16/float32 [tokens, d_model]
     token_ids: np.ndarray  # int32 [tokens]
     real_mask: np.ndarray  # bool [tokens]: False for BOS/padding/special tokens
+    image_mask: np.ndarray | None = None  # bool [tokens]: image tokens (vision-language caches only)
 
     @property
     def n_texts(self) -> int:
@@ -122,8 +123,11 @@ def make_batches(ids: list[list[int]], batch_tokens: int, pad_id: int, max_paddi
 
 
 def forward_layers(loaded: LoadedModel, layers: Sequence[int], input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Outputs of the requested blocks for one batch; stops after the deepest block."""
+                   attention_mask: torch.Tensor, **extra: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Outputs of the requested blocks for one batch; stops after the deepest block.
+
+    ``extra`` goes to the model as is (a vision-language model's pixel_values and token_type_ids).
+    """
     blocks = decoder_layers(loaded.model)
     deepest = max(layers)
     captured: dict[int, torch.Tensor] = {}
@@ -141,9 +145,10 @@ def forward_layers(loaded: LoadedModel, layers: Sequence[int], input_ids: torch.
     try:
         # A batch without padding needs no mask: the model then builds only its causal mask and
         # attention can take its causal fast path.
-        mask = None if bool(attention_mask.all()) else attention_mask.to(loaded.device)
+        mask = None if bool(attention_mask.all()) and not extra else attention_mask.to(loaded.device)
         with torch.inference_mode():
-            loaded.model.base_model(input_ids=input_ids.to(loaded.device), attention_mask=mask, use_cache=False)
+            loaded.model.base_model(input_ids=input_ids.to(loaded.device), attention_mask=mask, use_cache=False,
+                                    **{k: v.to(loaded.device) for k, v in extra.items()})
     except _StopForward:
         pass
     finally:
@@ -212,17 +217,20 @@ class HiddenCache:
             yield ActivationShard(
                 rows=t["rows"], offsets=t["offsets"], acts=t["acts"],
                 token_ids=t["token_ids"], real_mask=t["real_mask"].astype(bool),
+                image_mask=t["image_mask"].astype(bool) if "image_mask" in t else None,
             )
 
     def load_all(self) -> ActivationShard:
         """Every text in dataset order (tests and small sets; big sets should stream)."""
         shards = list(self.iter_shards())
         n = sum(s.n_texts for s in shards)
-        per_text: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * n
+        per_text: list[tuple[np.ndarray, ...] | None] = [None] * n
+        images = all(s.image_mask is not None for s in shards) and bool(shards)
         for s in shards:
             for j, row in enumerate(s.rows):
                 a, b = s.offsets[j], s.offsets[j + 1]
-                per_text[int(row)] = (s.acts[a:b], s.token_ids[a:b], s.real_mask[a:b])
+                per_text[int(row)] = (s.acts[a:b], s.token_ids[a:b], s.real_mask[a:b]) + (
+                    (s.image_mask[a:b],) if images else ())  # type: ignore[index]
         lengths = np.asarray([len(p[1]) for p in per_text if p is not None], dtype=np.int64)
         if len(lengths) != n:
             raise CacheError(f"hidden-state cache {str(self.path)!r} is missing rows; delete it to recompute")
@@ -232,6 +240,7 @@ class HiddenCache:
             acts=np.concatenate([p[0] for p in per_text]),  # type: ignore[index]
             token_ids=np.concatenate([p[1] for p in per_text]),  # type: ignore[index]
             real_mask=np.concatenate([p[2] for p in per_text]),  # type: ignore[index]
+            image_mask=np.concatenate([p[3] for p in per_text]) if images else None,  # type: ignore[index]
         )
 
 
@@ -245,14 +254,15 @@ class _ShardWriter:
     def __init__(self, folder: Path, shard_tokens: int):
         self.folder = folder
         self.shard_tokens = shard_tokens
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.parts: list[tuple[np.ndarray, ...]] = []
         self.buffered = 0
         self.max_abs = 0.0
         self.shards: list[dict[str, Any]] = []
 
-    def add(self, rows: np.ndarray, lengths: np.ndarray, acts: np.ndarray, ids: np.ndarray, real: np.ndarray) -> None:
+    def add(self, rows: np.ndarray, lengths: np.ndarray, acts: np.ndarray, ids: np.ndarray, real: np.ndarray,
+            image: np.ndarray | None = None) -> None:
         """One batch: ``acts`` [lengths.sum(), d] holds the texts of ``rows`` back to back."""
-        self.parts.append((rows, lengths, acts, ids, real))
+        self.parts.append((rows, lengths, acts, ids, real) + ((image,) if image is not None else ()))
         peak = float(np.abs(acts).max(initial=0.0))  # per batch: no shard-sized temporary
         self.max_abs = max(self.max_abs, peak if np.isfinite(peak) else float("inf"))  # NaN/inf -> fp32, as before
         self.buffered += int(lengths.sum())
@@ -269,6 +279,7 @@ class _ShardWriter:
         lengths = np.concatenate([p[1] for p in parts]).astype(np.int64)
         token_ids = np.concatenate([p[3] for p in parts]).astype(np.int32)
         real_mask = np.concatenate([p[4] for p in parts]).astype(np.uint8)
+        image = {"image_mask": np.concatenate([p[5] for p in parts]).astype(np.uint8)} if len(parts[0]) > 5 else {}
         # Fill the shard's array batch by batch (casting on the way), freeing each fp32 batch as it is
         # copied: the peak is the buffer plus one fp16 shard, never an fp32 copy of the whole shard.
         store = np.empty((int(lengths.sum()), parts[0][2].shape[1]), dtype=dtype)
@@ -286,6 +297,7 @@ class _ShardWriter:
             "acts": store,
             "token_ids": token_ids,
             "real_mask": real_mask,
+            **image,
         }, str(path))
         self.shards.append({"file": name, "texts": len(rows), "tokens": int(lengths.sum()),
                             "bytes": path.stat().st_size, "sha256": file_sha256(path), "dtype": str(store.dtype)})

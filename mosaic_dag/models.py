@@ -41,6 +41,7 @@ class LoadedModel:
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
+    processor: Any = None  # vision-language models: builds image + prompt inputs (mosaic_dag.vlm)
 
     @property
     def n_layers(self) -> int:
@@ -189,16 +190,23 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
     with _LOCK:
         if key in _LOADED:
             hit = _LOADED[key]
-            return LoadedModel(cfg.name, hit.hf_name, hit.model, hit.tokenizer, hit.fingerprint, hit.device, hit.dtype)
+            return LoadedModel(cfg.name, hit.hf_name, hit.model, hit.tokenizer, hit.fingerprint, hit.device, hit.dtype,
+                               hit.processor)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         src, hf_name, fingerprint = _source(cfg, cache_root)
         kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
         if cfg.revision:
             kwargs["revision"] = cfg.revision
+        processor = None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
+            from mosaic_dag import vlm
+
+            if vlm.is_vlm(src, kwargs):
+                model, tokenizer, processor = vlm.load_vlm(src, dtype, kwargs)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
         except (OSError, ValueError) as err:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             hint = " (HF_HUB_OFFLINE=1: pre-fill the cache or use a local folder)" if offline else ""
@@ -206,7 +214,7 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
             raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} could not be loaded{hint}: {first}") from None
         model.eval().to(device)
         model.requires_grad_(False)
-        loaded = LoadedModel(cfg.name, hf_name, model, tokenizer, fingerprint, device, dtype)
+        loaded = LoadedModel(cfg.name, hf_name, model, tokenizer, fingerprint, device, dtype, processor)
         _LOADED[key] = loaded
         return loaded
 

@@ -188,12 +188,17 @@ def build_hidden_states(
     verified when ``verify``) are not recomputed, and a model whose layers are all cached is not even
     loaded. ``preflight(model)`` runs before that model's load or forward pass (the SAE/model check).
     """
+    from mosaic_dag import vlm
+
     frame = read_frame(data)
+    dataset, _, language = data.key.partition(".")
+    dcfg = cfg.dataset(dataset)
+    rows_hash = vlm.partition_hash(dcfg, frame, data.content_hash)  # images: prompt and token choice too
     caches: dict[str, str] = {}
     done: list[ModelExtraction] = []
     for mcfg in cfg.models:
         fingerprint = model_fingerprint(cfg, mcfg.name)
-        folders = {layer: hidden_dir(cfg, mcfg.name, layer, fingerprint, data.content_hash) for layer in mcfg.layers}
+        folders = {layer: hidden_dir(cfg, mcfg.name, layer, fingerprint, rows_hash) for layer in mcfg.layers}
         caches |= {f"{mcfg.name}.L{layer}": str(folder) for layer, folder in folders.items()}
         todo = {layer: f for layer, f in folders.items() if not HiddenCache(f).is_valid(deep=verify)}
         if not todo:
@@ -208,15 +213,21 @@ def build_hidden_states(
         loaded = loader(mcfg.name) if loader else get_model(cfg, mcfg.name)
         check_layers(loaded, mcfg.layers)
         if loaded.fingerprint != fingerprint:  # the weights on disk moved under the config's name
-            todo = {layer: hidden_dir(cfg, mcfg.name, layer, loaded.fingerprint, data.content_hash) for layer in todo}
+            todo = {layer: hidden_dir(cfg, mcfg.name, layer, loaded.fingerprint, rows_hash) for layer in todo}
             caches |= {f"{mcfg.name}.L{layer}": str(folder) for layer, folder in todo.items()}
-        stats = extract_to_cache(
-            loaded, frame["text"].tolist(), sorted(todo), todo,
-            max_length=mcfg.max_length, batch_tokens=mcfg.batch_tokens or default_batch_tokens(loaded.device),
-            extra_manifest={"dataset": data.key.partition(".")[0], "language": data.key.partition(".")[2],
-                            "dataset_hash": data.content_hash, "ids_head": frame["id"].head(3).tolist()},
-            progress=progress, show_bar=show_bar,
-        )
+        extra = {"dataset": dataset, "language": language, "dataset_hash": data.content_hash,
+                 "ids_head": frame["id"].head(3).tolist()}
+        batch_tokens = mcfg.batch_tokens or default_batch_tokens(loaded.device)
+        if "image" in frame.columns:  # an image partition: processor inputs, the dataset's token selection
+            stats = vlm.extract_images_to_cache(
+                loaded, frame["image"].tolist(), sorted(todo), todo, prompt_template=dcfg.prompt_template,
+                tokens=dcfg.token_selection, max_length=mcfg.max_length, batch_tokens=batch_tokens,
+                extra_manifest=extra, progress=progress)
+        else:
+            stats = extract_to_cache(
+                loaded, frame["text"].tolist(), sorted(todo), todo, max_length=mcfg.max_length,
+                batch_tokens=batch_tokens, extra_manifest=extra, progress=progress, show_bar=show_bar,
+            )
         done.append(ModelExtraction(mcfg.name, False, stats, sorted(todo)))
     return HiddenResult(HiddenHandle(dataset=asdict(data), caches=caches), done)
 
