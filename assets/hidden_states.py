@@ -83,6 +83,7 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
             metadata={
                 "caches": MetadataValue.md(markdown_table(pd.DataFrame(rows))),
                 "sites": MetadataValue.json(sorted(result.handle.caches)),
+                "paths": MetadataValue.json(dict(sorted(result.handle.caches.items()))),
                 "texts": int(rows[0]["texts"]) if rows else 0,
                 "tokens": int(rows[0]["tokens"]) if rows else 0,
                 "cache_hit": result.hit,

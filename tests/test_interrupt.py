@@ -142,7 +142,7 @@ def test_killed_run_resumes_without_recomputing_or_corrupting(tmp_path: Path, ti
 
         hidden_steps = [s for s in summary.steps if s.asset == "hidden_states"]
         assert len(hidden_steps) == 2  # 1 layer x 2 datasets
-        by_path = {Path(str(s.metadata["path"])): s.metadata for s in hidden_steps}
+        by_path = {Path(p): s.metadata for s in hidden_steps for p in s.metadata["paths"].values()}
         for cache_dir, mtime in finished.items():
             assert by_path[cache_dir]["cache_hit"] is True, f"{cache_dir} was recomputed"
             assert (cache_dir / "manifest.json").stat().st_mtime_ns == mtime
