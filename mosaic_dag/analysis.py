@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation import RESULT_COLUMNS, SplitRows, _typed, results_table
+from mosaic_dag.evaluation import RESULT_COLUMNS, SplitRows, _typed, read_results_file, results_table
 from mosaic_dag.features import build_pooled, feature_name, load_matrix
-from mosaic_dag.partitions import Target
+from mosaic_dag.partitions import Target, dataset_keys, targets
 from mosaic_dag.pipeline import read_dataset
 from mosaic_dag.pooling import binarize
 from mosaic_dag.storage import write_parquet
@@ -111,10 +111,16 @@ def write_transfer(cfg: ExperimentConfig, target: Target, outcome: TransferOutco
 
 def transfer_matrices(cfg: ExperimentConfig) -> dict[str, pd.DataFrame]:
     """Every saved transfer matrix, named '<target> <dataset> <features>'."""
-    out = {}
+    out: dict[str, pd.DataFrame] = {}
     root = cfg.data_path / "results"
+    if not cfg.transfer.enabled:
+        return out
+    keys = {t.key for t in targets(cfg)}
+    names = {d.name for d in cfg.datasets}
     for p in sorted(root.glob("*/transfer-matrix.*.parquet")) if root.exists() else []:
         _, dataset, source, _ = p.name.split(".")
+        if p.parent.name not in keys or dataset not in names:
+            continue  # an earlier config's matrix in the same data folder
         out[f"{p.parent.name} {dataset} {source}"] = pd.read_parquet(p).set_index("train_language")
     return out
 
@@ -156,8 +162,11 @@ def conditions_file(cfg: ExperimentConfig, target: Target, dataset: str, languag
 
 
 def conditions_table(cfg: ExperimentConfig) -> pd.DataFrame:
-    root = cfg.data_path / "conditions"
-    frames = [pd.read_parquet(p) for p in sorted(root.rglob("*.parquet"))] if root.exists() else []
+    """Hard-condition curves of the config's own partitions (not those an earlier config left)."""
+    if not cfg.conditions.enabled:
+        return pd.DataFrame()
+    files = [conditions_file(cfg, t, d.dataset, d.language) for t in targets(cfg) for d in dataset_keys(cfg)]
+    frames = [read_results_file(p) for p in files if p.exists()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
