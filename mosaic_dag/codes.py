@@ -117,9 +117,12 @@ def check_target(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: i
     """Fail fast (before any forward pass) when the SAE cannot read this model's layer."""
     from mosaic_dag.sae import check_compatible, sae_info
 
+    from mosaic_dag.sae import discard_if_corrupt
+
     scfg = sae_config(cfg, target)
-    if scfg.source == "train" and not (trained_dir(cfg, target) / "cfg.json").exists():
-        return None  # trained here from this very layer: compatible by construction
+    if scfg.source == "train" and (discard_if_corrupt(trained_dir(cfg, target))
+                                   or not (trained_dir(cfg, target) / "cfg.json").exists()):
+        return None  # (to be) trained here from this very layer: compatible by construction
     info = sae_info(get_sae(cfg, target), hint=registry_hint(cfg, target))
     from mosaic_dag.sae import SaeMismatchError
 
@@ -165,7 +168,7 @@ def _train_tokens(cfg: ExperimentConfig, target: Target, limit: int, seed: int) 
 
 def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int) -> SaeResult:
     """Resolve the target's SAE: train it here when the config says so (or reuse), else load and check it."""
-    from mosaic_dag.sae import sae_info
+    from mosaic_dag.sae import discard_if_corrupt, sae_info
     from mosaic_dag.sae_training import read_training_metrics, train_sae
 
     scfg = sae_config(cfg, target)
@@ -173,6 +176,8 @@ def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int)
         info = check_target(cfg, target, hf_name, d_model)
         return SaeResult(Path(scfg.path) if scfg.path else None, info, {}, True)
     folder = trained_dir(cfg, target)
+    if discard_if_corrupt(folder):
+        forget_saes()
     if (folder / "cfg.json").exists():
         return SaeResult(folder, sae_info(get_sae(cfg, target)), read_training_metrics(folder) or {}, True)
     acts = _train_tokens(cfg, target, limit=max(scfg.training_tokens, scfg.batch_size), seed=scfg.seed)
@@ -232,10 +237,12 @@ def build_codes(
     progress: Callable[[int, int], None] | None = None,
 ) -> CodesResult:
     """Encode one dataset partition's cached hidden states, shard by shard, into sparse codes."""
-    from mosaic_dag.sae import encode_sparse, encode_stats, sae_info, save_codes
+    from mosaic_dag.sae import check_reconstruction, discard_if_corrupt, encode_sparse, encode_stats, sae_info, save_codes
 
     hidden = build_hidden(cfg, target.model, target.layer, dataset, language, verify=False).cache
     hman = hidden.manifest()
+    if sae_config(cfg, target).source == "train" and discard_if_corrupt(trained_dir(cfg, target)):
+        forget_saes()
     if sae_config(cfg, target).source == "train" and not (trained_dir(cfg, target) / "cfg.json").exists():
         build_sae(cfg, target, hman["hf_name"], hman["d_model"])
     check_target(cfg, target, hman["hf_name"], hman["d_model"])
@@ -256,6 +263,7 @@ def build_codes(
         for i, shard in enumerate(hidden.iter_shards()):
             codes = encode_sparse(sae, shard.acts, real_mask=shard.real_mask)
             stats = encode_stats(sae, shard.acts, codes=codes, real_mask=shard.real_mask)
+            check_reconstruction(target.sae, codes, stats)  # corrupt or mismatched weights: stop, name the SAE
             n_real = int(shard.real_mask.sum())
             real_rows = codes[np.flatnonzero(shard.real_mask)]
             active[np.unique(real_rows.indices)] = True
