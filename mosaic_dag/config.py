@@ -142,6 +142,7 @@ class DatasetConfig(_Strict):
     split_field: str | None = None
     max_rows: int | None = Field(None, ge=2)
     behaviour: BehaviourConfig | None = None
+    allow_shared_texts: bool = False  # a text in two splits (train and test) is leakage: refused unless set
 
     @field_validator("name")
     @classmethod

@@ -152,9 +152,13 @@ class DatasetCase:
     suffix: str = ".jsonl"
     fields: dict = field(default_factory=dict)
     tail: str = ""
+    raw: str | None = None  # the file's exact text (a header-only CSV cannot be written from rows)
 
     def write(self, folder: Path) -> Path:
         path = folder / f"bad{self.suffix}"
+        if self.raw is not None:
+            path.write_text(self.raw)
+            return path
         if self.rows is None:
             return folder / "missing" / "bad.csv"  # does not exist
         if self.suffix == ".jsonl":
@@ -192,12 +196,30 @@ DATASET_CASES = [
     DatasetCase("single-class", _rows(["spam"] * 20),
                 ["label_field 'label' has a single class ('spam')", "at least 2"]),
     DatasetCase("mixed-label-types", _rows([0, 1] * 9 + ["pos", "neg"]),
-                ["label_field 'label' mixes types", "use all integers or all strings"]),
+                ["label_field 'label' mixes integer and text labels", "use all integers or all strings"]),
+    # pandas reads this column as all strings ('0', '1', 'pos'): told apart by value, not by dtype
+    DatasetCase("mixed-labels-csv", _rows([0, 1] * 9 + ["pos", "neg"]),
+                ["label_field 'label' mixes integer and text labels", "'pos' in row 18"], suffix=".csv"),
+    DatasetCase("fractional-labels", _rows([0.5, 1.5] * 10),
+                ["label_field 'label' holds a number that is not a whole class id (0.5 in row 0)"]),
+    DatasetCase("shared-text-via-split-column",
+                [{"text": t, "label": i % 2, "split": "train"} for i, t in enumerate(GOOD_TEXTS[:16])]
+                + [{"text": t, "label": i % 2, "split": "test"} for i, t in enumerate(GOOD_TEXTS[:4])],
+                ["dataset 'bad'.en: 4 texts are in more than one split", "in test and train",
+                 "set allow_shared_texts: true"]),
+    DatasetCase("one-class-in-train-split",
+                [{"text": t, "label": "a" if i < 14 else "b", "split": "train" if i < 14 else "test"}
+                 for i, t in enumerate(GOOD_TEXTS)],
+                ["the train split has a single class ('a')", "fix the split column"]),
+    DatasetCase("header-only-csv", [], ["the source has a header but no rows", "add labelled rows"], suffix=".csv",
+                raw="text,label\n"),
+    DatasetCase("one-row-per-class", [], ["only 1 row(s) left in train to carve the validation split", "add rows"],
+                suffix=".csv", raw="text,label\nhello there,0\nbye now,1\n"),
     DatasetCase("local-path-missing", None, ["does not exist", "fix 'path' in the config"]),
     DatasetCase("unsupported-file-type", [], ["has an unsupported file type", "use .csv, .tsv, .jsonl"], suffix=".xlsx"),
     DatasetCase("truncated-parquet", _rows(BALANCED), ["is not readable parquet", "fix or re-export the file"],
                 suffix=".parquet"),
-    DatasetCase("malformed-jsonl", _rows(BALANCED), ["is not readable jsonl", "fix or re-export the file"],
+    DatasetCase("malformed-jsonl", _rows(BALANCED), ["line 21 is not valid JSON", "fix that line"],
                 tail='{"text": "half a line", "lab\n'),
     DatasetCase("text-lines-bad-label", _rows([0, 1] * 9 + [1, "positive"]),
                 ["train_labels.txt line 20 is 'positive', not an integer label", "fix that line"], suffix="/"),
