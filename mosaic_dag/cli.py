@@ -47,11 +47,28 @@ QUIET_ENV = {  # every progress bar the libraries we run draw: tqdm itself, the 
 }
 
 
+def check_models(cfg, source: str) -> None:  # type: ignore[no-untyped-def]
+    """What can be checked about each model without weights or a download: its folder, config.json and
+    block count (so a layer out of range fails here, before any compute, naming the key)."""
+    from mosaic_dag.errors import ConfigError
+    from mosaic_dag.models import known_blocks
+    from mosaic_dag.pipeline import models_dir
+
+    for i, m in enumerate(cfg.models):
+        n = known_blocks(m, models_dir(cfg))
+        bad = [layer for layer in m.layers if n is not None and layer >= n]
+        if bad:
+            raise ConfigError(f"{source}: models.{i}.layers: layers {bad} out of range for model {m.name!r} with {n} blocks; "
+                              f"use 0..{n - 1} (resid_post of block L)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from mosaic_dag.config import load_config
     from mosaic_dag.evaluation import best_rows, results_table
     from mosaic_dag.runner import run_experiment
     from mosaic_dag.tables import markdown_table
 
+    check_models(load_config(args.config), args.config or "demo.yaml")
     summary = run_experiment(args.config, progress=not args.quiet)
     table = results_table(summary.config)
     if len(table):
@@ -104,6 +121,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from mosaic_dag.partitions import dataset_keys, targets
 
     cfg = load_config(args.config)
+    check_models(cfg, args.config or "demo.yaml")
     print(f"ok: {len(targets(cfg))} targets × {len(dataset_keys(cfg))} datasets")
     return 0
 

@@ -165,6 +165,59 @@ def fingerprint(cfg: ModelConfig) -> str:
     return f"hf:{cfg.id}@{cfg.revision or 'main'}#{dtype}"
 
 
+BUNDLED_BLOCKS = 18  # Gemma 3 270M; read from the converted snapshot when it exists
+
+
+def _read_config_json(cfg: ModelConfig, path: Path) -> dict[str, Any]:
+    """A local model folder's config.json, or one line naming the file and the fix."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelError(
+            f"model {cfg.name!r}: {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            "fix the file or save the model again (model.save_pretrained)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"model {cfg.name!r}: {str(path)!r} could not be read ({err}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"model {cfg.name!r}: {str(path)!r} is not a JSON object; save the model again")
+    return data
+
+
+def _blocks_of(config: dict[str, Any]) -> int | None:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(text.get(key), int):
+            return int(text[key])
+    return None
+
+
+def known_blocks(cfg: ModelConfig, cache_root: Path) -> int | None:
+    """Number of blocks from what is on this machine (no download, no weights); None when unknown.
+
+    Used by ``mosaic validate`` / ``mosaic run`` to refuse an out-of-range layer before any compute.
+    """
+    if cfg.id == BUNDLED_MODEL:
+        for snap in sorted(Path(cache_root).glob("gemma-3-270m-*/config.json")):
+            return _blocks_of(_read_config_json(cfg, snap)) or BUNDLED_BLOCKS
+        return BUNDLED_BLOCKS
+    local = Path(cfg.id).expanduser()
+    if local.is_dir():
+        cfg_json = local / "config.json"
+        if not cfg_json.exists():
+            raise ModelError(f"model {cfg.name!r}: folder {str(local)!r} has no config.json; point 'id' at a saved model")
+        return _blocks_of(_read_config_json(cfg, cfg_json))
+    if cfg.id.startswith((".", "/", "~")):
+        raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} looks like a path but is not a folder; fix 'id'")
+    try:  # a hub id: only what the Hugging Face cache already holds
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.id, "config.json", revision=cfg.revision)
+    except Exception:  # noqa: BLE001 - a malformed id is reported by the load itself
+        return None
+    return _blocks_of(_read_config_json(cfg, Path(cached))) if isinstance(cached, str) else None
+
+
 def _source(cfg: ModelConfig, cache_root: Path) -> tuple[str, str, str]:
     """(what to pass to from_pretrained, the model's hub name, a fingerprint for cache keys)."""
     if cfg.id == BUNDLED_MODEL:
@@ -174,7 +227,7 @@ def _source(cfg: ModelConfig, cache_root: Path) -> tuple[str, str, str]:
         cfg_json = local / "config.json"
         if not cfg_json.exists():
             raise ModelError(f"model {cfg.name!r}: folder {str(local)!r} has no config.json; point 'id' at a saved model")
-        hf_name = json.loads(cfg_json.read_text()).get("_name_or_path") or local.name
+        hf_name = _read_config_json(cfg, cfg_json).get("_name_or_path") or local.name
         return str(local), str(hf_name), fingerprint(cfg)
     if cfg.id.startswith((".", "/", "~")):
         raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} looks like a path but is not a folder; fix 'id'")

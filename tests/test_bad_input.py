@@ -269,14 +269,50 @@ class ModelCase:
     id: str
     expect: list[str]
     layers: list[int] = field(default_factory=lambda: [0])
-    model_id: Callable[[Path], str] | None = None
+    model_id: Callable[[Path, Path], str] | None = None  # (tmp_path, tiny model folder) -> model id
     sae: Callable[[Path], dict] | None = None
 
 
-MODEL_CASES = [
-    ModelCase("layer-out-of-range", ["layers [9] out of range for model 'tiny' with 4 blocks", "use 0..3"], layers=[0, 9]),
+def _bad_config_json(folder: Path, model_dir: Path) -> str:
+    import shutil
+
+    shutil.copytree(model_dir, folder)
+    (folder / "config.json").write_text('{"model_type": "gemma3_text", "num_hidden_layers": 4,')  # cut short
+    return str(folder)
+
+
+EARLY_MODEL_CASES = [
+    ModelCase("layer-out-of-range", ["models.0.layers: layers [9] out of range for model 'tiny' with 4 blocks",
+                                     "use 0..3"], layers=[0, 9]),
     ModelCase("model-folder-missing", ["model 'tiny'", "looks like a path but is not a folder", "fix 'id'"],
-              model_id=lambda t: str(t / "no-such-model")),
+              model_id=lambda t, m: str(t / "no-such-model")),
+    ModelCase("invalid-config-json", ["model 'tiny'", "config.json' is not valid JSON", "at line 1", "save the model again"],
+              model_id=lambda t, m: _bad_config_json(t / "broken-model", m)),
+]
+
+
+@pytest.mark.parametrize("case", EARLY_MODEL_CASES, ids=[c.id for c in EARLY_MODEL_CASES])
+def test_bad_model_or_layer_fails_validate_and_run_before_any_compute(case: ModelCase, tmp_path: Path,
+                                                                      tiny_model_dir: Path, home: Path,
+                                                                      capsys: pytest.CaptureFixture[str]):
+    extra: dict[str, object] = {}
+    if case.model_id:
+        extra["id"] = case.model_id(tmp_path, tiny_model_dir)
+    config = fast_config(tmp_path, tiny_model_dir, layers=case.layers, **extra)
+
+    assert main(["validate", "--config", str(config)]) == 1
+    validate_line = error_line(capsys.readouterr().err)
+    code, stderr = run_cli(config, capsys)
+    assert code == 1
+    line = error_line(stderr)
+    assert line == validate_line
+    for fragment in case.expect:
+        assert fragment in line, line
+    assert dagster_failures(config) == []  # no Dagster run was even started
+    assert not (tmp_path / "data").exists()
+
+
+MODEL_CASES = [
     ModelCase("sae-d_in-mismatch", ["sae d_in=32 does not match model tiny-gemma3 d_model=64",
                                     "pick an SAE trained on this model"],
               sae=lambda t: {"source": "local", "name": "wrong-width", "path": str(_write_sae(t / "sae32", 32))}),
@@ -288,14 +324,12 @@ MODEL_CASES = [
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=[c.id for c in MODEL_CASES])
-def test_bad_model_layer_or_sae_fails_hidden_states_before_any_forward(case: ModelCase, tmp_path: Path,
+def test_bad_sae_fails_hidden_states_before_any_forward(case: ModelCase, tmp_path: Path,
                                                                        tiny_model_dir: Path, home: Path,
                                                                        capsys: pytest.CaptureFixture[str]):
     if case.sae is not None and not _sae_wired_into_hidden_states():
         pytest.skip("the SAE check is not wired into the hidden_states asset yet (library test below covers it)")
     extra: dict[str, object] = {}
-    if case.model_id:
-        extra["id"] = case.model_id(tmp_path)
     if case.sae:
         extra["saes"] = [case.sae(tmp_path)]
     config = fast_config(tmp_path, tiny_model_dir, layers=case.layers, **extra)
