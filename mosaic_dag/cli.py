@@ -51,10 +51,11 @@ def check_models(cfg, source: str) -> None:  # type: ignore[no-untyped-def]
     """What can be checked about each model without weights or a download: its folder, config.json and
     block count (so a layer out of range fails here, before any compute, naming the key)."""
     from mosaic_dag.errors import ConfigError
-    from mosaic_dag.models import known_blocks
+    from mosaic_dag.models import check_remote_code, known_blocks
     from mosaic_dag.pipeline import models_dir
 
     for i, m in enumerate(cfg.models):
+        check_remote_code(m)
         n = known_blocks(m, models_dir(cfg))
         bad = [layer for layer in m.layers if n is not None and layer >= n]
         if bad:

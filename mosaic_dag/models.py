@@ -218,6 +218,62 @@ def known_blocks(cfg: ModelConfig, cache_root: Path) -> int | None:
     return _blocks_of(_read_config_json(cfg, Path(cached))) if isinstance(cached, str) else None
 
 
+def _local_or_cached_config(cfg: ModelConfig) -> dict[str, Any] | None:
+    """The model's config.json from a local folder or the Hugging Face cache; None when not on this machine."""
+    if cfg.id == BUNDLED_MODEL:
+        return None
+    local = Path(cfg.id).expanduser()
+    if local.is_dir():
+        return _read_config_json(cfg, local / "config.json") if (local / "config.json").exists() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.id, "config.json", revision=cfg.revision)
+    except Exception:  # noqa: BLE001 - a malformed id is reported by the load itself
+        return None
+    return _read_config_json(cfg, Path(cached)) if isinstance(cached, str) else None
+
+
+_warned_remote: set[str] = set()
+
+
+def remote_code_error(cfg: ModelConfig) -> ModelError:
+    return ModelError(
+        f"model {cfg.name!r}: {cfg.id!r} needs its own Python code to load (custom classes in its config.json "
+        "'auto_map'), which mosaic does not run by default; set trust_remote_code: true on this model "
+        "only if you trust that code"
+    )
+
+
+def check_remote_code(cfg: ModelConfig) -> None:
+    """Refuse a model that needs its own code unless the config trusts it; when trusted, warn once per model.
+
+    The model's code runs in this process with the user's environment: tokens, credentials, files.
+    """
+    config = _local_or_cached_config(cfg)
+    needs = bool(config and config.get("auto_map"))
+    if needs and not cfg.trust_remote_code:
+        raise remote_code_error(cfg)
+    if cfg.trust_remote_code and cfg.id not in _warned_remote:
+        _warned_remote.add(cfg.id)
+        log.warning(
+            "model %r: trust_remote_code is on, so %r's own Python code%s runs inside mosaic with your "
+            "environment (HF_TOKEN and any other credentials, your files); keep it on only for code you trust",
+            cfg.name, cfg.id, "" if needs else " (if it has any)",
+        )
+
+
+def _load_failure(cfg: ModelConfig, err: BaseException, what: str) -> ModelError:
+    """One line for a failed load; a refusal to run custom code says so instead of blaming the network."""
+    text = str(err)
+    if "trust_remote_code" in text or "contains custom code" in text:
+        return remote_code_error(cfg)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1: pre-fill the cache or use a local folder)" if offline else ""
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+    return ModelError(f"model {cfg.name!r}: id {cfg.id!r} {what}{hint}: {first}")
+
+
 def _source(cfg: ModelConfig, cache_root: Path) -> tuple[str, str, str]:
     """(what to pass to from_pretrained, the model's hub name, a fingerprint for cache keys)."""
     if cfg.id == BUNDLED_MODEL:
@@ -246,6 +302,7 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         src, hf_name, fingerprint = _source(cfg, cache_root)
+        check_remote_code(cfg)
         kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
         if cfg.revision:
             kwargs["revision"] = cfg.revision
@@ -253,10 +310,7 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
             tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
         except (OSError, ValueError) as err:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            hint = " (HF_HUB_OFFLINE=1: pre-fill the cache or use a local folder)" if offline else ""
-            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-            raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} could not be loaded{hint}: {first}") from None
+            raise _load_failure(cfg, err, "could not be loaded") from None
         model.eval().to(device)
         model.requires_grad_(False)
         loaded = LoadedModel(cfg.name, hf_name, model, tokenizer, fingerprint, device, dtype)
@@ -275,12 +329,10 @@ def model_dims(cfg: ModelConfig, cache_root: Path) -> tuple[str, int, int]:
     from transformers import AutoConfig
 
     src, hf_name, _ = _source(cfg, cache_root)
+    check_remote_code(cfg)
     try:
         mc = AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1: pre-fill the cache or use a local folder)" if offline else ""
-        raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} has no readable config{hint}: {first}") from None
+        raise _load_failure(cfg, err, "has no readable config") from None
     mc = getattr(mc, "text_config", None) or mc
     return hf_name, int(mc.hidden_size), int(mc.num_hidden_layers)
