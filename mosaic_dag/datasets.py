@@ -299,7 +299,7 @@ def _assign_splits(df: pd.DataFrame, split_cfg: SplitConfig, what: str = "datase
         src = df["__split"].astype(str).str.lower().map(_SPLIT_ALIASES)
         if src.isna().any():
             bad = sorted(set(df.loc[src.isna(), "__split"].astype(str)))[:5]
-            raise DatasetError(f"split values {bad} are not train/validation/test (or val/dev); rename them")
+            raise DatasetError(f"{what}: split values {bad} are not train/validation/test (or val/dev); rename them")
         split[:] = src
     labels = df["label"].to_numpy()
     present = set(split)

@@ -69,6 +69,10 @@ def _write_error(target: Path, err: OSError) -> WriteError:
     return out
 
 
+# libraries written in Rust (safetensors) report an OS failure as their own error type, text "(os error 28)"
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 @contextlib.contextmanager
 def _as_write_error(target: Path) -> Iterator[None]:
     try:
@@ -77,6 +81,12 @@ def _as_write_error(target: Path) -> Iterator[None]:
         raise
     except OSError as err:
         raise _write_error(target, err) from err
+    except Exception as err:
+        m = _RUST_OS_ERROR.search(str(err))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise _write_error(target, OSError(code, os.strerror(code))) from err
 
 
 @contextlib.contextmanager
