@@ -115,9 +115,7 @@ def registry_hint(cfg: ExperimentConfig, target: Target) -> str | None:
 
 def check_target(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int) -> Any:
     """Fail fast (before any forward pass) when the SAE cannot read this model's layer."""
-    from mosaic_dag.sae import check_compatible, sae_info
-
-    from mosaic_dag.sae import discard_if_corrupt
+    from mosaic_dag.sae import check_compatible, discard_if_corrupt, sae_info
 
     scfg = sae_config(cfg, target)
     if scfg.source == "train" and (discard_if_corrupt(trained_dir(cfg, target))
