@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation import RESULT_COLUMNS, SplitRows, _typed, results_table
+from mosaic_dag.evaluation import RESULT_COLUMNS, SplitRows, _typed, read_results_file, results_table
 from mosaic_dag.features import PooledResult, feature_name, load_matrix
 from mosaic_dag.handles import DatasetHandle, PooledHandle
-from mosaic_dag.partitions import Target
+from mosaic_dag.partitions import Target, dataset_keys, targets
 from mosaic_dag.pipeline import read_frame
 from mosaic_dag.pooling import binarize
 from mosaic_dag.storage import write_parquet
@@ -120,11 +120,17 @@ def write_transfer(cfg: ExperimentConfig, target: Target, outcome: TransferOutco
 
 
 def transfer_matrices(cfg: ExperimentConfig, files: list[Path] | None = None) -> dict[str, pd.DataFrame]:
-    """Transfer matrices named '<target> <dataset> <features>': ``files``, else every one saved."""
-    out = {}
+    """Transfer matrices named '<target> <dataset> <features>': ``files`` (what the report's inputs
+    name), else the saved matrices of the config's own targets and datasets (not an earlier config's)."""
+    out: dict[str, pd.DataFrame] = {}
     root = cfg.data_path / "results"
     if files is None:
-        files = sorted(root.glob("*/transfer-matrix.*.parquet")) if root.exists() else []
+        if not cfg.transfer.enabled or not root.exists():
+            return out
+        keys = {t.key for t in targets(cfg)}
+        names = {d.name for d in cfg.datasets}
+        files = [p for p in sorted(root.glob("*/transfer-matrix.*.parquet"))
+                 if p.parent.name in keys and p.name.split(".")[1] in names]
     for p in sorted(Path(f) for f in files):
         _, dataset, source, _ = p.name.split(".")
         out[f"{p.parent.name} {dataset} {source}"] = pd.read_parquet(p).set_index("train_language")
@@ -172,10 +178,12 @@ def conditions_file(cfg: ExperimentConfig, target: Target, dataset: str, languag
 
 
 def conditions_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> pd.DataFrame:
-    root = cfg.data_path / "conditions"
+    """Hard-condition curves of ``files``, else of the config's own partitions (not an earlier config's)."""
     if files is None:
-        files = sorted(root.rglob("*.parquet")) if root.exists() else []
-    frames = [pd.read_parquet(p) for p in files if Path(p).exists()]
+        if not cfg.conditions.enabled:
+            return pd.DataFrame()
+        files = [conditions_file(cfg, t, d.dataset, d.language) for t in targets(cfg) for d in dataset_keys(cfg)]
+    frames = [read_results_file(p) for p in files if Path(p).exists()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

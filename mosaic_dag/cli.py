@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from mosaic_dag.errors import MosaicError
 
@@ -41,11 +42,34 @@ def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
     print(f"mlflow:    {summary.tracking_uri}  (mlflow ui --backend-store-uri {summary.tracking_uri})")
 
 
+QUIET_ENV = {  # every progress bar the libraries we run draw: tqdm itself, the Hugging Face hub/transformers, datasets
+    "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def check_models(cfg, source: str) -> None:  # type: ignore[no-untyped-def]
+    """What can be checked about each model without weights or a download: its folder, config.json and
+    block count (so a layer out of range fails here, before any compute, naming the key)."""
+    from mosaic_dag.errors import ConfigError
+    from mosaic_dag.models import check_remote_code, known_blocks
+    from mosaic_dag.pipeline import models_dir
+
+    for i, m in enumerate(cfg.models):
+        check_remote_code(m)
+        n = known_blocks(m, models_dir(cfg))
+        bad = [layer for layer in m.layers if n is not None and layer >= n]
+        if bad:
+            raise ConfigError(f"{source}: models.{i}.layers: layers {bad} out of range for model {m.name!r} with {n} blocks; "
+                              f"use 0..{n - 1} (resid_post of block L)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from mosaic_dag.config import load_config
     from mosaic_dag.evaluation import best_rows, results_table
     from mosaic_dag.runner import run_experiment
     from mosaic_dag.tables import markdown_table
 
+    check_models(load_config(args.config), args.config or "demo.yaml")
     summary = run_experiment(args.config, progress=not args.quiet, workers=getattr(args, "workers", None))
     table = results_table(summary.config)
     if len(table):
@@ -68,9 +92,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     from mosaic_dag.tables import markdown_table
 
     cfg = load_config(args.config)
-    table = results_table(cfg)
+    table = results_table(cfg, every=args.all)
     if table.empty:
-        raise MosaicError(f"no results under {cfg.data_path / 'results'}; run `mosaic demo` or `mosaic run --config` first")
+        which = "" if args.all else " for this config's partitions (--all lists every config's)"
+        raise MosaicError(f"no results under {cfg.data_path / 'results'}{which}; run `mosaic demo` or `mosaic run --config` first")
     if args.format == "csv":
         table.to_csv(sys.stdout, index=False)
     elif args.format == "markdown":
@@ -83,14 +108,11 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
-    from dagster import DagsterInstance
-
     from mosaic_dag.config import load_config
-    from mosaic_dag.runner import dagster_home, register_partitions
+    from mosaic_dag.runner import dagster_home, open_instance, register_partitions
 
     cfg = load_config(args.config)
-    dagster_home()
-    new_t, new_d = register_partitions(DagsterInstance.get(), cfg)
+    new_t, new_d = register_partitions(open_instance(dagster_home()), cfg)
     print(f"added {len(new_t)} target and {len(new_d)} dataset partitions")
     return 0
 
@@ -100,6 +122,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from mosaic_dag.partitions import dataset_keys, targets
 
     cfg = load_config(args.config)
+    check_models(cfg, args.config or "demo.yaml")
     print(f"ok: {len(targets(cfg))} targets × {len(dataset_keys(cfg))} datasets")
     return 0
 
@@ -122,9 +145,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=env)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that fails like every other mosaic error: one line, exit 1 (argparse's own is exit 2)."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(1, f"mosaic: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mosaic", description="SAE features for classification and transfer (MOSAIC).")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="mosaic", description="SAE features for classification and transfer (MOSAIC).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="run the embedded default experiment (bundled Gemma 3 270M, demo data)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_run, config=None)
@@ -138,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--config", default=None, help="experiment YAML (default: the embedded demo)")
     res.add_argument("--format", choices=["csv", "parquet", "markdown"], default="markdown")
     res.add_argument("--output", default=None, help="file for --format parquet (default results.parquet)")
+    res.add_argument("--all", action="store_true",
+                     help="also list results that earlier configs left in the same data folder")
     res.set_defaults(func=cmd_results)
     val = sub.add_parser("validate", help="check a config file and print its partitions")
     val.add_argument("--config", default=None)
@@ -157,11 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "quiet", False):
+        os.environ.update(QUIET_ENV)  # before any library is imported: tqdm reads TQDM_* once, at import
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("mosaic: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mosaic results | head`: the reader has what it wanted; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
+        return 0
     except Exception as err:  # noqa: BLE001 - the CLI turns every failure into one line
         root = _root_cause(err)
         msg = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__

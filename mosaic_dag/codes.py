@@ -185,7 +185,7 @@ def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
 
     ``hidden``/``data``: the upstream handles by dataset partition key (None where not materialized);
     only a local SAE reads them, and only those of its ``training_partitions``."""
-    from mosaic_dag.sae import sae_info
+    from mosaic_dag.sae import discard_if_corrupt, sae_info
     from mosaic_dag.sae_training import read_training_metrics, train_sae
 
     from mosaic_dag.sae import SaeMismatchError, check_compatible
@@ -213,6 +213,8 @@ def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
     training = {k: (hidden[k], data[k]) for k in keys}
     ids = [training_identity(h, d, target.model, target.layer) for h, d in training.values()]  # type: ignore[arg-type]
     folder = trained_dir(cfg, target, ids)
+    if discard_if_corrupt(folder):  # failed its checksums: removed, trained again below
+        forget_saes()
 
     def handle_of(info: Any) -> SaeHandle:
         return SaeHandle(target=target.key, origin="train", identity=f"trained:{folder.name}", path=str(folder),
@@ -281,12 +283,16 @@ def build_codes(
     progress: Callable[[int, int], None] | None = None,
 ) -> CodesResult:
     """Encode one dataset partition's cached hidden states, shard by shard, into sparse codes."""
-    from mosaic_dag.sae import encode_sparse, encode_stats, sae_info, save_codes
+    from mosaic_dag.sae import check_reconstruction, discard_if_corrupt, encode_sparse, encode_stats, sae_info, save_codes
 
     hidden = hidden_cache(hidden_handle, target.model, target.layer)
     hman = hidden.manifest()
     data = hidden_handle.data
     dataset, _, language = data.key.partition(".")
+    if sae_handle.origin == "train" and sae_handle.path and discard_if_corrupt(Path(sae_handle.path)):
+        forget_saes()
+        raise UpstreamMissing(f"sae {target.key!r}: the trained SAE at {sae_handle.path} failed its checksums and "
+                              "was removed; re-materialize the 'sae' asset for it")
     check_target(cfg, target, hman["hf_name"], hman["d_model"], handle=sae_handle)
     out = CodesStore(codes_dir(cfg, target, hidden, sae_handle))
     if out.is_valid():
@@ -305,6 +311,7 @@ def build_codes(
         for i, shard in enumerate(hidden.iter_shards()):
             codes = encode_sparse(sae, shard.acts, real_mask=shard.real_mask)
             stats = encode_stats(sae, shard.acts, codes=codes, real_mask=shard.real_mask)
+            check_reconstruction(target.sae, codes, stats)  # corrupt or mismatched weights: stop, name the SAE
             n_real = int(shard.real_mask.sum())
             real_rows = codes[np.flatnonzero(shard.real_mask)]
             active[np.unique(real_rows.indices)] = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from importlib import resources as importlib_resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -21,7 +21,11 @@ BUNDLED_MODEL = "bundled:gemma-3-270m"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `layers: [true]` is not layer 1 and `bootstrap: yes` is not 1 resample; no NaN/inf anywhere
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
 def _check_key(value: str, field: str) -> str:
@@ -76,7 +80,7 @@ class ModelConfig(_Strict):
     id: str = BUNDLED_MODEL
     revision: str | None = None
     layers: list[int] = Field(min_length=1)
-    saes: list[SaeConfig] = Field(default_factory=lambda: [SaeConfig()])
+    saes: list[SaeConfig] = Field(default_factory=lambda: [SaeConfig()], min_length=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where native, else fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_length: int = Field(128, ge=2, le=32768)
@@ -193,6 +197,7 @@ class DatasetConfig(_Strict):
 
     def description(self, language: str) -> DescriptionsConfig | None:
         return next((d for d in self.descriptions or [] if d.language == language), None)
+    allow_shared_texts: bool = False  # a text in two splits (train and test) is leakage: refused unless set
 
     @field_validator("name")
     @classmethod
@@ -255,16 +260,35 @@ class SplitConfig(_Strict):
     test: float = Field(0.25, gt=0, lt=0.5)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _train_keeps_the_larger_share(self) -> "SplitConfig":
+        train = 1 - self.validation - self.test
+        if train < self.validation:
+            raise ValueError(
+                f"validation {self.validation:g} + test {self.test:g} leave {train:.0%} of the rows for train, "
+                f"less than validation's {self.validation:.0%}; lower them so train keeps the largest share"
+            )
+        return self
+
+
+Threshold = Annotated[float, Field(ge=0)]  # codes are >= 0 (|codes| for signed SAEs): below 0 switches every latent on
+
 
 class ClassificationConfig(_Strict):
-    poolings: list[Literal["sum", "mean", "max", "last", "topn_count"]] = ["mean", "max", "topn_count"]
-    thresholds: list[float | None] = [None, 0.0, 1.0]
-    top_n: list[int] = [20]
-    classifiers: list[Literal["logistic", "tree", "ksparse"]] = ["logistic", "tree", "ksparse"]
-    k: list[int] = [1, 5, 20, 100]
+    poolings: list[Literal["sum", "mean", "max", "last", "topn_count"]] = Field(["mean", "max", "topn_count"], min_length=1)
+    thresholds: list[Threshold | None] = Field([None, 0.0, 1.0], min_length=1)
+    top_n: list[PositiveInt] = Field([20], min_length=1)
+    classifiers: list[Literal["logistic", "tree", "ksparse"]] = Field(["logistic", "tree", "ksparse"], min_length=1)
+    k: list[PositiveInt] = [1, 5, 20, 100]
     tfidf: list[Literal["word", "char"]] = ["word", "char"]
     bootstrap: int = Field(1000, ge=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _k_for_ksparse(self) -> "ClassificationConfig":
+        if "ksparse" in self.classifiers and not self.k:
+            raise ValueError("classifier 'ksparse' needs at least one k (latents to keep)")
+        return self
 
 
 class TransferConfig(_Strict):
@@ -272,8 +296,8 @@ class TransferConfig(_Strict):
 
     enabled: bool = True
     pooling: Literal["sum", "mean", "max", "last", "topn_count"] = "mean"
-    top_n: int = 20
-    threshold: float | None = None
+    top_n: PositiveInt = 20
+    threshold: Threshold | None = None
     tfidf: Literal["word", "char"] = "word"
 
 
@@ -281,11 +305,11 @@ class ConditionsConfig(_Strict):
     """Hard conditions (SAE-Probes style): train-size sweep, class imbalance, label noise."""
 
     enabled: bool = False
-    sizes: list[int | None] = [16, 64, 256, 1024, None]
-    imbalances: list[float] = [0.5, 0.2, 0.1, 0.05]
-    noise_rates: list[float] = [0.0, 0.1, 0.2, 0.3]
+    sizes: list[Annotated[int, Field(ge=2)] | None] = [16, 64, 256, 1024, None]
+    imbalances: list[Annotated[float, Field(gt=0, le=0.5)]] = [0.5, 0.2, 0.1, 0.05]
+    noise_rates: list[Annotated[float, Field(ge=0, lt=1)]] = [0.0, 0.1, 0.2, 0.3]
     pooling: Literal["sum", "mean", "max", "last", "topn_count"] = "mean"
-    top_n: int = 20
+    top_n: PositiveInt = 20
 
 
 class MlflowConfig(_Strict):
@@ -344,6 +368,16 @@ class ExperimentConfig(_Strict):
                 if unknown:
                     raise ValueError(f"models[{m.name}].saes[{sae.label}].train_on: {unknown} are not datasets or "
                                      f"dataset partitions of this config; use names from {sorted(names | keys)}")
+        cls = self.classification
+        if "ksparse" in cls.classifiers:
+            for m in self.models:
+                for sae in m.saes:
+                    too_big = [k for k in cls.k if sae.source == "train" and k > sae.width]
+                    if too_big:
+                        raise ValueError(
+                            f"classification.k: {too_big} larger than the width {sae.width} of SAE {sae.label!r} "
+                            f"(models[{m.name}]); use k <= {sae.width}"
+                        )
         return self
 
     def model(self, name: str) -> ModelConfig:
@@ -389,7 +423,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     elif kind == "missing":
         msg = "required key is missing"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {loc or '<root>'}: {msg}{more}"
+    return f"{source}: {loc}: {msg}{more}" if loc else f"{source}: {msg}{more}"
 
 
 def parse_config(data: Any, source: str = "config") -> ExperimentConfig:

@@ -7,6 +7,8 @@ When a source has no split (or lacks validation), a seeded stratified split is m
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,8 @@ from mosaic_dag.demo_data import LABEL_NAMES as DEMO_LABEL_NAMES
 from mosaic_dag.demo_data import demo_dataset
 from mosaic_dag.errors import DatasetError
 from mosaic_dag.storage import stable_hash
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["id", "text", "label", "label_name", "language", "split"]
 SPLITS = ("train", "validation", "test")
@@ -37,20 +41,67 @@ def _read_file(path: Path, name: str) -> pd.DataFrame:
         )
     try:
         if kind == "csv":
-            return pd.read_csv(path)
+            return _read_csv(path, name)
         if kind == "tsv":
-            return pd.read_csv(path, sep="\t")
+            return pd.read_csv(path, sep="\t", encoding="utf-8-sig")
         if kind == "jsonl":
             return pd.read_json(path, lines=True)
         if kind == "json":
             return pd.read_json(path)
         return pd.read_parquet(path)
+    except DatasetError:
+        raise
     except Exception as err:  # noqa: BLE001 - pandas/pyarrow raise many types; the user needs one line
+        if kind == "jsonl":
+            _raise_bad_jsonl_line(path, name)
         text = str(err).strip()
         reason = text.splitlines()[0][:200] if text else type(err).__name__
         raise DatasetError(
             f"dataset {name!r}: path {str(path)!r} is not readable {kind} ({reason}); fix or re-export the file"
         ) from None
+
+
+_OTHER_DELIMITERS = (";", "\t", "|")
+
+
+def _read_csv(path: Path, name: str) -> pd.DataFrame:
+    """Comma-separated by default; a file whose header only splits on ';', tab or '|' is read with that.
+
+    A UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped from the first column name.
+    """
+    df = pd.read_csv(path, encoding="utf-8-sig")
+    if len(df.columns) == 1:
+        header = str(df.columns[0])
+        for sep in _OTHER_DELIMITERS:
+            if sep in header:
+                log.info("dataset %r: %s has a %r-delimited header; reading it with that delimiter", name, path, sep)
+                return pd.read_csv(path, sep=sep, encoding="utf-8-sig")
+    return df
+
+
+def _raise_bad_jsonl_line(path: Path, name: str) -> None:
+    """Name the first line of a .jsonl file that is not one JSON object (pandas reports a byte offset)."""
+    import json
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"dataset {name!r}: path {str(path)!r} is not readable jsonl ({err}); fix or re-export the file") from None
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(
+                f"dataset {name!r}: path {str(path)!r} line {i} is not valid JSON ({err.msg}, column {err.colno}); "
+                "fix that line (one JSON object per line)"
+            ) from None
+        if not isinstance(value, dict):
+            raise DatasetError(
+                f"dataset {name!r}: path {str(path)!r} line {i} is a JSON {type(value).__name__}, not an object; "
+                "write one {\"text\": ..., \"label\": ...} object per line"
+            )
 
 
 def _read_text_lines(folder: Path, cfg: DatasetConfig) -> pd.DataFrame | None:
@@ -155,7 +206,26 @@ def read_source(cfg: DatasetConfig, base: Path | None = None, language: str | No
     return _read_hub(cfg)
 
 
+_INT_TEXT = re.compile(r"^\s*[-+]?\d+\s*$")
+
+
+def _label_kind(v: object) -> str:
+    """'int', 'fraction' (a number that is not a whole one) or 'text', judged from the value itself."""
+    if isinstance(v, (bool, np.bool_, int, np.integer)):
+        return "int"
+    if isinstance(v, (float, np.floating)):
+        return "int" if float(v).is_integer() else "fraction"
+    if isinstance(v, str):
+        return "int" if _INT_TEXT.match(v) else "text"
+    return type(v).__name__
+
+
 def _labels(raw: pd.Series, cfg: DatasetConfig, names: dict[int, str] | None) -> tuple[np.ndarray, list[str]]:
+    """Class ids and names from label values; integers and class names are told apart by value, not dtype.
+
+    A CSV column holding ``0``, ``1`` and ``pos`` is read by pandas as all strings; counted by dtype it
+    would become three classes ``'0'``, ``'1'``, ``'pos'`` — so it is refused here instead.
+    """
     field = cfg.label_field
     missing = raw.isna()
     if missing.any():
@@ -165,15 +235,28 @@ def _labels(raw: pd.Series, cfg: DatasetConfig, names: dict[int, str] | None) ->
             "drop or fill those rows"
         )
     values = raw.tolist()
-    kinds = {type(v).__name__ for v in values}
-    is_num = all(isinstance(v, (int, np.integer, bool, np.bool_)) or
-                 (isinstance(v, (float, np.floating)) and float(v).is_integer()) for v in values)
-    is_str = all(isinstance(v, str) for v in values)
-    if not (is_num or is_str):
+    kinds = [_label_kind(v) for v in values]
+    if "fraction" in kinds:
+        row = kinds.index("fraction")
         raise DatasetError(
-            f"dataset {cfg.name!r}: label_field {field!r} mixes types {sorted(kinds)}; use all integers or all strings"
+            f"dataset {cfg.name!r}: label_field {field!r} holds a number that is not a whole class id "
+            f"({values[row]!r} in row {row}); use integer class ids or class names"
         )
-    if is_num:
+    kind_set = set(kinds)
+    if kind_set - {"int", "text"}:
+        odd = sorted(kind_set - {"int", "text"})
+        row = next(i for i, k in enumerate(kinds) if k in odd)
+        raise DatasetError(
+            f"dataset {cfg.name!r}: label_field {field!r} holds {odd[0]} values (first: row {row}); "
+            "use integer class ids or class names"
+        )
+    if kind_set == {"int", "text"}:
+        i_int, i_text = kinds.index("int"), kinds.index("text")
+        raise DatasetError(
+            f"dataset {cfg.name!r}: label_field {field!r} mixes integer and text labels ({values[i_int]!r} in row {i_int}, "
+            f"{values[i_text]!r} in row {i_text}); use all integers or all strings"
+        )
+    if kind_set == {"int"}:
         ints = np.asarray([int(v) for v in values], dtype=np.int64)
         classes = sorted(set(ints.tolist()))
         label_of = {c: i for i, c in enumerate(classes)}
@@ -192,7 +275,13 @@ def _labels(raw: pd.Series, cfg: DatasetConfig, names: dict[int, str] | None) ->
     return label, label_names
 
 
-def _stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified(labels: np.ndarray, fraction: float, seed: int, what: str = "rows",
+                split: str = "held-out") -> tuple[np.ndarray, np.ndarray]:
+    if len(labels) < 2:
+        raise DatasetError(
+            f"{what}: only {len(labels)} row(s) left in train to carve the {split} split from; add rows "
+            "(each class needs a few in train, validation and test) or give the source its own splits"
+        )
     idx = np.arange(len(labels))
     counts = np.bincount(labels)
     strat = labels if counts[counts > 0].min() >= 2 else None
@@ -203,25 +292,25 @@ def _stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(keep), np.sort(take)
 
 
-def _assign_splits(df: pd.DataFrame, split_cfg: SplitConfig) -> pd.Series:
+def _assign_splits(df: pd.DataFrame, split_cfg: SplitConfig, what: str = "dataset") -> pd.Series:
     """Use the source's split where it has one; carve what is missing, stratified and seeded."""
     split = pd.Series(["train"] * len(df), index=df.index, dtype=object)
     if "__split" in df.columns:
         src = df["__split"].astype(str).str.lower().map(_SPLIT_ALIASES)
         if src.isna().any():
             bad = sorted(set(df.loc[src.isna(), "__split"].astype(str)))[:5]
-            raise DatasetError(f"split values {bad} are not train/validation/test (or val/dev); rename them")
+            raise DatasetError(f"{what}: split values {bad} are not train/validation/test (or val/dev); rename them")
         split[:] = src
     labels = df["label"].to_numpy()
     present = set(split)
     if "test" not in present:
         pool = np.flatnonzero((split == "train").to_numpy())
-        _, take = _stratified(labels[pool], split_cfg.test, split_cfg.seed)
+        _, take = _stratified(labels[pool], split_cfg.test, split_cfg.seed, what, "test")
         split.iloc[pool[take]] = "test"
     if "validation" not in present:
         pool = np.flatnonzero((split == "train").to_numpy())
         frac = split_cfg.validation / max(1e-9, 1 - (0 if "test" in present else split_cfg.test))
-        _, take = _stratified(labels[pool], min(frac, 0.5), split_cfg.seed + 1)
+        _, take = _stratified(labels[pool], min(frac, 0.5), split_cfg.seed + 1, what, "validation")
         split.iloc[pool[take]] = "validation"
     return split
 
@@ -240,6 +329,8 @@ def normalise(raw: pd.DataFrame, cfg: DatasetConfig, language: str, split_cfg: S
         if df.empty:
             raise DatasetError(f"dataset {cfg.name!r}: no rows with {cfg.language_field}={language!r}; fix 'languages'")
     df = df.reset_index(drop=True)
+    if df.empty:
+        raise DatasetError(f"dataset {cfg.name!r}: the source has a header but no rows; add labelled rows")
     text = df[cfg.text_field]
     if text.isna().any() or not all(isinstance(t, str) for t in text):
         bad = int((text.isna() | ~text.map(lambda t: isinstance(t, str))).sum())
@@ -267,12 +358,34 @@ def normalise(raw: pd.DataFrame, cfg: DatasetConfig, language: str, split_cfg: S
         _, take = _stratified(out["label"].to_numpy(), cfg.max_rows / len(out), split_cfg.seed + 7)
         out = out.iloc[take].reset_index(drop=True)
     out["id"] = [f"{cfg.name}.{language}.{i:07d}" for i in range(len(out))]
-    out["split"] = _assign_splits(out, split_cfg).to_numpy()
+    out["split"] = _assign_splits(out, split_cfg, f"dataset {cfg.name!r}.{language}").to_numpy()
     out = out.drop(columns=[c for c in out.columns if c.startswith("__")])
     for split in ("train", "test"):
         if not (out["split"] == split).any():
             raise DatasetError(f"dataset {cfg.name!r}.{language}: no {split} rows after splitting; add more rows")
+    train_classes = sorted(set(out.loc[out["split"] == "train", "label_name"]))
+    if len(train_classes) < 2:
+        raise DatasetError(
+            f"dataset {cfg.name!r}.{language}: the train split has a single class ({train_classes[0]!r}); "
+            "a probe needs at least 2 — fix the split column, or drop it so mosaic makes a stratified split"
+        )
+    check_no_leakage(out, cfg, language)
     return out[COLUMNS]
+
+
+def check_no_leakage(df: pd.DataFrame, cfg: DatasetConfig, language: str) -> None:
+    """A text in two splits lets a probe score on what it trained on: refused unless the config allows it."""
+    if cfg.allow_shared_texts:
+        return
+    per_text = df.groupby("text", sort=False)["split"].agg(lambda s: sorted(set(s)))
+    shared = per_text[per_text.map(len) > 1]
+    if len(shared):
+        text, splits = shared.index[0], shared.iloc[0]
+        raise DatasetError(
+            f"dataset {cfg.name!r}.{language}: {len(shared)} texts are in more than one split (first: {text[:60]!r} in "
+            f"{' and '.join(splits)}), so test scores would be inflated; remove the duplicates from the source, "
+            "or set allow_shared_texts: true on this dataset to keep them"
+        )
 
 
 def load_dataset(cfg: DatasetConfig, language: str, split_cfg: SplitConfig, base: Path | None = None) -> pd.DataFrame:

@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 
 from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.errors import MosaicError
 from mosaic_dag.features import PooledResult, feature_name, load_matrix
 from mosaic_dag.handles import DatasetHandle, PooledHandle
-from mosaic_dag.partitions import Target
+from mosaic_dag.partitions import Target, dataset_keys, targets
 from mosaic_dag.pipeline import read_frame
 from mosaic_dag.pooling import binarize
 from mosaic_dag.probes import (
@@ -282,16 +283,52 @@ def write_results(cfg: ExperimentConfig, target: Target, dataset: str, language:
     return path
 
 
-def iter_result_files(cfg: ExperimentConfig) -> Iterator[Path]:
+def iter_result_files(cfg: ExperimentConfig, *, every: bool = False) -> Iterator[Path]:
+    """The results parquets of the config's own partitions (probe rows, then transfer rows).
+
+    ``every=True`` lists every results file under the data folder instead, including those of
+    earlier configs (other layers, models, datasets) that share it.
+    """
     root = cfg.data_path / "results"
-    if root.exists():
+    if not root.exists():
+        return
+    if every:
         yield from sorted(p for p in root.rglob("*.parquet") if not p.name.startswith("transfer-matrix."))
+        return
+    for target in targets(cfg):
+        for dkey in dataset_keys(cfg):
+            path = results_file(cfg, target, dkey.dataset, dkey.language)
+            if path.exists():
+                yield path
+        if cfg.transfer.enabled:
+            for d in cfg.datasets:
+                path = root / target.key / f"transfer.{d.name}.parquet"
+                if path.exists():
+                    yield path
 
 
-def results_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> pd.DataFrame:
-    """Results of ``files`` (default: every partition's) in one tidy table; hidden/TF-IDF rows shared by
-    SAEs appear once."""
-    frames = [pd.read_parquet(p) for p in (iter_result_files(cfg) if files is None else files)]
+def read_results_file(path: Path) -> pd.DataFrame:
+    """One results parquet; an unreadable one is a one-line error naming it and the fix."""
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises many types; the user needs one line
+        text = str(err).strip()
+        reason = text.splitlines()[0][:200] if text else type(err).__name__
+        raise MosaicError(
+            f"results file {str(path)!r} is not readable parquet ({reason}); delete it and run "
+            "`mosaic run --config` again to recompute that partition"
+        ) from None
+
+
+def results_table(cfg: ExperimentConfig, files: list[Path] | None = None, *, every: bool = False) -> pd.DataFrame:
+    """The results of ``files``, else of the config's own partitions, in one tidy table; hidden/TF-IDF rows
+    shared by SAEs appear once.
+
+    Results an earlier config left in the same data folder (say, layer 3 before ``layers`` became
+    ``[5]``) are not shown unless ``every=True``.
+    """
+    chosen = list(iter_result_files(cfg, every=every)) if files is None else files
+    frames = [read_results_file(p) for p in chosen]
     frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame(columns=RESULT_COLUMNS)

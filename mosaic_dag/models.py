@@ -166,6 +166,115 @@ def fingerprint(cfg: ModelConfig) -> str:
     return f"hf:{cfg.id}@{cfg.revision or 'main'}#{dtype}"
 
 
+BUNDLED_BLOCKS = 18  # Gemma 3 270M; read from the converted snapshot when it exists
+
+
+def _read_config_json(cfg: ModelConfig, path: Path) -> dict[str, Any]:
+    """A local model folder's config.json, or one line naming the file and the fix."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelError(
+            f"model {cfg.name!r}: {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            "fix the file or save the model again (model.save_pretrained)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"model {cfg.name!r}: {str(path)!r} could not be read ({err}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"model {cfg.name!r}: {str(path)!r} is not a JSON object; save the model again")
+    return data
+
+
+def _blocks_of(config: dict[str, Any]) -> int | None:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(text.get(key), int):
+            return int(text[key])
+    return None
+
+
+def known_blocks(cfg: ModelConfig, cache_root: Path) -> int | None:
+    """Number of blocks from what is on this machine (no download, no weights); None when unknown.
+
+    Used by ``mosaic validate`` / ``mosaic run`` to refuse an out-of-range layer before any compute.
+    """
+    if cfg.id == BUNDLED_MODEL:
+        for snap in sorted(Path(cache_root).glob("gemma-3-270m-*/config.json")):
+            return _blocks_of(_read_config_json(cfg, snap)) or BUNDLED_BLOCKS
+        return BUNDLED_BLOCKS
+    local = Path(cfg.id).expanduser()
+    if local.is_dir():
+        cfg_json = local / "config.json"
+        if not cfg_json.exists():
+            raise ModelError(f"model {cfg.name!r}: folder {str(local)!r} has no config.json; point 'id' at a saved model")
+        return _blocks_of(_read_config_json(cfg, cfg_json))
+    if cfg.id.startswith((".", "/", "~")):
+        raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} looks like a path but is not a folder; fix 'id'")
+    try:  # a hub id: only what the Hugging Face cache already holds
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.id, "config.json", revision=cfg.revision)
+    except Exception:  # noqa: BLE001 - a malformed id is reported by the load itself
+        return None
+    return _blocks_of(_read_config_json(cfg, Path(cached))) if isinstance(cached, str) else None
+
+
+def _local_or_cached_config(cfg: ModelConfig) -> dict[str, Any] | None:
+    """The model's config.json from a local folder or the Hugging Face cache; None when not on this machine."""
+    if cfg.id == BUNDLED_MODEL:
+        return None
+    local = Path(cfg.id).expanduser()
+    if local.is_dir():
+        return _read_config_json(cfg, local / "config.json") if (local / "config.json").exists() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.id, "config.json", revision=cfg.revision)
+    except Exception:  # noqa: BLE001 - a malformed id is reported by the load itself
+        return None
+    return _read_config_json(cfg, Path(cached)) if isinstance(cached, str) else None
+
+
+_warned_remote: set[str] = set()
+
+
+def remote_code_error(cfg: ModelConfig) -> ModelError:
+    return ModelError(
+        f"model {cfg.name!r}: {cfg.id!r} needs its own Python code to load (custom classes in its config.json "
+        "'auto_map'), which mosaic does not run by default; set trust_remote_code: true on this model "
+        "only if you trust that code"
+    )
+
+
+def check_remote_code(cfg: ModelConfig) -> None:
+    """Refuse a model that needs its own code unless the config trusts it; when trusted, warn once per model.
+
+    The model's code runs in this process with the user's environment: tokens, credentials, files.
+    """
+    config = _local_or_cached_config(cfg)
+    needs = bool(config and config.get("auto_map"))
+    if needs and not cfg.trust_remote_code:
+        raise remote_code_error(cfg)
+    if cfg.trust_remote_code and cfg.id not in _warned_remote:
+        _warned_remote.add(cfg.id)
+        log.warning(
+            "model %r: trust_remote_code is on, so %r's own Python code%s runs inside mosaic with your "
+            "environment (HF_TOKEN and any other credentials, your files); keep it on only for code you trust",
+            cfg.name, cfg.id, "" if needs else " (if it has any)",
+        )
+
+
+def _load_failure(cfg: ModelConfig, err: BaseException, what: str) -> ModelError:
+    """One line for a failed load; a refusal to run custom code says so instead of blaming the network."""
+    text = str(err)
+    if "trust_remote_code" in text or "contains custom code" in text:
+        return remote_code_error(cfg)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1: pre-fill the cache or use a local folder)" if offline else ""
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+    return ModelError(f"model {cfg.name!r}: id {cfg.id!r} {what}{hint}: {first}")
+
+
 def _source(cfg: ModelConfig, cache_root: Path) -> tuple[str, str, str]:
     """(what to pass to from_pretrained, the model's hub name, a fingerprint for cache keys)."""
     if cfg.id == BUNDLED_MODEL:
@@ -175,7 +284,7 @@ def _source(cfg: ModelConfig, cache_root: Path) -> tuple[str, str, str]:
         cfg_json = local / "config.json"
         if not cfg_json.exists():
             raise ModelError(f"model {cfg.name!r}: folder {str(local)!r} has no config.json; point 'id' at a saved model")
-        hf_name = json.loads(cfg_json.read_text()).get("_name_or_path") or local.name
+        hf_name = _read_config_json(cfg, cfg_json).get("_name_or_path") or local.name
         return str(local), str(hf_name), fingerprint(cfg)
     if cfg.id.startswith((".", "/", "~")):
         raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} looks like a path but is not a folder; fix 'id'")
@@ -195,6 +304,7 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         src, hf_name, fingerprint = _source(cfg, cache_root)
+        check_remote_code(cfg)
         kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
         if cfg.revision:
             kwargs["revision"] = cfg.revision
@@ -208,10 +318,7 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
                 tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
                 model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
         except (OSError, ValueError) as err:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            hint = " (HF_HUB_OFFLINE=1: pre-fill the cache or use a local folder)" if offline else ""
-            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-            raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} could not be loaded{hint}: {first}") from None
+            raise _load_failure(cfg, err, "could not be loaded") from None
         model.eval().to(device)
         model.requires_grad_(False)
         loaded = LoadedModel(cfg.name, hf_name, model, tokenizer, fingerprint, device, dtype, processor)
@@ -230,12 +337,10 @@ def model_dims(cfg: ModelConfig, cache_root: Path) -> tuple[str, int, int]:
     from transformers import AutoConfig
 
     src, hf_name, _ = _source(cfg, cache_root)
+    check_remote_code(cfg)
     try:
         mc = AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1: pre-fill the cache or use a local folder)" if offline else ""
-        raise ModelError(f"model {cfg.name!r}: id {cfg.id!r} has no readable config{hint}: {first}") from None
+        raise _load_failure(cfg, err, "has no readable config") from None
     mc = getattr(mc, "text_config", None) or mc
     return hf_name, int(mc.hidden_size), int(mc.num_hidden_layers)

@@ -34,6 +34,8 @@ from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 from threadpoolctl import threadpool_limits
 
+from mosaic_dag.storage import temp_prefix
+
 Matrix = sp.spmatrix | sp.sparray | np.ndarray
 
 DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
@@ -512,7 +514,7 @@ def save_model(estimator: BaseEstimator, path: str | os.PathLike[str]) -> Path:
     """Write ``estimator`` with skops; atomic (temp file in the same dir, then replace)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp")
     os.close(fd)
     try:
         sio.dump(estimator, tmp)

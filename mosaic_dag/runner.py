@@ -20,11 +20,28 @@ from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, dataset_keys, targets
 PROGRESS_ENV = "MOSAIC_PROGRESS"
 
 
+# what the CLI writes into a dagster.yaml it creates: no telemetry, so no banner (delete it to opt in)
+NEW_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
+
+
 def dagster_home() -> Path:
-    """$DAGSTER_HOME, defaulting to ./.dagster_home (created), exported for Dagster to pick up."""
+    """$DAGSTER_HOME, defaulting to ./.dagster_home (created), exported for Dagster to pick up.
+
+    A dagster.yaml the CLI creates turns Dagster's telemetry off (so its banner never prints);
+    a dagster.yaml that is already there is left as it is.
+    """
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").touch(exist_ok=True)
+    yaml_file = home / "dagster.yaml"
+    try:
+        with open(yaml_file, "x") as fh:  # only if absent; two first runs at once: one creates it
+            fh.write(NEW_INSTANCE_YAML)
+    except FileExistsError:
+        if yaml_file.stat().st_size == 0:  # the empty file earlier mosaic versions created
+            from mosaic_dag.storage import atomic_path
+
+            with atomic_path(yaml_file) as tmp:
+                tmp.write_text(NEW_INSTANCE_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -56,15 +73,37 @@ def _metadata_values(event: Any) -> dict[str, Any]:
     return out
 
 
+INSTANCE_LOCK = ".mosaic-instance.lock"
+
+
+def open_instance(home: Path) -> Any:
+    """The Dagster instance in ``home``, created under a file lock.
+
+    Two first runs at once would otherwise both create the sqlite schema (``alembic_version already
+    exists``, or two schema heads that break the instance for good); with the lock the second waits.
+    """
+    from dagster import DagsterInstance
+
+    from mosaic_dag.storage import file_lock
+
+    with file_lock(home / INSTANCE_LOCK):
+        instance = DagsterInstance.get()
+        instance.get_runs_count()  # touch run storage so its schema exists before the lock is released
+    return instance
+
+
 def register_partitions(instance: Any, cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """Add the config's missing dynamic partitions; under the instance lock so two runs never add one twice."""
     from assets.partitions import dataset_partitions, target_partitions
     from mosaic_dag.definitions import missing_partitions
+    from mosaic_dag.storage import file_lock
 
-    new_t, new_d = missing_partitions(instance, cfg)
-    if new_t:
-        instance.add_dynamic_partitions(target_partitions.name, new_t)
-    if new_d:
-        instance.add_dynamic_partitions(dataset_partitions.name, new_d)
+    with file_lock(dagster_home() / INSTANCE_LOCK):
+        new_t, new_d = missing_partitions(instance, cfg)
+        if new_t:
+            instance.add_dynamic_partitions(target_partitions.name, new_t)
+        if new_d:
+            instance.add_dynamic_partitions(dataset_partitions.name, new_d)
     return new_t, new_d
 
 
@@ -171,7 +210,7 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
     if progress:
         os.environ[PROGRESS_ENV] = "1"
     home = dagster_home()
-    instance = DagsterInstance.get()
+    instance = open_instance(home)
     register_partitions(instance, cfg)
     summary = RunSummary(cfg, home, MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")).uri(cfg))
     defs = _definitions(abs_config)

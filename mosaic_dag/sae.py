@@ -10,6 +10,8 @@ would not fit in memory for real datasets.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import warnings
@@ -38,6 +40,8 @@ from mosaic_dag.sae_registry import (
     resid_post_layer,
 )
 from mosaic_dag.storage import atomic_path
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # sae-lens pulls in torch and transformer-lens; import it only when used
     import torch
@@ -368,9 +372,90 @@ def load_sae(
             f"sae path {str(folder)!r} is not an sae-lens folder (needs cfg.json and sae_weights.safetensors); "
             "save it with sae.save_model(path) or train it with train_sae"
         )
+    if verify_checksums(folder) is False:
+        raise SaeLoadError(
+            f"sae {spec.name or folder.name!r}: {str(folder)!r} failed its checksum (its files changed after they were "
+            "written); restore the folder, or delete it so mosaic trains it again"
+        )
     from sae_lens import SAE
 
-    return SAE.load_from_disk(str(folder), device=device, dtype=dtype)
+    try:
+        return SAE.load_from_disk(str(folder), device=device, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - safetensors/json/torch raise many types; the user needs one line
+        text = str(err).strip()
+        reason = f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+        raise SaeLoadError(
+            f"sae {spec.name or folder.name!r}: {str(folder)!r} could not be read ({reason}); "
+            "the folder is truncated or corrupt: save the SAE again (sae.save_model) or point 'path' at a good copy"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: checksums of SAE folders mosaic writes, and a sanity check of what an SAE reconstructs
+# --------------------------------------------------------------------------------------------
+
+CHECKSUM_FILENAME = "mosaic_checksums.json"
+# Explained variance below this is not a weak SAE but a broken one (corrupt weights, wrong scaling):
+# an SAE that outputs all zeros scores -(squared mean / variance) of the data, which is not this far down.
+ABSURD_EXPLAINED_VARIANCE = -10.0
+
+
+def write_checksums(folder: str | Path) -> Path:
+    """sha256 of every file in an SAE folder, written last (inside the folder's atomic write)."""
+    from mosaic_dag.storage import file_sha256
+
+    folder = Path(folder)
+    sums = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUM_FILENAME}
+    out = folder / CHECKSUM_FILENAME
+    out.write_text(json.dumps({"sha256": sums}, indent=2, sort_keys=True))
+    return out
+
+
+def verify_checksums(folder: str | Path) -> bool | None:
+    """True when every listed file matches; False when one differs or is missing; None: no checksums
+    (an SAE that mosaic did not write, which ``check_reconstruction`` still guards)."""
+    from mosaic_dag.storage import file_sha256
+
+    folder = Path(folder)
+    try:
+        listed = json.loads((folder / CHECKSUM_FILENAME).read_text())["sha256"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        return all(file_sha256(folder / name) == digest for name, digest in listed.items())
+    except OSError:
+        return False
+
+
+def discard_if_corrupt(folder: str | Path) -> bool:
+    """Remove a trained-SAE folder (mosaic's own) whose checksum fails, so it is trained again; True if removed."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir() or verify_checksums(folder) is not False:
+        return False
+    log.warning("trained SAE %s failed its checksum; removing it so it is trained again", folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+def check_reconstruction(name: str, codes: sp.csr_matrix, stats: "EncodeStats") -> None:
+    """Refuse an SAE whose codes are not finite or whose reconstruction is absurd on this data."""
+    bad = int((~np.isfinite(codes.data)).sum()) if codes.nnz else 0
+    if bad:
+        raise SaeCodesError(
+            f"sae {name!r} produced {bad} non-finite codes on this data; its weights are corrupt or do not fit "
+            "this model: re-save or re-download the SAE, or delete a trained one so it is trained again"
+        )
+    ev = stats.explained_variance
+    if stats.n_tokens and (ev < ABSURD_EXPLAINED_VARIANCE or ev == math.inf):
+        raise SaeCodesError(
+            f"sae {name!r} reconstructs this data absurdly (explained variance {ev:.3g}, below "
+            f"{ABSURD_EXPLAINED_VARIANCE:g}); its weights are corrupt or do not fit this model/layer: "
+            "re-save or re-download the SAE, or delete a trained one so it is trained again"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def train_sae(
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from mosaic_dag.sae import encode_stats
+    from mosaic_dag.sae import encode_stats, write_checksums
 
     t0 = time.perf_counter()
     if not isinstance(acts, np.ndarray):
@@ -251,6 +251,7 @@ def train_sae(
             "wall_time_s": round(time.perf_counter() - t0, 3),
         }
         (tmp / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        write_checksums(tmp)  # last, like a hidden-state manifest: a flipped byte later is caught on load
     return TrainedSae(path=out, metrics=metrics)
 
 

@@ -41,12 +41,21 @@ class WriteError(MosaicError, OSError):
 
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-# temp names: .<target name>.<pid>@<host hash>.<random>.tmp, so a sweep can tell live writers from dead ones
-_TEMP_RE = re.compile(r"\.(\d+)@([0-9a-f]{8})\.[^/]*\.tmp$")
+# temp names: .mosaic-tmp.<target name>.<pid>@<host hash>.<random>[.old].tmp — the prefix says mosaic made it,
+# the owner lets a sweep tell live writers from dead ones; nothing else is ever swept
+TEMP_PREFIX = ".mosaic-tmp."
+_TEMP_RE = re.compile(r"^\.mosaic-tmp\..+\.(\d+)@([0-9a-f]{8})\.[A-Za-z0-9_]+(\.old)?\.tmp$")
+# the folders under data_dir that mosaic writes (and so may sweep); data_dir itself only at its top level
+OWNED_FOLDERS = ("datasets", "hidden", "saes", "codes", "pooled", "results", "conditions", "report")
 
 
 def _owner() -> str:
     return f"{os.getpid()}@{_HOST}"
+
+
+def temp_prefix(target: Path) -> str:
+    """Prefix for a temp file/folder beside ``target`` (pass to mkstemp/mkdtemp with suffix '.tmp')."""
+    return f"{TEMP_PREFIX}{Path(target).name}.{_owner()}."
 
 
 def _write_error(target: Path, err: OSError) -> WriteError:
@@ -60,6 +69,10 @@ def _write_error(target: Path, err: OSError) -> WriteError:
     return out
 
 
+# libraries written in Rust (safetensors) report an OS failure as their own error type, text "(os error 28)"
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 @contextlib.contextmanager
 def _as_write_error(target: Path) -> Iterator[None]:
     try:
@@ -68,6 +81,12 @@ def _as_write_error(target: Path) -> Iterator[None]:
         raise
     except OSError as err:
         raise _write_error(target, err) from err
+    except Exception as err:
+        m = _RUST_OS_ERROR.search(str(err))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise _write_error(target, OSError(code, os.strerror(code))) from err
 
 
 @contextlib.contextmanager
@@ -80,7 +99,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     target = Path(target)
     with _as_write_error(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_owner()}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent)
         os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -102,12 +121,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     with _as_write_error(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner()}.", suffix=".tmp", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         with _as_write_error(target):
             yield tmp
             if target.exists():  # replace an older copy: move it aside, put ours in, drop it
-                old = target.with_name(f".{target.name}.{_owner()}.{secrets.token_hex(4)}.old.tmp")
+                old = target.with_name(f"{temp_prefix(target)}{secrets.token_hex(4)}.old.tmp")
                 try:
                     os.replace(target, old)
                 except FileNotFoundError:
@@ -136,6 +155,26 @@ def _place_dir(tmp: Path, target: Path, attempts: int = 100) -> None:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
     os.replace(tmp, target)  # still racing after every attempt: let the error speak
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created) for the block; other processes wait (POSIX flock).
+
+    The lock is released when the block ends or the process dies, so a killed holder never leaves
+    a stale lock behind.
+    """
+    import fcntl
+
+    path = Path(path)
+    with _as_write_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    finally:
+        fh.close()  # closing drops the lock
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -171,29 +210,56 @@ def _newest_mtime(p: Path) -> float:
     return newest
 
 
-def sweep_temp(folder: Path, *, min_age_s: float = 24 * 3600) -> int:
-    """Remove temp files/folders left by killed writers; returns how many were removed.
+def is_temp_name(name: str) -> bool:
+    """True only for temp names mosaic itself creates (prefix + owner pid@host + random)."""
+    return bool(_TEMP_RE.match(name))
 
-    Safe while other runs write into the same folder: a temp entry is removed only when the process
-    that created it (same host, pid in its name) is gone, or when nothing in it changed for
-    ``min_age_s`` seconds (entries from other hosts or older mosaic versions). ``min_age_s=0``
-    removes every temp entry (only when no other writer can be running).
+
+def _temp_entries(folder: Path) -> list[Path]:
+    """mosaic temp entries at the top of ``folder`` and anywhere inside the folders mosaic owns."""
+    found = [p for p in _listdir(folder) if is_temp_name(p.name)]
+    for sub in OWNED_FOLDERS:
+        root = folder / sub
+        if not root.is_dir() or root.is_symlink():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):  # os.walk shrugs off folders renamed mid-walk
+            for name in list(dirnames):
+                if is_temp_name(name):
+                    dirnames.remove(name)  # what is inside a temp folder goes with it
+                    found.append(Path(dirpath, name))
+            found += [Path(dirpath, name) for name in filenames if is_temp_name(name)]
+    return found
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
+
+
+def sweep_temp(folder: Path, *, min_age_s: float = 24 * 3600) -> int:
+    """Remove temp files/folders left by killed mosaic writers under a data folder; returns how many.
+
+    Only names mosaic creates (``.mosaic-tmp.<name>.<pid>@<host>.<random>.tmp``) are candidates, and
+    only at the top of ``folder`` and inside the folders mosaic writes (``OWNED_FOLDERS``), so a user's
+    own ``.draft.tmp`` — even with ``data_dir: .`` — is never touched. Safe while other runs write:
+    an entry is removed when the process that created it (same host, pid in its name) is gone, or
+    when nothing in it changed for ``min_age_s`` seconds (entries from other hosts). ``min_age_s=0``
+    removes every mosaic temp entry (only when no other writer can be running).
     """
     folder = Path(folder)
-    if not folder.exists():
+    if not folder.is_dir():
         return 0
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):  # os.walk shrugs off folders renamed mid-walk
-        for name in list(dirnames):
-            if name.startswith(".") and name.endswith(".tmp"):
-                dirnames.remove(name)  # what is inside a temp folder goes with it
-                found.append(Path(dirpath, name))
-        found += [Path(dirpath, name) for name in filenames if name.startswith(".") and name.endswith(".tmp")]
+    found = _temp_entries(folder)
     now = time.time()
     n = 0
     for p in found:
-        m = _TEMP_RE.search(p.name)
-        dead = bool(m) and m.group(2) == _HOST and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))
+        m = _TEMP_RE.match(p.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        dead = m.group(2) == _HOST and pid != os.getpid() and not _pid_alive(pid)
         if not (dead or min_age_s <= 0 or now - _newest_mtime(p) >= min_age_s):
             continue
         if p.is_dir() and not p.is_symlink():

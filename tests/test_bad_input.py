@@ -152,9 +152,13 @@ class DatasetCase:
     suffix: str = ".jsonl"
     fields: dict = field(default_factory=dict)
     tail: str = ""
+    raw: str | None = None  # the file's exact text (a header-only CSV cannot be written from rows)
 
     def write(self, folder: Path) -> Path:
         path = folder / f"bad{self.suffix}"
+        if self.raw is not None:
+            path.write_text(self.raw)
+            return path
         if self.rows is None:
             return folder / "missing" / "bad.csv"  # does not exist
         if self.suffix == ".jsonl":
@@ -192,12 +196,30 @@ DATASET_CASES = [
     DatasetCase("single-class", _rows(["spam"] * 20),
                 ["label_field 'label' has a single class ('spam')", "at least 2"]),
     DatasetCase("mixed-label-types", _rows([0, 1] * 9 + ["pos", "neg"]),
-                ["label_field 'label' mixes types", "use all integers or all strings"]),
+                ["label_field 'label' mixes integer and text labels", "use all integers or all strings"]),
+    # pandas reads this column as all strings ('0', '1', 'pos'): told apart by value, not by dtype
+    DatasetCase("mixed-labels-csv", _rows([0, 1] * 9 + ["pos", "neg"]),
+                ["label_field 'label' mixes integer and text labels", "'pos' in row 18"], suffix=".csv"),
+    DatasetCase("fractional-labels", _rows([0.5, 1.5] * 10),
+                ["label_field 'label' holds a number that is not a whole class id (0.5 in row 0)"]),
+    DatasetCase("shared-text-via-split-column",
+                [{"text": t, "label": i % 2, "split": "train"} for i, t in enumerate(GOOD_TEXTS[:16])]
+                + [{"text": t, "label": i % 2, "split": "test"} for i, t in enumerate(GOOD_TEXTS[:4])],
+                ["dataset 'bad'.en: 4 texts are in more than one split", "in test and train",
+                 "set allow_shared_texts: true"]),
+    DatasetCase("one-class-in-train-split",
+                [{"text": t, "label": "a" if i < 14 else "b", "split": "train" if i < 14 else "test"}
+                 for i, t in enumerate(GOOD_TEXTS)],
+                ["the train split has a single class ('a')", "fix the split column"]),
+    DatasetCase("header-only-csv", [], ["the source has a header but no rows", "add labelled rows"], suffix=".csv",
+                raw="text,label\n"),
+    DatasetCase("one-row-per-class", [], ["only 1 row(s) left in train to carve the validation split", "add rows"],
+                suffix=".csv", raw="text,label\nhello there,0\nbye now,1\n"),
     DatasetCase("local-path-missing", None, ["does not exist", "fix 'path' in the config"]),
     DatasetCase("unsupported-file-type", [], ["has an unsupported file type", "use .csv, .tsv, .jsonl"], suffix=".xlsx"),
     DatasetCase("truncated-parquet", _rows(BALANCED), ["is not readable parquet", "fix or re-export the file"],
                 suffix=".parquet"),
-    DatasetCase("malformed-jsonl", _rows(BALANCED), ["is not readable jsonl", "fix or re-export the file"],
+    DatasetCase("malformed-jsonl", _rows(BALANCED), ["line 21 is not valid JSON", "fix that line"],
                 tail='{"text": "half a line", "lab\n'),
     DatasetCase("text-lines-bad-label", _rows([0, 1] * 9 + [1, "positive"]),
                 ["train_labels.txt line 20 is 'positive', not an integer label", "fix that line"], suffix="/"),
@@ -247,14 +269,50 @@ class ModelCase:
     id: str
     expect: list[str]
     layers: list[int] = field(default_factory=lambda: [0])
-    model_id: Callable[[Path], str] | None = None
+    model_id: Callable[[Path, Path], str] | None = None  # (tmp_path, tiny model folder) -> model id
     sae: Callable[[Path], dict] | None = None
 
 
-MODEL_CASES = [
-    ModelCase("layer-out-of-range", ["layers [9] out of range for model 'tiny' with 4 blocks", "use 0..3"], layers=[0, 9]),
+def _bad_config_json(folder: Path, model_dir: Path) -> str:
+    import shutil
+
+    shutil.copytree(model_dir, folder)
+    (folder / "config.json").write_text('{"model_type": "gemma3_text", "num_hidden_layers": 4,')  # cut short
+    return str(folder)
+
+
+EARLY_MODEL_CASES = [
+    ModelCase("layer-out-of-range", ["models.0.layers: layers [9] out of range for model 'tiny' with 4 blocks",
+                                     "use 0..3"], layers=[0, 9]),
     ModelCase("model-folder-missing", ["model 'tiny'", "looks like a path but is not a folder", "fix 'id'"],
-              model_id=lambda t: str(t / "no-such-model")),
+              model_id=lambda t, m: str(t / "no-such-model")),
+    ModelCase("invalid-config-json", ["model 'tiny'", "config.json' is not valid JSON", "at line 1", "save the model again"],
+              model_id=lambda t, m: _bad_config_json(t / "broken-model", m)),
+]
+
+
+@pytest.mark.parametrize("case", EARLY_MODEL_CASES, ids=[c.id for c in EARLY_MODEL_CASES])
+def test_bad_model_or_layer_fails_validate_and_run_before_any_compute(case: ModelCase, tmp_path: Path,
+                                                                      tiny_model_dir: Path, home: Path,
+                                                                      capsys: pytest.CaptureFixture[str]):
+    extra: dict[str, object] = {}
+    if case.model_id:
+        extra["id"] = case.model_id(tmp_path, tiny_model_dir)
+    config = fast_config(tmp_path, tiny_model_dir, layers=case.layers, **extra)
+
+    assert main(["validate", "--config", str(config)]) == 1
+    validate_line = error_line(capsys.readouterr().err)
+    code, stderr = run_cli(config, capsys)
+    assert code == 1
+    line = error_line(stderr)
+    assert line == validate_line
+    for fragment in case.expect:
+        assert fragment in line, line
+    assert dagster_failures(config) == []  # no Dagster run was even started
+    assert not (tmp_path / "data").exists()
+
+
+MODEL_CASES = [
     ModelCase("sae-d_in-mismatch", ["sae d_in=32 does not match model tiny-gemma3 d_model=64",
                                     "pick an SAE trained on this model"],
               sae=lambda t: {"source": "local", "name": "wrong-width", "path": str(_write_sae(t / "sae32", 32))}),
@@ -266,14 +324,12 @@ MODEL_CASES = [
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=[c.id for c in MODEL_CASES])
-def test_bad_model_layer_or_sae_fails_hidden_states_before_any_forward(case: ModelCase, tmp_path: Path,
+def test_bad_sae_fails_hidden_states_before_any_forward(case: ModelCase, tmp_path: Path,
                                                                        tiny_model_dir: Path, home: Path,
                                                                        capsys: pytest.CaptureFixture[str]):
     if case.sae is not None and not _sae_wired_into_hidden_states():
         pytest.skip("the SAE check is not wired into the hidden_states asset yet (library test below covers it)")
     extra: dict[str, object] = {}
-    if case.model_id:
-        extra["id"] = case.model_id(tmp_path)
     if case.sae:
         extra["saes"] = [case.sae(tmp_path)]
     config = fast_config(tmp_path, tiny_model_dir, layers=case.layers, **extra)

@@ -78,3 +78,44 @@ def test_partition_keys_round_trip():
     assert (d.dataset, d.language) == ("sentiment", "pt")
     with pytest.raises(ConfigError):
         parse_target("gemma.6.sae")
+
+
+CLS = "classification"
+
+
+@pytest.mark.parametrize("patch, fragment", [
+    ({CLS: {"thresholds": [float("nan")]}}, "classification.thresholds.0: Input should be a finite number"),
+    ({CLS: {"thresholds": [float("inf")]}}, "classification.thresholds.0: Input should be a finite number"),
+    ({CLS: {"thresholds": [-1.0]}}, "classification.thresholds.0: Input should be greater than or equal to 0"),
+    ({CLS: {"k": [0]}}, "classification.k.0: Input should be greater than or equal to 1"),
+    ({CLS: {"top_n": [0]}}, "classification.top_n.0: Input should be greater than or equal to 1"),
+    ({CLS: {"poolings": []}}, "classification.poolings: List should have at least 1 item"),
+    ({CLS: {"classifiers": []}}, "classification.classifiers: List should have at least 1 item"),
+    ({CLS: {"thresholds": []}}, "classification.thresholds: List should have at least 1 item"),
+    ({CLS: {"k": [], "classifiers": ["ksparse"]}}, "classifier 'ksparse' needs at least one k"),
+    ({CLS: {"bootstrap": True}}, "classification.bootstrap: Input should be a valid integer"),
+    ({"models": [{"name": "m", "layers": [True]}]}, "models.0.layers.0: Input should be a valid integer"),
+    ({"models": [{"name": "m", "layers": [1.0]}]}, "models.0.layers.0: Input should be a valid integer"),
+    ({"models": [{"name": "m", "layers": [1], "saes": []}]}, "models.0.saes: List should have at least 1 item"),
+    ({"models": [{"name": "m", "layers": [1], "trust_remote_code": "yes"}]}, "models.0.trust_remote_code: Input should be a valid boolean"),
+    ({"models": [{"name": "m", "layers": [1], "saes": [{"width": 64}]}], CLS: {"k": [5, 100]}},
+     "classification.k: [100] larger than the width 64 of SAE"),
+    ({"split": {"validation": 0.45, "test": 0.45}}, "leave 10% of the rows for train, less than validation's 45%"),
+    ({"transfer": {"threshold": float("nan")}}, "transfer.threshold: Input should be a finite number"),
+    ({"conditions": {"noise_rates": [1.5]}}, "conditions.noise_rates.0: Input should be less than 1"),
+])
+def test_values_that_would_crash_or_lie_later_fail_validation(patch: dict, fragment: str):
+    assert fragment in _err({**BASE, **patch})
+
+
+def test_yaml_nan_and_booleans_are_refused_in_the_file(tmp_path: Path):
+    """What the user writes: `.nan` and `yes` are YAML floats/booleans, not 'no threshold' / '1'."""
+    base = "models: [{name: m, layers: [1]}]\ndatasets: [{name: d, path: x.csv}]\n"
+    (tmp_path / "a.yaml").write_text(base + "classification: {thresholds: [.nan]}\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: classification.thresholds.0: Input should be a finite number"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text(base + "classification: {bootstrap: yes}\n")
+    with pytest.raises(ConfigError, match=r"classification.bootstrap: Input should be a valid integer"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text(base + "classification: {thresholds: [null, 0, 1.5]}\n")  # ints for floats are fine
+    assert load_config(tmp_path / "c.yaml").classification.thresholds == [None, 0.0, 1.5]

@@ -77,7 +77,9 @@ def test_string_labels_are_indexed_sorted():
         (lambda d: d.assign(text=["  "] + d["text"].tolist()[1:]), "empty or whitespace"),
         (lambda d: d.assign(label=[np.nan] + d["label"].tolist()[1:]), "label_field 'label' is empty"),
         (lambda d: d.assign(label=0), "single class"),
-        (lambda d: d.assign(label=["a"] + d["label"].tolist()[1:]), "mixes types"),
+        (lambda d: d.assign(label=["a"] + d["label"].tolist()[1:]), "mixes integer and text labels"),
+        (lambda d: d.assign(label=["pos"] + [str(v) for v in d["label"].tolist()[1:]]), "mixes integer and text labels"),
+        (lambda d: d.assign(label=[0.5, 1.5] * (len(d) // 2)), "not a whole class id (0.5 in row 0)"),
     ],
 )
 def test_bad_input_gives_one_line_naming_the_field(mutate, field):
@@ -116,3 +118,23 @@ def test_real_multilingual_text_line_folder():
                           "es", SPLIT)
     assert out["split"].value_counts().to_dict() == {"train": 1839, "test": 870, "validation": 324}
     assert set(out["label_name"]) == {"negative", "neutral", "positive"}
+
+
+def test_semicolon_csv_with_a_byte_order_mark_is_read(tmp_path: Path):
+    """Excel's "CSV UTF-8" in a ';' locale: BOM + semicolons. Read with that delimiter, not one odd column."""
+    rows = "".join(f"text number {i} here;{i % 2}\n" for i in range(40))
+    (tmp_path / "semi.csv").write_bytes("\ufefftext;label\n".encode() + rows.encode())
+    out = ds.load_dataset(DatasetConfig(name="semi", path=str(tmp_path / "semi.csv")), "en", SPLIT)
+    assert len(out) == 40 and sorted(out["label_name"].unique()) == ["0", "1"]
+    assert out["text"].iloc[0].startswith("text number")
+
+
+def test_shared_texts_are_refused_unless_allowed():
+    df = frame()
+    df["split"] = ["train"] * (len(df) - 4) + ["test"] * 4
+    df.loc[df.index[-1], "text"] = df["text"].iloc[0]  # one test text is also a train text
+    with pytest.raises(DatasetError, match=r"1 texts are in more than one split .* allow_shared_texts: true"):
+        ds.normalise(df.rename(columns={"split": "__split"}), cfg(), "en", SPLIT)
+    kept = ds.normalise(df.rename(columns={"split": "__split"}), cfg().model_copy(update={"allow_shared_texts": True}),
+                        "en", SPLIT)
+    assert ds.shared_texts(kept) == 1
