@@ -18,6 +18,8 @@ from assets.sae import sae_codes
 from mosaic_dag.evaluation import (
     best_artifacts,
     best_rows,
+    comparison_metadata,
+    comparison_metrics,
     label_names,
     probe_checks,
     run_probes,
@@ -80,24 +82,27 @@ def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflo
         results = run_probes(cfg, target, data.dataset, data.language, mlflow_run_id=run.run_id,
                              progress=lambda d, t: context.log.info(f"probes {d}/{t}") if d % 10 == 0 or d == t else None)
         table = results.table
-        path = write_results(cfg, target, data.dataset, data.language, table)
+        path = write_results(cfg, target, data.dataset, data.language, table, predictions=results.predictions)
         best = best_rows(table)
         run.log_params({"target": target.key, "dataset": data.key, "probes": len(table)})
         for _, row in best.iterrows():
             run.log_metrics({f"{row['features']}_macro_f1": row["macro_f1"], f"{row['features']}_accuracy": row["accuracy"]})
         run.log_metrics({"majority_macro_f1": results.majority_f1})
+        run.log_metrics(comparison_metrics(results.comparisons))
         with tempfile.TemporaryDirectory() as tmp:
             for file, folder in best_artifacts(results, frame, Path(tmp)):
                 run.log_artifact(file, folder)
             run.log_artifact(path, "results")
     checks = probe_checks(results)
-    show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "macro_f1", "macro_f1_ci_low",
-                 "macro_f1_ci_high", "accuracy", "auroc"]]
+    show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "val_macro_f1", "macro_f1",
+                 "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc"]]
     return MaterializeResult(
         metadata={
             "results_path": MetadataValue.path(str(path)),
             "probes": len(table),
-            "best": MetadataValue.md(markdown_table(show)),
+            "best": MetadataValue.md("selected on validation (val_macro_f1); macro_f1 is its test score\n\n"
+                                     + markdown_table(show)),
+            **comparison_metadata(results.comparisons),
             "top_latents": MetadataValue.md(top_latents_markdown(results, label_names(frame))),
             "sae_macro_f1": round(float(checks.sae_macro_f1), 4),
             "majority_macro_f1": round(checks.majority_macro_f1, 4),

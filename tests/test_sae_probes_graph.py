@@ -45,6 +45,27 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
     assert set(table["features"]) == {"sae", "hidden", "tfidf"}
     assert table["n_test"].nunique() == 1  # every source scored on the same test rows
     assert (table["mlflow_run_id"] != "").all()
+    # one validation-selected row per source and partition; its paired verdicts sit on the SAE row
+    in_lang = table[table["train_language"] == table["test_language"]]
+    assert in_lang["val_macro_f1"].notna().all()
+    chosen = in_lang[in_lang["selected"]]
+    assert sorted(chosen["features"]) == ["hidden", "sae", "tfidf"]
+    for _, row in chosen.iterrows():
+        same = in_lang[in_lang["features"] == row["features"]]
+        assert row["val_macro_f1"] == same["val_macro_f1"].max()
+    sae_row = chosen[chosen["features"] == "sae"].iloc[0]
+    assert sae_row["vs_hidden"].split(":")[0] in {"SAE better", "no difference", "SAE worse"}
+    from mosaic_dag.analysis import comparisons_table
+    from mosaic_dag.evaluation import predictions_file
+
+    preds = pd.read_parquet(predictions_file(cfg, parse_target("tiny.L1.btk"), "toy", "en"))
+    assert len(preds) == int(table["n_test"].iloc[0]) and set(in_lang["probe"]) <= set(preds.columns)
+    comp = comparisons_table(cfg)
+    assert set(comp["scope"]) == {"partition", "task", "overall"}
+    assert set(comp["comparison"]) == {"sae-hidden", "sae-tfidf"}
+    assert ((comp["diff_ci_low"] <= comp["diff"]) & (comp["diff"] <= comp["diff_ci_high"])).all()
+    report_md = (cfg.data_path / "report" / "index.md").read_text()
+    assert "paired, selected configurations" in report_md
     # sparse codes on disk, far smaller than dense, equal to sae.encode on the cached activations
     codes_step = next(s for s in summary.steps if s.asset == "sae_codes")
     store = CodesStore(Path(codes_step.metadata["path"]))
@@ -76,7 +97,8 @@ def test_results_cli_formats(tmp_path: Path, tiny_model_dir: Path, dagster_home:
     config = _config(tmp_path, tiny_model_dir)
     assert main(["run", "--config", str(config), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "best probe per feature source" in out and "| sae |" not in out.split("\n")[0]
+    assert "selected probe per feature source (chosen on validation" in out and "| sae |" not in out.split("\n")[0]
+    assert "sae-hidden" in out and "overall" in out
     assert main(["results", "--config", str(config), "--format", "csv"]) == 0
     csv = capsys.readouterr().out
     assert csv.splitlines()[0] == ",".join(RESULT_COLUMNS)
