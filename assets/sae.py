@@ -1,15 +1,17 @@
 """SAE assets: the SAE of a target (trained here or from sae-lens) and its sparse codes per dataset."""
 
+from collections.abc import Iterator
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets.hidden_states import hidden_states
 from assets.partitions import target_dataset_partitions, target_partitions, multi_keys
+from assets.sae_quality import SAE_QUALITY_CHECK, sae_quality_result, stop_on_failure
 from mosaic_dag.codes import build_codes, build_sae, sae_config
 from mosaic_dag.models import model_dims
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import models_dir
-from resources import ExperimentResource, MlflowResource, SaeResource
+from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 
 
 @asset(
@@ -51,10 +53,12 @@ def sae(context: AssetExecutionContext, experiment: ExperimentResource, sae: Sae
 @asset(
     partitions_def=target_dataset_partitions,
     deps=[hidden_states, sae],
+    check_specs=[SAE_QUALITY_CHECK],
     group_name="sae",
     description="SAE codes of every token, stored sparse (active latent indices + fp16 values per token).",
 )
-def sae_codes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource) -> MaterializeResult:
+def sae_codes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+              model: ModelResource) -> Iterator[MaterializeResult]:
     cfg = experiment.load()
     keys = multi_keys(context)
     target, data = parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
@@ -67,7 +71,8 @@ def sae_codes(context: AssetExecutionContext, experiment: ExperimentResource, ml
     with mlflow.run(context, cfg) as run:
         run.log_params({"sae": target.sae, "width": man["width"], "dataset": data.key, "cache_hit": result.hit})
         run.log_metrics(stats)
-    return MaterializeResult(metadata={
+    quality = sae_quality_result(cfg, target, data, man, model)
+    yield MaterializeResult(metadata={
         "path": MetadataValue.path(str(result.path)),
         "cache_hit": result.hit,
         "tokens": man["tokens"],
@@ -79,6 +84,7 @@ def sae_codes(context: AssetExecutionContext, experiment: ExperimentResource, ml
         "dense_fp16_mb": round(stats["dense_fp16_mb"], 3),
         "compression": round(man["dense_fp16_bytes"] / max(1, man["bytes"]), 1),
         "mlflow_run_id": run.run_id,
-    })
+    }, check_results=[quality])
+    stop_on_failure(quality)
 
 

@@ -209,6 +209,18 @@ class ConditionsConfig(_Strict):
     top_n: int = 20
 
 
+class SaeQualityConfig(_Strict):
+    """Floors every SAE must meet on each dataset partition (the blocking ``sae_quality`` check); null: off."""
+
+    enabled: bool = True
+    texts: int = Field(64, ge=1)  # train+validation texts the loss-recovered forward passes run over
+    min_explained_variance: float | None = 0.5
+    max_dead_fraction: float | None = Field(None, ge=0, le=1)
+    min_loss_recovered: float | None = 0.5
+    min_l0: float | None = None
+    max_l0: float | None = None
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str = "mosaic"
@@ -225,6 +237,7 @@ class ExperimentConfig(_Strict):
     classification: ClassificationConfig = ClassificationConfig()
     transfer: TransferConfig = TransferConfig()
     conditions: ConditionsConfig = ConditionsConfig()
+    sae_quality: SaeQualityConfig = SaeQualityConfig()
     mlflow: MlflowConfig = MlflowConfig()
     _base_dir: Path | None = PrivateAttr(default=None)
 

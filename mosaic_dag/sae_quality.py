@@ -72,8 +72,8 @@ def check_quality(q: SaeQuality, floors: SaeFloors, name: str = "sae") -> Qualit
     ]
     failures = []
     for label, value, floor, op in rules:
-        if floor is None:
-            continue
+        if floor is None or (label == "loss_recovered" and not np.isfinite(value)):
+            continue  # loss recovered is undefined where zero ablation does not raise the loss
         ok = np.isfinite(value) and (value >= floor if op == ">=" else value <= floor)
         if not ok:
             failures.append(f"{label} {value:.3f} (must be {op} {floor:g})")
@@ -188,3 +188,41 @@ def with_stats(q: SaeQuality, stats: Any) -> SaeQuality:
     """``q`` with reconstruction/sparsity numbers replaced by ones measured on more tokens."""
     return replace(q, n_tokens=int(stats.n_tokens), d_sae=int(stats.d_sae), mean_l0=float(stats.mean_l0),
                    dead_fraction=float(stats.dead_fraction), explained_variance=float(stats.explained_variance))
+
+
+def floors_of(cfg: Any) -> SaeFloors:
+    """The config's ``sae_quality`` floors."""
+    q = cfg.sae_quality
+    return SaeFloors(q.min_explained_variance, q.max_dead_fraction, q.min_loss_recovered, q.min_l0, q.max_l0)
+
+
+def partition_quality(cfg: Any, target: Any, dataset: str, language: str, loaded: Any,
+                      manifest: dict[str, Any]) -> SaeQuality:
+    """Quality of the target's SAE on one dataset partition, cached beside the results.
+
+    Explained variance, dead fraction and L0 are the codes manifest's (every real token of the
+    partition); loss recovered runs over the first ``sae_quality.texts`` train+validation texts.
+    The measurement is keyed by the SAE, the hidden-state cache and the text count, so a rerun
+    with nothing changed runs no forward pass.
+    """
+    import json
+
+    from mosaic_dag.codes import get_sae
+    from mosaic_dag.pipeline import read_dataset
+    from mosaic_dag.sae import EncodeStats
+    from mosaic_dag.storage import stable_hash, write_json
+
+    n_texts = cfg.sae_quality.texts
+    key = stable_hash({"sae": manifest["sae_identity"], "hidden": manifest["hidden_cache"], "texts": n_texts})
+    path = cfg.data_path / "quality" / target.key / f"{dataset}.{language}-{key}.json"
+    if path.is_file():
+        return SaeQuality(**json.loads(path.read_text()))
+    frame = read_dataset(cfg, dataset, language).frame
+    texts = frame.loc[frame["split"].isin(["train", "validation"]), "text"].astype(str).tolist()[:n_texts]
+    stats = EncodeStats(n_tokens=int(manifest["real_tokens"]), d_sae=int(manifest["width"]),
+                        mean_l0=float(manifest["mean_l0"]), dead_fraction=float(manifest["dead_fraction"]),
+                        explained_variance=float(manifest["explained_variance"]))
+    q = measure_quality(loaded, get_sae(cfg, target), target.layer, texts,
+                        max_length=cfg.model(target.model).max_length, stats=stats)
+    write_json(path, q.as_dict())
+    return q

@@ -118,6 +118,25 @@ def test_mismatched_sae_fails_before_any_forward_pass(tmp_path: Path, tiny_model
     assert not list((tmp_path / "data").rglob("manifest.json"))  # no forward pass ran
 
 
+def test_bad_sae_is_stopped_by_the_quality_check(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path,
+                                                clean, capsys):
+    """A random SAE that fits the model's shape misses the default floors: codes are written, no probe runs."""
+    sae = make_sae("jumprelu", d_in=64, width=64, hook_name="model.layers.1", model_name="tiny-gemma3")
+    sae.save_model(str(tmp_path / "random_sae"))
+    path = tiny_config(tmp_path, tiny_model_dir, layers=[1],
+                       saes=[{"source": "local", "path": str(tmp_path / "random_sae"), "name": "random"}])
+    data = yaml.safe_load(path.read_text())
+    data["classification"] = FAST | {"poolings": ["mean"], "thresholds": [None], "classifiers": ["logistic"]}
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", "--config", str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mosaic: error: sae random: explained_variance ") and "(must be >= 0.5)" in err
+    assert list((tmp_path / "data" / "codes").rglob("manifest.json"))  # the asset itself materialized
+    assert not (tmp_path / "data" / "results").exists()  # the blocking check stopped everything downstream
+    measured = next((tmp_path / "data" / "quality").rglob("*.json"))
+    assert '"loss_recovered"' in measured.read_text()
+
+
 def _registry(path: Path, entries: list[tuple[str, str]]) -> Path:
     data = {"my-release": {"model": "google/gemma-3-270m", "repo_id": "org/repo", "conversion_func": "gemma_3",
                            "saes": [{"id": sid, "path": p} for sid, p in entries]}}
