@@ -11,6 +11,7 @@ from mosaic_dag.codes import build_codes, build_sae, sae_config
 from mosaic_dag.models import model_dims
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import models_dir
+from mosaic_dag.tracking import log_curve
 from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 
 
@@ -35,6 +36,7 @@ def sae(context: AssetExecutionContext, experiment: ExperimentResource, sae: Sae
                         "release": scfg.release, "sae_id": scfg.sae_id, "hook": result.info.hook_name,
                         "reused": result.reused})
         run.log_metrics(metrics)
+        log_curve(run, result.metrics.get("curve") or [])
     context.log.info(f"sae {target.sae}: {'reused' if result.reused else 'trained'} ({result.info.architecture}, {result.info.d_sae} latents)")
     return MaterializeResult(metadata={
         "source": scfg.source,
@@ -46,6 +48,7 @@ def sae(context: AssetExecutionContext, experiment: ExperimentResource, sae: Sae
         "reused": result.reused,
         "neuronpedia_id": result.info.neuronpedia_id or "",
         **{k: round(v, 5) for k, v in metrics.items()},
+        **({"training_curve": MetadataValue.json(result.metrics["curve"])} if result.metrics.get("curve") else {}),
         "mlflow_run_id": run.run_id,
     })
 

@@ -58,9 +58,11 @@ def _dataset_hashes(cfg: ExperimentConfig) -> list[str]:
 
 def trained_dir(cfg: ExperimentConfig, target: Target) -> Path:
     """Folder of a locally trained SAE: keyed by model weights, layer, SAE settings and training data."""
+    from mosaic_dag.sae_training import RECIPE_VERSION
+
     scfg = sae_config(cfg, target)
     key = stable_hash({"model": model_fingerprint(cfg, target.model), "layer": target.layer,
-                       "sae": scfg.model_dump(), "data": _dataset_hashes(cfg),
+                       "sae": scfg.model_dump(), "data": _dataset_hashes(cfg), "recipe": RECIPE_VERSION,
                        "max_length": cfg.model(target.model).max_length})
     return cfg.data_path / "saes" / target.model / f"L{target.layer}" / f"{target.sae}-{key}"
 
@@ -141,20 +143,28 @@ class SaeResult:
     reused: bool = True
 
 
-def _train_tokens(cfg: ExperimentConfig, target: Target, limit: int, seed: int) -> np.ndarray:
-    """Real-token activations of TRAIN texts only, from every configured dataset's cache."""
+def _train_tokens(cfg: ExperimentConfig, target: Target, limit: int, seed: int, split_name: str = "train",
+                  exclude: set[str] | None = None) -> np.ndarray:
+    """Real-token activations of one split's texts (TRAIN to train on), from every configured dataset's cache.
+
+    ``exclude``: texts to leave out (held-out tokens must not be a train text of another dataset).
+    """
     chunks: list[np.ndarray] = []
     total = 0
     for key in dataset_keys(cfg):
         hidden = build_hidden(cfg, target.model, target.layer, key.dataset, key.language, verify=False).cache
-        split = read_dataset(cfg, key.dataset, key.language).frame["split"].to_numpy()
+        frame = read_dataset(cfg, key.dataset, key.language).frame
+        split = frame["split"].to_numpy()
+        wanted = (split == split_name) & ~frame["text"].isin(exclude or set()).to_numpy()
         for shard in hidden.iter_shards():
-            keep_text = split[shard.rows] == "train"
+            keep_text = wanted[shard.rows]
             lengths = np.diff(shard.offsets)
             token_keep = np.repeat(keep_text, lengths) & shard.real_mask
             part = shard.acts[token_keep].astype(np.float32)
             chunks.append(part)
             total += len(part)
+    if (not chunks or total == 0) and split_name != "train":
+        return np.zeros((0, 0), dtype=np.float32)
     if not chunks or total == 0:
         raise ConfigError(f"sae {target.sae!r}: no train tokens to train on; check the datasets' train splits")
     acts = np.concatenate(chunks)
@@ -177,10 +187,16 @@ def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int)
         return SaeResult(folder, sae_info(get_sae(cfg, target)), read_training_metrics(folder) or {}, True)
     acts = _train_tokens(cfg, target, limit=max(scfg.training_tokens, scfg.batch_size), seed=scfg.seed)
     batch = min(scfg.batch_size, max(16, len(acts) // 4))
+    train_texts: set[str] = set()
+    for key in dataset_keys(cfg):
+        frame = read_dataset(cfg, key.dataset, key.language).frame
+        train_texts.update(frame.loc[frame["split"] == "train", "text"].tolist())
+    held_out = _train_tokens(cfg, target, limit=50_000, seed=scfg.seed, split_name="validation",
+                             exclude=train_texts)  # scored, never trained on
     trained = train_sae(
         acts, hook_name=f"model.layers.{target.layer}", model_name=hf_name, out_dir=folder,
         training_tokens=scfg.training_tokens, architecture=scfg.architecture, width=scfg.width, k=scfg.k,
-        lr=scfg.lr, batch_size=batch, seed=scfg.seed, layer=target.layer,
+        lr=scfg.lr, batch_size=batch, seed=scfg.seed, layer=target.layer, held_out=held_out if held_out.size else None,
     )
     forget_saes()
     metrics = dict(trained.metrics)
