@@ -254,7 +254,7 @@ def _with_verdicts(table: pd.DataFrame, comparisons: list[Paired]) -> pd.DataFra
 
 
 def mark_selected(table: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
-    """``selected`` = True on the validation-best row of each group (in-language rows only)."""
+    """``selected`` = True on the validation-best row of each group (in-language rows only; ties: table order)."""
     out = table.copy()
     out["selected"] = False
     if not out.empty:
@@ -284,7 +284,9 @@ def _best_index(table: pd.DataFrame, keys: list[str] | None) -> pd.Index:
     keys = list(keys or SELECTION_KEYS)
     rows = table[table["train_language"] == table["test_language"]] if "train_language" in table.columns else table
     val = rows["val_macro_f1"].map(_val_key) if "val_macro_f1" in rows.columns else pd.Series(-math.inf, index=rows.index)
-    order = rows.assign(_val=val).sort_values("_val", ascending=False, kind="stable")
+    # ties: a row its partition selected (config order) first, then table order; never the test score
+    sel = rows["selected"].astype(bool) if "selected" in rows.columns else pd.Series(False, index=rows.index)
+    order = rows.assign(_val=val, _sel=sel).sort_values(["_val", "_sel"], ascending=False, kind="stable")
     return order.groupby(keys, sort=False).head(1).index
 
 

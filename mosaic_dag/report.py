@@ -138,8 +138,10 @@ def _rule(df: pd.DataFrame) -> str:
 def _best(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """The validation-best row of each group (ties: the first row); test-best only without a validation score."""
     col = "val_macro_f1" if _by_validation(df) else "macro_f1"
-    order = df.assign(_score=df[col].astype(float).fillna(-np.inf)).sort_values("_score", ascending=False, kind="stable")
-    return order.drop_duplicates(subset=list(keys), keep="first").drop(columns="_score")
+    sel = df["selected"].fillna(False).astype(bool) if "selected" in df.columns else pd.Series(False, index=df.index)
+    order = df.assign(_score=df[col].astype(float).fillna(-np.inf), _sel=sel)
+    order = order.sort_values(["_score", "_sel"], ascending=False, kind="stable")  # ties: the partition's own pick
+    return order.drop_duplicates(subset=list(keys), keep="first").drop(columns=["_score", "_sel"])
 
 
 def _yerr(rows: pd.DataFrame) -> np.ndarray | None:

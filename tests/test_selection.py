@@ -149,3 +149,16 @@ def test_overall_averages_tasks() -> None:
     assert tot.diff == pytest.approx(np.mean([p.diff for p in parts]))
     np.testing.assert_allclose(tot.draws, (parts[0].draws + parts[1].draws) / 2)
     assert overall("sae-tfidf", parts) is None
+
+
+def test_ties_keep_the_partitions_own_pick_across_tables() -> None:
+    """Equal validation scores: the row its partition selected (config order) wins, whatever the table order."""
+    table = _typed(pd.DataFrame([
+        _row("sae", "tree", val=0.9, test=0.99, pooling="max", probe="sae/max/tree"),
+        _row("sae", "logistic", val=0.9, test=0.60, probe="sae/mean/logistic"),
+    ]))
+    table.loc[1, "selected"] = True  # what run_probes marked (mean/logistic comes first in the config)
+    assert best_rows(table).iloc[0]["probe"] == "sae/mean/logistic"
+    from mosaic_dag.report import _summary
+
+    assert _summary(table).iloc[0]["macro_f1"] == 0.60
