@@ -36,7 +36,7 @@ __all__ = [
 
 Architecture = Literal["batchtopk", "jumprelu", "topk", "standard"]
 METRICS_FILENAME = "mosaic_training.json"
-RECIPE_VERSION = 2  # part of a trained SAE's cache key: SAEs of an older recipe are retrained, not reused
+RECIPE_VERSION = 3  # part of a trained SAE's cache key: SAEs of an older recipe are retrained, not reused
 
 
 class SaeTrainingError(MosaicError, ValueError):
@@ -197,7 +197,8 @@ def train_sae(
       then (sae-lens's schedule) a linear decay to 0 over the last ``lr_decay_fraction`` of the steps.
     - ``aux_loss_coefficient``: weight of the TopK-family auxiliary loss that trains dead latents to
       reconstruct the residual error; a latent counts as dead once it has not fired for
-      ``dead_window_tokens`` tokens (None: 5 epochs of data, capped at 1000 steps, at least 10 steps).
+      ``dead_window_tokens`` tokens (None: 100 x width / k, i.e. ~100 expected firings of an average
+      latent; 10 to 1000 steps).
     - ``held_out``: activations of texts NOT trained on (e.g. the validation split); the reported
       ``l0``, ``explained_variance`` and ``dead_fraction`` are measured there (else on training tokens),
       and ``train_*`` on a sample of the training tokens.
@@ -255,7 +256,8 @@ def train_sae(
     norm_batches = max(1, min(1000, rows.size // batch_size))
     warm_up = max(0, int(round(0.05 * steps))) if lr_warm_up_steps is None else int(lr_warm_up_steps)
     decay = max(0, min(steps - warm_up, int(round(lr_decay_fraction * steps))))
-    window_tokens = 5 * rows.size if dead_window_tokens is None else int(dead_window_tokens)
+    # an average latent fires on k/width of the tokens: ~100 expected firings without one marks it dead
+    window_tokens = 100 * width // max(1, k) if dead_window_tokens is None else int(dead_window_tokens)
     dead_window = max(10, min(1000, window_tokens // batch_size))
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size,
