@@ -26,6 +26,7 @@ from assets.partitions import (
     target_partitions,
     training_mapping,
 )
+from assets.sae_quality import SAE_QUALITY_CHECK, sae_quality_result, stop_on_failure
 from assets.versions import code_version
 from mosaic_dag.codes import build_codes, build_sae, sae_config, training_partitions
 from mosaic_dag.config import ExperimentConfig
@@ -33,7 +34,8 @@ from mosaic_dag.handles import DatasetHandle, HiddenHandle, SaeHandle
 from mosaic_dag.models import model_dims
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import models_dir
-from resources import ExperimentResource, MlflowResource
+from mosaic_dag.tracking import log_curve
+from resources import ExperimentResource, MlflowResource, ModelResource
 
 
 def _training_keys(cfg: ExperimentConfig | None) -> list[str] | None:
@@ -55,6 +57,7 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
                         "release": scfg.release, "sae_id": scfg.sae_id, "hook": result.info.hook_name,
                         "cache_hit": result.cache_hit, "train_on": ",".join(training_partitions(cfg, scfg))})
         run.log_metrics(metrics)
+        log_curve(run, result.metrics.get("curve") or [])
     handle = result.handle
     context.log.info(f"sae {target.sae}: {'reused' if result.cache_hit else 'trained'} "
                      f"({result.info.architecture}, {result.info.d_sae} latents)")
@@ -69,6 +72,7 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
         "train_on": MetadataValue.json(training_partitions(cfg, scfg)),
         "neuronpedia_id": result.info.neuronpedia_id or "",
         **{k: round(v, 5) for k, v in metrics.items()},
+        **({"training_curve": MetadataValue.json(result.metrics["curve"])} if result.metrics.get("curve") else {}),
         "data_version": handle.version,
         "mlflow_run_id": run.run_id,
     })
@@ -108,17 +112,12 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         def sae(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource):  # type: ignore[no-untyped-def]
             yield from _sae_step(context, experiment, mlflow, {}, {})
 
-    floor = cfg.checks.min_explained_variance if cfg is not None else 0.0
-
     @asset(
         name="sae_codes",
         partitions_def=target_dataset_partitions,
         ins={"sae": AssetIn("sae", partition_mapping=BY_TARGET),
              "hidden": AssetIn("hidden_states", partition_mapping=BY_DATASET)},
-        check_specs=[AssetCheckSpec("reconstructs", asset="sae_codes", blocking=True,
-                                    partitions_def=target_dataset_partitions,
-                                    description=f"the SAE's explained variance on this data is finite and at least "
-                                    f"checks.min_explained_variance ({floor}); blocks every downstream step")],
+        check_specs=[SAE_QUALITY_CHECK],
         group_name="sae",
         io_manager_key="handles",
         code_version=code_version("sae_codes", cfg),
@@ -126,7 +125,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         description="SAE codes of every token, stored sparse (active latent indices + fp16 values per token).",
     )
     def sae_codes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
-                  sae: SaeHandle, hidden: HiddenHandle):  # type: ignore[no-untyped-def]
+                  model: ModelResource, sae: SaeHandle, hidden: HiddenHandle):  # type: ignore[no-untyped-def]
         cfg = experiment.load()
         keys = multi_keys(context)
         target, data = parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
@@ -138,8 +137,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                      "dense_fp16_mb": man["dense_fp16_bytes"] / 2**20}
             run.log_params({"sae": target.sae, "width": man["width"], "dataset": data.key, "cache_hit": result.hit})
             run.log_metrics(stats)
+        quality = sae_quality_result(cfg, target, data, man, model, sae, hidden)
         ev = float(man["explained_variance"])
-        ok = math.isfinite(ev) and ev >= cfg.checks.min_explained_variance
         yield Output(result.handle, data_version=DataVersion(result.handle.version), metadata={
             "path": MetadataValue.path(str(result.path)),
             "cache_hit": result.hit,
@@ -154,12 +153,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             "data_version": result.handle.version,
             "mlflow_run_id": run.run_id,
         })
-        yield AssetCheckResult(
-            check_name="reconstructs", passed=bool(ok),
-            metadata={"explained_variance": ev if math.isfinite(ev) else str(ev),
-                      "floor": cfg.checks.min_explained_variance},
-            description=None if ok else (f"sae {target.key!r} on {data.key!r}: explained variance {ev:.4g} is below "
-                                         f"checks.min_explained_variance {cfg.checks.min_explained_variance}; "
-                                         "pick or train a better SAE (downstream steps are blocked)"))
+        yield quality
+        stop_on_failure(quality)
 
     return [sae, sae_codes]

@@ -79,7 +79,8 @@ def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str, pooled: 
         res = transfer_matrix(splits, seed=seed, n_boot=n_boot)
         out.matrices[source] = res.matrix
         records.append(res.long.assign(features=source, pooling=pooling, top_n=top_n,
-                                       threshold=cfg.transfer.threshold if source == "sae" else math.nan))
+                                       threshold=cfg.transfer.threshold if source == "sae" else math.nan,
+                                       val_macro_f1=_val_scores(res)))
     from mosaic_dag.images import is_image_frame
 
     if not any(is_image_frame(f) for f in frames.values()):  # TF-IDF has no words to read in an image
@@ -89,7 +90,8 @@ def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str, pooled: 
             texts[lang] = (list(t[r.train]), r.y(r.train), list(t[r.val]), r.y(r.val), list(t[r.test]), r.y(r.test))
         res = tfidf_transfer_matrix(texts, cfg.transfer.tfidf, seed=seed, n_boot=n_boot)
         out.matrices["tfidf"] = res.matrix
-        records.append(res.long.assign(features="tfidf", pooling=cfg.transfer.tfidf, top_n=None, threshold=math.nan))
+        records.append(res.long.assign(features="tfidf", pooling=cfg.transfer.tfidf, top_n=None, threshold=math.nan,
+                                       val_macro_f1=_val_scores(res)))
     long = pd.concat(records, ignore_index=True)
     long = long[long["train_language"] != long["test_language"]]  # the diagonal lives in the probes rows
     table = pd.DataFrame({
@@ -98,12 +100,18 @@ def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str, pooled: 
         "language": long["test_language"], "features": long["features"], "pooling": long["pooling"],
         "threshold": long["threshold"], "top_n": long["top_n"], "classifier": "logistic", "k": None,
         "train_language": long["train_language"], "test_language": long["test_language"],
-        "macro_f1": long["macro_f1"], "macro_f1_ci_low": long["ci_low"], "macro_f1_ci_high": long["ci_high"],
+        "probe": long["features"] + "/" + long["pooling"].astype(str) + "/logistic",
+        "val_macro_f1": long["val_macro_f1"], "selected": False, "macro_f1": long["macro_f1"], "macro_f1_ci_low": long["ci_low"], "macro_f1_ci_high": long["ci_high"],
         "accuracy": long["accuracy"], "auroc": long["auroc"], "n_train": long["n_train"], "n_test": long["n_test"],
-        "mlflow_run_id": "",
+        "vs_hidden": "", "vs_tfidf": "", "mlflow_run_id": "",
     })[RESULT_COLUMNS]
     out.rows = _typed(table.reset_index(drop=True))
     return out
+
+
+def _val_scores(res: Any) -> Any:
+    """Per long row, the validation score of the probe fitted on its train language."""
+    return res.long["train_language"].map(lambda lang: res.probes[lang].val_macro_f1 if lang in res.probes else math.nan)
 
 
 def write_transfer(cfg: ExperimentConfig, target: Target, outcome: TransferOutcome, mlflow_run_id: str) -> Path:
@@ -202,5 +210,88 @@ def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, trans
         extra += (f"\nImage datasets ({', '.join(images)}): TF-IDF has no words to read in an image, so image "
                   "partitions have SAE and hidden-state probes only; a transfer matrix with an `image` row/column "
                   "is text -> image transfer (class descriptions vs images).\n")
+    comparisons = comparisons_table(cfg, table)
     return write_report(cfg.data_path / "report", table, matrices or None,
-                        curves if len(curves) else None, extra_md=extra, title=f"MOSAIC report: {cfg.name}")
+                        curves if len(curves) else None, extra_md=extra, comparisons=comparisons,
+                        title=f"MOSAIC report: {cfg.name}")
+
+def _predictions_for(cfg: ExperimentConfig, row: pd.Series) -> pd.DataFrame | None:
+    """The stored test predictions holding ``row``'s probe (hidden/TF-IDF rows: any SAE target of its layer)."""
+    from mosaic_dag.evaluation import predictions_file
+
+    root = cfg.data_path / "predictions"
+    name = f"{row['dataset']}.{row['language']}.parquet"
+    if row["sae"]:
+        target = Target(str(row["model"]), int(row["layer"]), str(row["sae"]))
+        files = [predictions_file(cfg, target, str(row["dataset"]), str(row["language"]))]
+    else:
+        files = sorted(root.glob(f"{row['model']}.L{int(row['layer'])}.*/{name}")) if root.exists() else []
+    for f in files:
+        if f.exists():
+            frame = pd.read_parquet(f)
+            if row["probe"] in frame.columns:
+                return frame[["id", "y_true", row["probe"]]].rename(columns={row["probe"]: "pred"})
+    return None
+
+
+def _pair(cfg: ExperimentConfig, sae_row: pd.Series, other_row: pd.Series) -> Any:
+    from mosaic_dag.comparisons import paired_comparison
+
+    a, b = _predictions_for(cfg, sae_row), _predictions_for(cfg, other_row)
+    if a is None or b is None:
+        return None
+    joined = a.merge(b[["id", "pred"]], on="id", suffixes=("_sae", "_other"), how="inner")
+    if len(joined) != len(a) or len(joined) != len(b):
+        raise ValueError(f"{sae_row['probe']} vs {other_row['probe']}: scored on different test rows; cannot pair them")
+    cls = cfg.classification
+    return paired_comparison(f"sae-{other_row['features']}", joined["y_true"].to_numpy(),
+                             (str(sae_row["probe"]), joined["pred_sae"].to_numpy()),
+                             (str(other_row["probe"]), joined["pred_other"].to_numpy()), n_boot=cls.bootstrap, seed=cls.seed)
+
+
+def comparisons_table(cfg: ExperimentConfig, results: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Paired SAE − hidden / SAE − TF-IDF of the validation-selected probes, at three scopes:
+
+    ``partition`` (one model/layer/SAE × dataset.language), ``task`` (dataset.language, selected
+    across layers and SAEs) and ``overall`` (mean over tasks).
+    """
+    from mosaic_dag.comparisons import COMPARISON_COLUMNS, comparison_frame, overall
+    from mosaic_dag.evaluation import best_rows
+
+    table = results_table(cfg) if results is None else results
+    if table.empty or "val_macro_f1" not in table.columns:
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    table = table[table["train_language"] == table["test_language"]]
+    out: list[tuple[dict[str, Any], Any]] = []
+    for (model, layer, sae, dataset, language), part in table[table["features"] == "sae"].groupby(
+            ["model", "layer", "sae", "dataset", "language"], sort=True):
+        scope = {"scope": "partition", "model": model, "layer": int(layer), "sae": sae, "dataset": dataset, "language": language}
+        same = table[(table["model"] == model) & (table["layer"] == layer) & (table["dataset"] == dataset)
+                     & (table["language"] == language)]
+        sel = best_rows(part).iloc[0]
+        for source in ("hidden", "tfidf"):
+            other = same[same["features"] == source]
+            if len(other):
+                p = _pair(cfg, sel, best_rows(other).iloc[0])
+                if p is not None:
+                    out.append((scope, p))
+    tasks = []
+    chosen = best_rows(table)
+    for (dataset, language), part in chosen.groupby(["dataset", "language"], sort=True):
+        by_source = {r["features"]: r for _, r in part.iterrows()}
+        if "sae" not in by_source:
+            continue
+        sae_row = by_source["sae"]
+        for source in ("hidden", "tfidf"):
+            if source in by_source:
+                p = _pair(cfg, sae_row, by_source[source])
+                if p is not None:
+                    scope = {"scope": "task", "model": sae_row["model"], "layer": int(sae_row["layer"]),
+                             "sae": sae_row["sae"], "dataset": dataset, "language": language}
+                    out.append((scope, p))
+                    tasks.append(p)
+    for comparison in ("sae-hidden", "sae-tfidf"):
+        p = overall(comparison, tasks)
+        if p is not None:
+            out.append(({"scope": "overall"}, p))
+    return comparison_frame(out)

@@ -61,6 +61,17 @@ def check_models(cfg, source: str) -> None:  # type: ignore[no-untyped-def]
         if bad:
             raise ConfigError(f"{source}: models.{i}.layers: layers {bad} out of range for model {m.name!r} with {n} blocks; "
                               f"use 0..{n - 1} (resid_post of block L)")
+def _print_comparisons(cfg, table) -> None:  # type: ignore[no-untyped-def]
+    from mosaic_dag.analysis import comparisons_table
+
+    comp = comparisons_table(cfg, table)
+    comp = comp[comp["scope"] != "partition"]
+    if len(comp):
+        print("\nSAE vs hidden / TF-IDF (paired on identical test rows, bootstrap 95% interval):\n")
+        for _, r in comp.iterrows():
+            where = "overall" if r["scope"] == "overall" else f"{r['dataset']}.{r['language']}"
+            print(f"  {where:<24} {r['comparison']:<11} {r['verdict']:<14} {r['diff']:+.3f} "
+                  f"[{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]  SAE wins {r['sae_win_share']:.0%}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -74,10 +85,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     table = results_table(summary.config)
     if len(table):
         cols = ["model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
-                "classifier", "k", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "n_test"]
-        print("\nbest probe per feature source (macro-F1 on the same held-out test rows):\n")
+                "classifier", "k", "val_macro_f1", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "n_test"]
+        print("\nselected probe per feature source (chosen on validation; test macro-F1 on the same held-out rows):\n")
         in_language = table[table["train_language"] == table["test_language"]]
         print(markdown_table(best_rows(in_language)[cols], max_rows=200))
+        _print_comparisons(summary.config, table)
         n_cross = int((table["train_language"] != table["test_language"]).sum())
         if n_cross:
             print(f"\n+ {n_cross} cross-lingual transfer rows (mosaic results, and the report's heatmaps)")

@@ -65,9 +65,11 @@ def training_identity(hidden: HiddenHandle, data: DatasetHandle, model: str, lay
 
 def trained_dir(cfg: ExperimentConfig, target: Target, training: list[str]) -> Path:
     """Folder of a locally trained SAE: keyed by model weights, layer, SAE settings and training data."""
+    from mosaic_dag.sae_training import RECIPE_VERSION
+
     scfg = sae_config(cfg, target)
     key = stable_hash({"model": model_fingerprint(cfg, target.model), "layer": target.layer,
-                       "sae": scfg.model_dump(exclude={"train_on"}), "data": sorted(training),
+                       "sae": scfg.model_dump(exclude={"train_on"}), "data": sorted(training), "recipe": RECIPE_VERSION,
                        "max_length": cfg.model(target.model).max_length})
     return cfg.data_path / "saes" / target.model / f"L{target.layer}" / f"{target.sae}-{key}"
 
@@ -157,20 +159,26 @@ class SaeResult:
 
 
 def _train_tokens(target: Target, training: Mapping[str, tuple[HiddenHandle, DatasetHandle]], limit: int,
-                  seed: int) -> np.ndarray:
-    """Real-token activations of TRAIN texts only, from the training partitions' caches."""
+                  seed: int, split_name: str = "train", exclude: set[str] | None = None) -> np.ndarray:
+    """Real-token activations of one split's texts (TRAIN to train on) from the training partitions' caches.
+
+    ``exclude``: texts to leave out (held-out tokens must not be a train text of another partition).
+    """
     chunks: list[np.ndarray] = []
     total = 0
     for key in sorted(training):
         hidden, data = training[key]
         cache = hidden_cache(hidden, target.model, target.layer)
-        split = read_frame(data)["split"].to_numpy()
+        frame = read_frame(data)
+        wanted = (frame["split"].to_numpy() == split_name) & ~frame["text"].isin(exclude or set()).to_numpy()
         for shard in cache.iter_shards():
-            keep_text = split[shard.rows] == "train"
+            keep_text = wanted[shard.rows]
             token_keep = np.repeat(keep_text, np.diff(shard.offsets)) & shard.real_mask
             part = shard.acts[token_keep].astype(np.float32)
             chunks.append(part)
             total += len(part)
+    if (not chunks or total == 0) and split_name != "train":
+        return np.zeros((0, 0), dtype=np.float32)
     if not chunks or total == 0:
         raise ConfigError(f"sae {target.sae!r}: no train tokens to train on; check the datasets' train splits")
     acts = np.concatenate(chunks)
@@ -225,10 +233,16 @@ def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
         return SaeResult(handle, sae_info(load_target_sae(cfg, target, handle)), read_training_metrics(folder) or {}, True)
     acts = _train_tokens(target, training, limit=max(scfg.training_tokens, scfg.batch_size), seed=scfg.seed)  # type: ignore[arg-type]
     batch = min(scfg.batch_size, max(16, len(acts) // 4))
+    train_texts: set[str] = set()
+    for _, d in training.values():
+        frame = read_frame(d)  # type: ignore[arg-type]
+        train_texts.update(frame.loc[frame["split"] == "train", "text"].tolist())
+    held_out = _train_tokens(target, training, limit=50_000, seed=scfg.seed, split_name="validation",  # type: ignore[arg-type]
+                             exclude=train_texts)  # scored, never trained on
     trained = train_sae(
         acts, hook_name=f"model.layers.{target.layer}", model_name=hf_name, out_dir=folder,
         training_tokens=scfg.training_tokens, architecture=scfg.architecture, width=scfg.width, k=scfg.k,
-        lr=scfg.lr, batch_size=batch, seed=scfg.seed, layer=target.layer,
+        lr=scfg.lr, batch_size=batch, seed=scfg.seed, layer=target.layer, held_out=held_out if held_out.size else None,
     )
     forget_saes()
     metrics = dict(trained.metrics)

@@ -312,16 +312,21 @@ class ConditionsConfig(_Strict):
     top_n: PositiveInt = 20
 
 
+class SaeQualityConfig(_Strict):
+    """Floors every SAE must meet on each dataset partition (the blocking ``sae_quality`` check); null: off."""
+
+    enabled: bool = True
+    texts: int = Field(64, ge=1)  # train+validation texts the loss-recovered forward passes run over
+    min_explained_variance: float | None = 0.5
+    max_dead_fraction: float | None = Field(None, ge=0, le=1)
+    min_loss_recovered: float | None = 0.5
+    min_l0: float | None = None
+    max_l0: float | None = None
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str = "mosaic"
-
-
-class ChecksConfig(_Strict):
-    """Floors for the blocking checks: below them no downstream step runs on the SAE's codes."""
-
-    # explained variance on the task's tokens; below -1 the reconstruction is further off than twice the data's spread
-    min_explained_variance: float = -1.0
 
 
 class RunConfig(_Strict):
@@ -341,8 +346,8 @@ class ExperimentConfig(_Strict):
     classification: ClassificationConfig = ClassificationConfig()
     transfer: TransferConfig = TransferConfig()
     conditions: ConditionsConfig = ConditionsConfig()
+    sae_quality: SaeQualityConfig = SaeQualityConfig()
     mlflow: MlflowConfig = MlflowConfig()
-    checks: ChecksConfig = ChecksConfig()
     run: RunConfig = RunConfig()
     _base_dir: Path | None = PrivateAttr(default=None)
 

@@ -2,6 +2,11 @@
 
 SAE, hidden-state and TF-IDF probes of one partition are scored on the SAME test rows (same ids);
 hyper-parameters are chosen on train/validation only (see mosaic_dag.probes).
+
+Selection rule: the configuration reported as "best" for a feature source — within a partition and
+across layers, SAEs, poolings, thresholds, top-n, classifiers and k — is the one with the highest
+``val_macro_f1`` (cross-validated on train+validation; ties: the first in the config's order). Its
+TEST macro-F1 is what gets printed, plotted, shown and logged; the test-best is never a selection.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mosaic_dag.comparisons import Paired, paired_comparison
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.errors import MosaicError
 from mosaic_dag.features import PooledResult, feature_name, load_matrix
@@ -40,10 +46,16 @@ log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = [
     "model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
-    "classifier", "k", "train_language", "test_language", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high",
-    "accuracy", "auroc", "n_train", "n_test", "mlflow_run_id",
+    "classifier", "k", "train_language", "test_language", "probe", "val_macro_f1", "selected",
+    "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc", "n_train", "n_test",
+    "vs_hidden", "vs_tfidf", "mlflow_run_id",
 ]
-KEY_COLUMNS = [c for c in RESULT_COLUMNS[:13]]
+KEY_COLUMNS = [
+    "model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
+    "classifier", "k", "train_language", "test_language",
+]
+# one selection per feature source and task: across layers, SAEs and every probe setting
+SELECTION_KEYS = ["dataset", "language", "train_language", "test_language", "features"]
 
 
 @dataclass
@@ -116,11 +128,15 @@ class ProbeRun:
 
 @dataclass
 class PartitionResults:
+    """``predictions``: one row per test id (``id``, ``y_true``, then one column per probe label)."""
+
     table: pd.DataFrame
     runs: list[ProbeRun] = field(default_factory=list)
     pooled: PooledResult | None = None
     majority_f1: float = float("nan")
     train_ids: list[str] = field(default_factory=list)
+    predictions: pd.DataFrame | None = None
+    comparisons: list[Paired] = field(default_factory=list)
 
 
 def _fit(spec: ProbeSpec, X: Any, rows: SplitRows, seed: int, n_boot: int, language: str) -> ProbeResult:
@@ -173,16 +189,83 @@ def run_probes(
             "dataset": dataset, "language": language, "features": spec.features,
             "pooling": spec.pooling or "", "threshold": spec.threshold if spec.threshold is not None else math.nan,
             "top_n": spec.top_n, "classifier": spec.classifier, "k": spec.k, "train_language": language, "test_language": language,
-            "macro_f1": m.macro_f1, "macro_f1_ci_low": m.macro_f1_ci_low, "macro_f1_ci_high": m.macro_f1_ci_high,
+            "probe": spec.label, "val_macro_f1": result.val_macro_f1, "selected": False, "macro_f1": m.macro_f1, "macro_f1_ci_low": m.macro_f1_ci_low, "macro_f1_ci_high": m.macro_f1_ci_high,
             "accuracy": m.accuracy, "auroc": m.auroc, "n_train": m.n_train, "n_test": m.n_test,
-            "mlflow_run_id": mlflow_run_id,
+            "vs_hidden": "", "vs_tfidf": "", "mlflow_run_id": mlflow_run_id,
         })
         if progress:
             progress(i + 1, len(specs))
     table = _typed(pd.DataFrame.from_records(records, columns=RESULT_COLUMNS))
+    table = mark_selected(table)
     majority = majority_baseline_f1(rows.y(np.concatenate([rows.train, rows.val])), rows.y(rows.test))
     train_ids = frame["id"].to_numpy()[np.concatenate([rows.train, rows.val])].tolist()
-    return PartitionResults(table, runs, pooled, majority, train_ids)
+    predictions = predictions_frame(runs, rows.test_ids, rows.y(rows.test))
+    comparisons = partition_comparisons(runs, rows.y(rows.test), n_boot=cls.bootstrap, seed=cls.seed)
+    table = _with_verdicts(table, comparisons)
+    return PartitionResults(table, runs, pooled, majority, train_ids, predictions, comparisons)
+
+
+def predictions_frame(runs: list[ProbeRun], test_ids: list[str], y_test: np.ndarray) -> pd.DataFrame:
+    """Per-row test predictions of every probe (what paired comparisons across partitions re-read)."""
+    cols: dict[str, Any] = {"id": list(test_ids), "y_true": np.asarray(y_test)}
+    for run in runs:
+        cols[run.spec.label] = np.asarray(run.result.test_pred)
+    return pd.DataFrame(cols)
+
+
+def partition_comparisons(runs: list[ProbeRun], y_test: np.ndarray, *, n_boot: int, seed: int) -> list[Paired]:
+    """SAE − hidden and SAE − TF-IDF for the validation-selected probe of each source."""
+    sae = best_run(runs, "sae")
+    out: list[Paired] = []
+    if sae is None:
+        return out
+    for other_source in ("hidden", "tfidf"):
+        other = best_run(runs, other_source)
+        if other is None:
+            continue
+        if list(other.test_ids) != list(sae.test_ids):
+            raise ValueError(f"{other.spec.label}: scored on other test rows than {sae.spec.label}; cannot pair them")
+        out.append(paired_comparison(f"sae-{other_source}", y_test, (sae.spec.label, np.asarray(sae.result.test_pred)),
+                                     (other.spec.label, np.asarray(other.result.test_pred)), n_boot=n_boot, seed=seed))
+    return out
+
+
+def describe(p: Paired) -> str:
+    """One plain line: verdict, difference and its paired 95% interval."""
+    return (f"{p.verdict}: {p.diff:+.3f} [{p.diff_ci_low:+.3f}, {p.diff_ci_high:+.3f}], "
+            f"SAE wins {p.sae_win_share:.0%} of resamples")
+
+
+def comparison_metrics(comparisons: list[Paired]) -> dict[str, float]:
+    """MLflow metrics of the paired comparisons, e.g. ``sae_minus_hidden_macro_f1``."""
+    out: dict[str, float] = {}
+    for p in comparisons:
+        name = "sae_minus_" + p.comparison.removeprefix("sae-")
+        out |= {f"{name}_macro_f1": p.diff, f"{name}_ci_low": p.diff_ci_low, f"{name}_ci_high": p.diff_ci_high,
+                f"{name}_win_share": p.sae_win_share}
+    return out
+
+
+def comparison_metadata(comparisons: list[Paired]) -> dict[str, str]:
+    """Dagster metadata: one plain line per comparison, e.g. ``sae_vs_hidden``."""
+    return {"sae_vs_" + p.comparison.removeprefix("sae-"): describe(p) for p in comparisons}
+
+
+def _with_verdicts(table: pd.DataFrame, comparisons: list[Paired]) -> pd.DataFrame:
+    out = table.copy()
+    sel = out.index[out["selected"] & (out["features"] == "sae")]
+    for p in comparisons:
+        out.loc[sel, "vs_" + p.comparison.removeprefix("sae-")] = describe(p)
+    return out
+
+
+def mark_selected(table: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
+    """``selected`` = True on the validation-best row of each group (in-language rows only; ties: table order)."""
+    out = table.copy()
+    out["selected"] = False
+    if not out.empty:
+        out.loc[_best_index(out, keys), "selected"] = True
+    return out
 
 
 def _typed(table: pd.DataFrame) -> pd.DataFrame:
@@ -193,21 +276,51 @@ def _typed(table: pd.DataFrame) -> pd.DataFrame:
     for col in ("layer", "n_train", "n_test"):
         out[col] = out[col].astype("int64")
     out["threshold"] = out["threshold"].astype("float64")
+    if "val_macro_f1" in out.columns:
+        out["val_macro_f1"] = out["val_macro_f1"].astype("float64")
+        out["selected"] = out["selected"].astype(bool)
     return out
 
 
-def best_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The best configuration per (partition, feature source), by macro-F1."""
+def _val_key(v: float) -> float:
+    return float(v) if v is not None and math.isfinite(float(v)) else -math.inf
+
+
+def _best_index(table: pd.DataFrame, keys: list[str] | None) -> pd.Index:
+    keys = list(keys or SELECTION_KEYS)
+    rows = table[table["train_language"] == table["test_language"]] if "train_language" in table.columns else table
+    val = rows["val_macro_f1"].map(_val_key) if "val_macro_f1" in rows.columns else pd.Series(-math.inf, index=rows.index)
+    # ties: a row its partition selected (config order) first, then table order; never the test score
+    sel = rows["selected"].astype(bool) if "selected" in rows.columns else pd.Series(False, index=rows.index)
+    order = rows.assign(_val=val, _sel=sel).sort_values(["_val", "_sel"], ascending=False, kind="stable")
+    return order.groupby(keys, sort=False).head(1).index
+
+
+def best_rows(table: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
+    """The selected configuration per feature source and task: highest ``val_macro_f1``.
+
+    ``keys`` default: across layers and SAEs (``SELECTION_KEYS``); pass partition columns to select
+    within a layer. Only in-language rows are candidates. Ties keep the first row; test scores
+    never take part.
+    """
     if table.empty:
         return table
-    keys = ["model", "layer", "dataset", "language", "train_language", "test_language", "features"]
-    idx = table.sort_values("macro_f1", ascending=False, kind="stable").groupby(keys, sort=False).head(1).index
-    return table.loc[idx].sort_values(keys[:6] + ["macro_f1"], ascending=[True] * 6 + [False]).reset_index(drop=True)
+    return table.loc[_best_index(table, keys)].sort_values(list(keys or SELECTION_KEYS), kind="stable").reset_index(drop=True)
+
+
+def oracle_rows(table: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
+    """The TEST-best row per group: an oracle for reference only, never a selection."""
+    if table.empty:
+        return table
+    keys = list(keys or SELECTION_KEYS)
+    order = table.sort_values("macro_f1", ascending=False, kind="stable")
+    return order.groupby(keys, sort=False).head(1).sort_values(keys, kind="stable").reset_index(drop=True)
 
 
 def best_run(runs: list[ProbeRun], features: str) -> ProbeRun | None:
+    """The validation-selected probe of one feature source (ties: the first)."""
     cands = [r for r in runs if r.spec.features == features]
-    return max(cands, key=lambda r: r.result.metrics.macro_f1, default=None)
+    return max(cands, key=lambda r: _val_key(r.result.val_macro_f1), default=None)
 
 
 def top_latents_table(run: ProbeRun, neuronpedia_id: str | None, label_names: dict[int, str], top: int = 10) -> pd.DataFrame:
@@ -230,7 +343,7 @@ def top_latents_markdown(results: PartitionResults, names: dict[int, str]) -> st
     linear = [r for r in results.runs if r.spec.features == "sae" and r.spec.classifier == "logistic"]
     if not linear:
         return "no linear SAE probe"
-    top = max(linear, key=lambda r: r.result.metrics.macro_f1)
+    top = max(linear, key=lambda r: _val_key(r.result.val_macro_f1))
     neuronpedia = results.pooled.neuronpedia_id if results.pooled else None
     return f"probe: `{top.spec.label}`\n\n" + markdown_table(top_latents_table(top, neuronpedia, names))
 
@@ -277,7 +390,15 @@ def results_file(cfg: ExperimentConfig, target: Target, dataset: str, language: 
     return cfg.data_path / "results" / target.key / f"{dataset}.{language}.parquet"
 
 
-def write_results(cfg: ExperimentConfig, target: Target, dataset: str, language: str, table: pd.DataFrame) -> Path:
+def predictions_file(cfg: ExperimentConfig, target: Target, dataset: str, language: str) -> Path:
+    return cfg.data_path / "predictions" / target.key / f"{dataset}.{language}.parquet"
+
+
+def write_results(cfg: ExperimentConfig, target: Target, dataset: str, language: str, table: pd.DataFrame,
+                  predictions: pd.DataFrame | None = None) -> Path:
+    """The partition's results rows (and, when given, its per-row test predictions, written first)."""
+    if predictions is not None:
+        write_parquet(predictions_file(cfg, target, dataset, language), predictions)
     path = results_file(cfg, target, dataset, language)
     write_parquet(path, table)
     return path
@@ -333,6 +454,9 @@ def results_table(cfg: ExperimentConfig, files: list[Path] | None = None, *, eve
     if not frames:
         return pd.DataFrame(columns=RESULT_COLUMNS)
     table = pd.concat(frames, ignore_index=True)
+    for col in RESULT_COLUMNS:  # tables written before a column existed
+        if col not in table.columns:
+            table[col] = {"selected": False, "val_macro_f1": math.nan}.get(col, "")
     table = table.drop_duplicates(subset=KEY_COLUMNS, keep="first")
     return table.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)[RESULT_COLUMNS]
 

@@ -5,6 +5,11 @@ Rules shared by every probe:
   passed to ``predict``/``predict_proba`` of the final model;
 * sparse inputs stay sparse (MaxAbsScaler, lbfgs on CSR), dense inputs are standardised;
 * fixed seeds and single-process fitting so that two runs give identical numbers.
+
+Validation score (``ProbeResult.val_macro_f1``), one rule for every probe: the mean macro-F1 over
+the stratified K folds of train+validation (shuffled with the probe's seed, so every probe of a
+partition sees the same folds) at the hyper-parameters the probe chose. It never touches test rows
+and is what "best configuration" is chosen by everywhere (``mosaic_dag.evaluation``).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ __all__ = [
     "fit_ksparse",
     "fit_logistic",
     "fit_tree",
+    "cv_macro_f1",
+    "resampled_macro_f1",
     "load_model",
     "majority_baseline_f1",
     "save_model",
@@ -94,6 +101,7 @@ class ProbeResult:
     test_proba: np.ndarray | None
     classes: np.ndarray = field(default_factory=lambda: np.empty(0))
     selection_score: float = float("nan")
+    val_macro_f1: float = float("nan")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -156,6 +164,15 @@ def _logistic_pipeline(sparse: bool, scale: bool, seed: int, max_iter: int, tol:
     return Pipeline([("scale", scaler), ("clf", clf)])
 
 
+def cv_macro_f1(estimator: BaseEstimator, X_fit: Matrix, y_fit: np.ndarray, *, n_splits: int = 5, seed: int = 0) -> float:
+    """Mean macro-F1 over the same stratified folds of train+validation that the logistic C search uses."""
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_score
+
+    cv = StratifiedKFold(n_splits=_n_splits(y_fit, n_splits), shuffle=True, random_state=seed)
+    return float(np.mean(cross_val_score(clone(estimator), X_fit, y_fit, scoring="f1_macro", cv=cv)))
+
+
 def _predict(model: BaseEstimator, X: Matrix) -> tuple[np.ndarray, np.ndarray | None]:
     pred = np.asarray(model.predict(X))
     proba = np.asarray(model.predict_proba(X)) if hasattr(model, "predict_proba") else None
@@ -165,31 +182,36 @@ def _predict(model: BaseEstimator, X: Matrix) -> tuple[np.ndarray, np.ndarray | 
 # --------------------------------------------------------------------------- metrics
 
 
-def _bootstrap_macro_f1(
-    t: np.ndarray, p: np.ndarray, n_labels: int, n_boot: int, seed: int, chunk: int = 100
-) -> np.ndarray:
-    """Macro-F1 on ``n_boot`` resamples from per-resample confusion matrices.
+def resampled_macro_f1(t: np.ndarray, p: np.ndarray, n_labels: int, idx: np.ndarray) -> np.ndarray:
+    """Macro-F1 of each resample (one row of ``idx`` = the row positions drawn) via confusion matrices.
 
     Labels with tp+fp+fn == 0 in a resample are left out of the mean, which is
     exactly sklearn's default label set (labels seen in y_true or y_pred).
     """
-    rng = np.random.default_rng(seed)
-    n = t.size
+    b = idx.shape[0]
     c2 = n_labels * n_labels
     pair = t.astype(np.int64) * n_labels + p.astype(np.int64)
+    keys = pair[idx] + (np.arange(b, dtype=np.int64) * c2)[:, None]
+    conf = np.bincount(keys.ravel(), minlength=b * c2).reshape(b, n_labels, n_labels)
+    tp = np.diagonal(conf, axis1=1, axis2=2).astype(np.float64)
+    fn = conf.sum(axis=2) - tp
+    fp = conf.sum(axis=1) - tp
+    denom = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(denom > 0, 2 * tp / denom, np.nan)
+    return np.nanmean(f1, axis=1)
+
+
+def _bootstrap_macro_f1(
+    t: np.ndarray, p: np.ndarray, n_labels: int, n_boot: int, seed: int, chunk: int = 100
+) -> np.ndarray:
+    """Macro-F1 on ``n_boot`` resamples of the test rows (seeded)."""
+    rng = np.random.default_rng(seed)
+    n = t.size
     out = np.empty(n_boot, dtype=np.float64)
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(b, n))
-        keys = pair[idx] + (np.arange(b, dtype=np.int64) * c2)[:, None]
-        conf = np.bincount(keys.ravel(), minlength=b * c2).reshape(b, n_labels, n_labels)
-        tp = np.diagonal(conf, axis1=1, axis2=2).astype(np.float64)
-        fn = conf.sum(axis=2) - tp
-        fp = conf.sum(axis=1) - tp
-        denom = 2 * tp + fp + fn
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f1 = np.where(denom > 0, 2 * tp / denom, np.nan)
-        out[start : start + b] = np.nanmean(f1, axis=1)
+        out[start : start + b] = resampled_macro_f1(t, p, n_labels, rng.integers(0, n, size=(b, n)))
     return out
 
 
@@ -325,6 +347,7 @@ def fit_logistic(
         test_proba=proba,
         classes=classes,
         selection_score=float(search.best_score_),
+        val_macro_f1=float(search.best_score_),
     )
 
 
@@ -340,6 +363,7 @@ def fit_tree(
     min_samples_leafs: Sequence[int] = DEFAULT_MIN_SAMPLES_LEAF,
     seed: int = 0,
     n_boot: int = 1000,
+    n_splits: int = 5,
 ) -> ProbeResult:
     """Balanced decision tree; grid point picked by validation macro-F1, refit on train+val.
 
@@ -366,7 +390,9 @@ def fit_tree(
         max_depth=depth, min_samples_leaf=leaf, class_weight="balanced", random_state=seed
     )
     X_fit = _stack(Xtr, Xva)
-    model.fit(X_fit, np.concatenate([ytr, yva]))
+    y_fit = np.concatenate([ytr, yva])
+    val_f1 = cv_macro_f1(model, X_fit, y_fit, n_splits=n_splits, seed=seed)
+    model.fit(X_fit, y_fit)
     pred, proba = _predict(model, Xte)
     classes = np.asarray(model.classes_)
     return ProbeResult(
@@ -380,6 +406,7 @@ def fit_tree(
         test_proba=proba,
         classes=classes,
         selection_score=score,
+        val_macro_f1=val_f1,
     )
 
 
@@ -426,7 +453,11 @@ def fit_ksparse(
     k: int,
     **logistic_kwargs: Any,
 ) -> ProbeResult:
-    """Logistic regression on the ``k`` train-selected columns (see ``select_features``)."""
+    """Logistic regression on the ``k`` train-selected columns (see ``select_features``).
+
+    Its ``val_macro_f1`` is the CV score on those columns; they were picked on train rows, some of
+    which sit in the held-out folds, so it leans slightly optimistic (test rows are never involved).
+    """
     Xtr, Xva, Xte = _prep(X_train), _prep(X_val), _prep(X_test)
     idx = select_features(Xtr, y_train, k)
     res = fit_logistic(
@@ -450,6 +481,7 @@ def fit_ksparse(
         test_proba=res.test_proba,
         classes=res.classes,
         selection_score=res.selection_score,
+        val_macro_f1=res.val_macro_f1,
     )
 
 

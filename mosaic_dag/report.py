@@ -8,8 +8,9 @@ written atomically (temp file in the same folder, then ``os.replace``); ``index.
 written last so a reader never sees a link to a missing PNG.
 
 Where a table has several rows for one plotted point (e.g. several classifiers for one
-layer x pooling), the point is the row with the best test macro-F1 and its own CI: the
-figures show the best configuration, the tables show everything.
+layer x pooling), the point is the row with the best VALIDATION score (``val_macro_f1``) and
+its own test macro-F1 and CI. A table without ``val_macro_f1`` falls back to the test-best,
+and the figure's title then says "test-best (oracle)".
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ __all__ = [
 _SERIES_COLUMNS: tuple[str, ...] = ("model", "sae", "dataset", "language")
 _TABLE_COLUMNS: tuple[str, ...] = (
     "model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
-    "classifier", "k", "train_language", "test_language", "macro_f1", "macro_f1_ci_low",
-    "macro_f1_ci_high", "accuracy", "auroc", "n_train", "n_test",
+    "classifier", "k", "train_language", "test_language", "val_macro_f1", "selected", "macro_f1",
+    "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc", "n_train", "n_test", "vs_hidden", "vs_tfidf",
 )
 
 
@@ -119,10 +120,28 @@ def _series_key(df: pd.DataFrame, first: Sequence[str]) -> pd.Series:
     return _join(df, cols, " / ")
 
 
+def _in_language(rows: pd.DataFrame) -> pd.DataFrame:
+    """In-language rows only; transfer rows have their own heatmaps."""
+    if "train_language" in rows.columns and "test_language" in rows.columns:
+        return rows[rows["train_language"].isna() | (rows["train_language"] == rows["test_language"])]
+    return rows
+
+
+def _by_validation(df: pd.DataFrame) -> bool:
+    return "val_macro_f1" in df.columns and bool(df["val_macro_f1"].notna().any())
+
+
+def _rule(df: pd.DataFrame) -> str:
+    return "selected on validation" if _by_validation(df) else "test-best (oracle): no validation score"
+
+
 def _best(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """The best-macro-F1 row of each group (ties: the first row)."""
-    order = df.sort_values("macro_f1", ascending=False, kind="stable")
-    return order.drop_duplicates(subset=list(keys), keep="first")
+    """The validation-best row of each group (ties: the first row); test-best only without a validation score."""
+    col = "val_macro_f1" if _by_validation(df) else "macro_f1"
+    sel = df["selected"].fillna(False).astype(bool) if "selected" in df.columns else pd.Series(False, index=df.index)
+    order = df.assign(_score=df[col].astype(float).fillna(-np.inf), _sel=sel)
+    order = order.sort_values(["_score", "_sel"], ascending=False, kind="stable")  # ties: the partition's own pick
+    return order.drop_duplicates(subset=list(keys), keep="first").drop(columns=["_score", "_sel"])
 
 
 def _yerr(rows: pd.DataFrame) -> np.ndarray | None:
@@ -169,6 +188,7 @@ def plot_layer_pooling(df: pd.DataFrame | None, path: str | Path, *, features: s
     """Macro-F1 by layer, one line per pooling (best setting per point), one panel per model."""
     name = Path(path).stem
     rows, why = _usable(df, ("layer", "pooling", "macro_f1"), "layer x pooling")
+    rows = _in_language(rows) if rows is not None else rows
     if rows is not None and features is not None and "features" in rows.columns:
         rows = rows[rows["features"] == features]
         if len(rows) == 0:
@@ -192,7 +212,7 @@ def plot_layer_pooling(df: pd.DataFrame | None, path: str | Path, *, features: s
         ax.set_xlabel("layer (resid_post of block L)")
         ax.set_xticks(sorted(sub["layer"].unique()))
         _f1_axis(ax)
-        ax.set_title(p or "macro-F1 by layer and pooling", fontsize=9)
+        ax.set_title(f"{p or 'macro-F1 by layer and pooling'} ({_rule(sub)})", fontsize=9)
         ax.legend(fontsize=7, title="pooling", title_fontsize=7)
     return Plot(name, _save(fig, path), None, n_points)
 
@@ -207,6 +227,7 @@ def plot_binarization(df: pd.DataFrame | None, path: str | Path, *, features: st
     """Macro-F1 per binarisation threshold ("none" = raw codes), one line per pooling."""
     name = Path(path).stem
     rows, why = _usable(df, ("threshold", "pooling", "macro_f1"), "binarization")
+    rows = _in_language(rows) if rows is not None else rows
     if rows is not None and features is not None and "features" in rows.columns:
         rows = rows[rows["features"] == features]
         if len(rows) == 0:
@@ -229,7 +250,8 @@ def plot_binarization(df: pd.DataFrame | None, path: str | Path, *, features: st
     ax.set_xticks(range(len(order)), order)
     ax.set_xlabel("binarization threshold (code > t -> 1)")
     _f1_axis(ax)
-    ax.set_title("effect of binarizing SAE codes" if features == "sae" else "effect of binarization", fontsize=9)
+    what = "effect of binarizing SAE codes" if features == "sae" else "effect of binarization"
+    ax.set_title(f"{what} ({_rule(rows)})", fontsize=9)
     ax.legend(fontsize=7, title="pooling", title_fontsize=7)
     return Plot(name, _save(fig, path), None, n_points)
 
@@ -241,9 +263,7 @@ def plot_sources(df: pd.DataFrame | None, path: str | Path) -> Plot:
     if rows is None:
         return Plot(name, None, why)
     task_cols = [c for c in ("dataset", "language") if c in rows.columns]
-    if "train_language" in rows.columns and "test_language" in rows.columns:
-        same = rows["train_language"].isna() | (rows["train_language"] == rows["test_language"])
-        rows = rows[same]  # in-language scores only; transfer has its own heatmaps
+    rows = _in_language(rows)
     task = _join(rows, task_cols, ".") if task_cols else pd.Series("all", index=rows.index)
     rows = rows.assign(_task=task, _src=rows["features"].astype(str))
     best = _best(rows, ["_task", "_src"])
@@ -262,7 +282,7 @@ def plot_sources(df: pd.DataFrame | None, path: str | Path) -> Plot:
         n_points += int(have.sum())
     ax.set_xticks(range(len(tasks)), tasks, rotation=30 if len(tasks) > 4 else 0, ha="right" if len(tasks) > 4 else "center")
     _f1_axis(ax)
-    ax.set_title("feature sources (best configuration, 95% bootstrap CI)", fontsize=9)
+    ax.set_title(f"feature sources ({_rule(rows)}; test macro-F1, 95% bootstrap CI)", fontsize=9)
     ax.legend(fontsize=7, title="features", title_fontsize=7)
     return Plot(name, _save(fig, path), None, n_points)
 
@@ -338,14 +358,19 @@ def _md(df: pd.DataFrame, max_rows: int) -> str:
 
 
 def _summary(results: pd.DataFrame) -> pd.DataFrame | None:
-    """Best in-language row per (dataset, language, features)."""
+    """Selected in-language row per (dataset, language, features), plus the test-best as a labelled oracle column."""
     rows, _ = _usable(results, ("macro_f1",), "summary")
     if rows is None:
         return None
+    rows = _in_language(rows)
     keys = [c for c in ("dataset", "language", "features") if c in rows.columns]
-    best = _best(rows, keys) if keys else rows.nlargest(1, "macro_f1")
+    best = _best(rows, keys) if keys else _best(rows.assign(_all=0), ["_all"]).drop(columns="_all")
     cols = [c for c in _TABLE_COLUMNS if c in best.columns]
-    return best.sort_values(keys or ["macro_f1"], kind="stable")[cols].reset_index(drop=True)
+    out = best.sort_values(keys or ["macro_f1"], kind="stable")[cols].reset_index(drop=True)
+    if keys:
+        oracle = rows.groupby(keys, sort=False)["macro_f1"].max().rename("oracle_test_best_macro_f1").reset_index()
+        out = out.merge(oracle, on=keys, how="left")
+    return out
 
 
 def write_report(
@@ -354,6 +379,7 @@ def write_report(
     transfer: Mapping[str, pd.DataFrame] | None = None,
     conditions: pd.DataFrame | None = None,
     extra_md: str = "",
+    comparisons: pd.DataFrame | None = None,
     *,
     title: str = "MOSAIC report",
     max_rows: int = 50,
@@ -380,8 +406,18 @@ def write_report(
 
     md: list[str] = [f"# {title}", ""]
     summary = _summary(res)
-    md += ["## Best configuration per source", ""]
+    md += ["## Selected configuration per source", "",
+           "Chosen by validation score (`val_macro_f1`: cross-validated macro-F1 on train+validation); "
+           "`macro_f1` is its test score. `oracle_test_best_macro_f1` is the best TEST score of any "
+           "configuration: an oracle for reference, not a result.", ""]
     md += [_md(summary, max_rows), ""] if summary is not None else ["No results with a macro-F1.", ""]
+    if comparisons is not None and len(comparisons):
+        md += ["## SAE vs hidden states vs TF-IDF (paired, selected configurations)", "",
+               "Difference of test macro-F1 (SAE − other) on the identical test rows, paired bootstrap 95% "
+               "interval, share of resamples where SAE wins. Verdict: interval above 0 → SAE better, below 0 "
+               "→ SAE worse, else no difference. Scope `task` selects across layers and SAEs; `overall` "
+               "is the mean over tasks.", ""]
+        md += [_md(comparisons, max_rows), ""]
     md += ["## Figures", ""]
     for heading, p in plots:
         md += [f"### {heading}", ""]
@@ -398,9 +434,11 @@ def write_report(
     if conditions is not None and len(conditions):
         md += [_md(conditions.reset_index(drop=True), max_rows), ""]
     if len(res):
-        rows = res.sort_values("macro_f1", ascending=False, kind="stable") if "macro_f1" in res.columns else res
+        order_col = "val_macro_f1" if _by_validation(res) else "macro_f1" if "macro_f1" in res.columns else None
+        rows = res.sort_values(order_col, ascending=False, kind="stable") if order_col else res
         cols = [c for c in _TABLE_COLUMNS if c in rows.columns] or list(rows.columns)
-        md += [f"## All results (top {max_rows} by macro-F1)", "", _md(rows[cols], max_rows), ""]
+        how = "validation score" if order_col == "val_macro_f1" else "test macro-F1 (no validation score)"
+        md += [f"## All results (top {max_rows} by {how})", "", _md(rows[cols], max_rows), ""]
     if extra_md.strip():
         md += [extra_md.rstrip(), ""]
 

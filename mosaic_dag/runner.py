@@ -194,7 +194,6 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
                    workers: int | None = None) -> RunSummary:
     """Validate the config, register partitions, then run the graph stage by stage in Dagster's
     topological order; the partitions of a stage are independent and run ``workers`` at a time."""
-    from dagster import DagsterInstance
 
     from mosaic_dag.definitions import stage_name, stages
     from mosaic_dag.errors import MosaicError

@@ -26,6 +26,7 @@ from mosaic_dag.storage import atomic_dir
 
 __all__ = [
     "METRICS_FILENAME",
+    "RECIPE_VERSION",
     "SaeTrainingError",
     "TrainedSae",
     "activation_batches",
@@ -35,6 +36,7 @@ __all__ = [
 
 Architecture = Literal["batchtopk", "jumprelu", "topk", "standard"]
 METRICS_FILENAME = "mosaic_training.json"
+RECIPE_VERSION = 3  # part of a trained SAE's cache key: SAEs of an older recipe are retrained, not reused
 
 
 class SaeTrainingError(MosaicError, ValueError):
@@ -72,6 +74,43 @@ def activation_batches(
             yield torch.from_numpy(np.asarray(acts[idx], dtype=np.float32))
 
 
+def _curve_trainer(base: Any, every: int) -> Any:
+    """sae-lens's SAETrainer that also records loss, L0 and dead fraction every ``every`` steps."""
+
+    class CurveTrainer(base):  # type: ignore[misc, valid-type]
+        curve: list[dict[str, float]]
+
+        def step(self, batch: Any) -> Any:
+            out = super().step(batch)
+            n = self.n_training_steps
+            if n % every == 0 or self.n_training_samples >= self.cfg.total_training_samples:
+                acts = out.feature_acts
+                acts = acts.to_dense() if acts.is_sparse else acts
+                point = {"step": int(n), "loss": float(out.loss.detach()),
+                         "l0": float((acts != 0).float().sum(-1).mean()),
+                         "dead_fraction": float(self.dead_neurons.float().mean()),
+                         "lr": float(self.optimizer.param_groups[0]["lr"])}
+                point |= {k: float(v.detach() if hasattr(v, "detach") else v) for k, v in out.losses.items()}
+                self.curve.append(point)
+            return out
+
+    return CurveTrainer
+
+
+def _init_b_dec(trainer: Any, sae: Any, acts: np.ndarray, rows: np.ndarray, seed: int, n: int = 20_000) -> None:
+    """b_dec := mean activation; fixes the scaling factor the trainer would estimate from the same rows."""
+    import torch
+
+    sample = rows if rows.size <= n else np.sort(np.random.default_rng(seed + 2).choice(rows, n, replace=False))
+    x = np.asarray(acts[sample], dtype=np.float64)
+    factor = 1.0
+    if sae.cfg.normalize_activations == "expected_average_only_in":
+        factor = float(np.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1).mean())
+        trainer.activation_scaler.scaling_factor = factor
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.from_numpy(x.mean(axis=0) * factor).to(sae.b_dec.dtype))
+
+
 def _training_sae(
     architecture: Architecture,
     d_in: int,
@@ -79,6 +118,7 @@ def _training_sae(
     k: int,
     sparsity_coefficient: float | None,
     metadata: dict[str, Any],
+    aux_loss_coefficient: float = 1.0,
 ) -> Any:
     """Build the sae-lens training SAE for ``architecture`` (weights use torch's global RNG)."""
     from sae_lens import (
@@ -104,9 +144,9 @@ def _training_sae(
         "metadata": SAEMetadata(**metadata),
     }
     if architecture == "batchtopk":
-        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=float(k), **common))
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=float(k), aux_loss_coefficient=aux_loss_coefficient, **common))
     if architecture == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, aux_loss_coefficient=aux_loss_coefficient, **common))
     if architecture == "jumprelu":
         # Gemma Scope 2 style: a quadratic penalty pulls the mean L0 towards k.
         cfg = JumpReLUTrainingSAEConfig(
@@ -138,8 +178,14 @@ def train_sae(
     seed: int = 0,
     layer: int | None = None,
     real_mask: np.ndarray | None = None,
-    lr_warm_up_steps: int = 0,
+    lr_warm_up_steps: int | None = None,
+    lr_decay_fraction: float = 0.2,
+    aux_loss_coefficient: float = 1.0,
+    dead_window_tokens: int | None = None,
     eval_tokens: int = 50_000,
+    held_out: np.ndarray | None = None,
+    curve_points: int = 50,
+    init_b_dec: bool = True,
 ) -> TrainedSae:
     """Train an SAE on ``acts`` [n_tokens, d_model] (TRAIN texts only) and save it to ``out_dir``.
 
@@ -147,6 +193,19 @@ def train_sae(
     - ``sparsity_coefficient``: l0 coefficient (jumprelu) or l1 coefficient (standard); ignored by top-k.
     - ``training_tokens``: tokens shown to the trainer; more than the data means several shuffled epochs.
     - ``real_mask``: rows to train on (False = BOS / padding, which would otherwise dominate the loss).
+    - learning rate: linear warm-up over ``lr_warm_up_steps`` (None: 5% of the steps), then constant,
+      then (sae-lens's schedule) a linear decay to 0 over the last ``lr_decay_fraction`` of the steps.
+    - ``aux_loss_coefficient``: weight of the TopK-family auxiliary loss that trains dead latents to
+      reconstruct the residual error; a latent counts as dead once it has not fired for
+      ``dead_window_tokens`` tokens (None: 100 x width / k, i.e. ~100 expected firings of an average
+      latent; 10 to 1000 steps).
+    - ``held_out``: activations of texts NOT trained on (e.g. the validation split); the reported
+      ``l0``, ``explained_variance`` and ``dead_fraction`` are measured there (else on training tokens),
+      and ``train_*`` on a sample of the training tokens.
+    - ``init_b_dec``: start the decoder bias at the mean training activation (in the trainer's
+      normalised units), so the large shared component of the residual stream does not hand the
+      top-k to the few latents aligned with it from the first step.
+    - ``curve_points``: the training curve (loss, L0, dead fraction over steps) has about this many points.
 
     Deterministic for a seed on CPU; nothing is logged to wandb. ``out_dir`` appears complete or not at all.
     """
@@ -195,16 +254,22 @@ def train_sae(
     }
     steps = training_tokens // batch_size
     norm_batches = max(1, min(1000, rows.size // batch_size))
+    warm_up = max(0, int(round(0.05 * steps))) if lr_warm_up_steps is None else int(lr_warm_up_steps)
+    decay = max(0, min(steps - warm_up, int(round(lr_decay_fraction * steps))))
+    # an average latent fires on k/width of the tokens: ~100 expected firings without one marks it dead
+    window_tokens = 100 * width // max(1, k) if dead_window_tokens is None else int(dead_window_tokens)
+    dead_window = max(10, min(1000, window_tokens // batch_size))
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,
         lr=lr,
         lr_end=lr,
         lr_scheduler_name="constant",
-        lr_warm_up_steps=lr_warm_up_steps,
+        lr_warm_up_steps=warm_up,
+        lr_decay_steps=decay,
         device="cpu",
         autocast=False,
-        dead_feature_window=max(10, min(1000, steps // 4)),
+        dead_feature_window=dead_window,
         feature_sampling_window=max(10, min(2000, steps)),
         n_checkpoints=0,
         checkpoint_path=None,
@@ -216,8 +281,12 @@ def train_sae(
     out = Path(out_dir)
     with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG state alone
         torch.manual_seed(seed)
-        sae = _training_sae(architecture, d_in, width, k, sparsity_coefficient, metadata)
-        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=activation_batches(acts, rows, batch_size, seed))
+        sae = _training_sae(architecture, d_in, width, k, sparsity_coefficient, metadata, aux_loss_coefficient)
+        trainer = _curve_trainer(SAETrainer, max(1, steps // max(1, curve_points)))(
+            cfg=trainer_cfg, sae=sae, data_provider=activation_batches(acts, rows, batch_size, seed))
+        trainer.curve = []
+        if init_b_dec:
+            _init_b_dec(trainer, sae, acts, rows, seed)
         trainer.fit()
     train_l0 = sae.cfg.metadata.get("l0")
 
@@ -226,7 +295,10 @@ def train_sae(
         inference = SAE.load_from_disk(str(tmp), device="cpu")
         rng = np.random.default_rng(seed + 1)
         eval_rows = np.sort(rng.choice(rows, size=min(eval_tokens, rows.size), replace=False))
-        stats = encode_stats(inference, np.asarray(acts[eval_rows], dtype=np.float32))
+        train_stats = encode_stats(inference, np.asarray(acts[eval_rows], dtype=np.float32))
+        stats = train_stats
+        if held_out is not None and len(held_out):
+            stats = encode_stats(inference, np.asarray(held_out[:eval_tokens], dtype=np.float32))
         metrics: dict[str, Any] = {
             "architecture": architecture,
             "inference_architecture": str(inference.cfg.architecture()),
@@ -235,6 +307,12 @@ def train_sae(
             "k": k,
             "sparsity_coefficient": sparsity_coefficient,
             "lr": lr,
+            "lr_warm_up_steps": warm_up,
+            "lr_decay_steps": decay,
+            "aux_loss_coefficient": aux_loss_coefficient,
+            "dead_feature_window_steps": dead_window,
+            "epochs": round(steps * batch_size / rows.size, 2),
+            "tokens_per_latent": round(rows.size / width, 2),
             "batch_size": batch_size,
             "seed": seed,
             "steps": steps,
@@ -244,10 +322,15 @@ def train_sae(
             "hook_name": hook_name,
             "layer": int(layer),
             "train_window_l0": None if train_l0 is None else float(train_l0),
+            "eval_on": "held_out" if stats is not train_stats else "train",
             "eval_tokens": stats.n_tokens,
             "l0": stats.mean_l0,
             "explained_variance": stats.explained_variance,
             "dead_fraction": stats.dead_fraction,
+            "train_l0": train_stats.mean_l0,
+            "train_explained_variance": train_stats.explained_variance,
+            "train_dead_fraction": train_stats.dead_fraction,
+            "curve": trainer.curve,
             "wall_time_s": round(time.perf_counter() - t0, 3),
         }
         (tmp / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2, sort_keys=True))

@@ -95,4 +95,5 @@ def fit_tfidf(
         test_proba=res.test_proba,
         classes=res.classes,
         selection_score=res.selection_score,
+        val_macro_f1=res.val_macro_f1,
     )

@@ -99,3 +99,16 @@ def tracked_run(tracking_uri: str, experiment: str, name: str, tags: Mapping[str
         client.set_terminated(run.info.run_id, "FAILED")
         raise
     client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def log_curve(run: TrackedRun, curve: list[dict[str, float]]) -> None:
+    """A training curve as MLflow step metrics (``train/loss``, ``train/l0``, ``train/dead_fraction`` …)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"train/{k}", float(v), now, int(point.get("step", 0)))
+               for point in curve for k, v in point.items() if k != "step" and v is not None and math.isfinite(float(v))]
+    for start in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
+        run.client.log_batch(run.run_id, metrics=metrics[start : start + 900])

@@ -15,7 +15,7 @@ def test_embedded_demo_config_is_valid():
     assert [d.key for d in dataset_keys(cfg)] == [f"demo_toxicity.{x}" for x in ("en", "fr", "de", "es")] + [
         "demo_behaviour.en"]
     assert cfg.dataset("demo_behaviour").behaviour.model == "gemma-3-270m"
-    assert [t.key for t in targets(cfg)] == ["gemma-3-270m.L6.local-btk2k"]
+    assert [t.key for t in targets(cfg)] == ["gemma-3-270m.L6.local-btk512"]
 
 
 def _err(data: dict) -> str:

@@ -190,6 +190,7 @@ def test_selection_is_blind_to_test_split(kind: str) -> None:
     a, b = run(Xte, yte), run(Xadv, yadv)
     assert a.params == b.params
     assert a.selection_score == b.selection_score
+    assert np.isfinite(a.val_macro_f1) and a.val_macro_f1 == b.val_macro_f1  # the validation score never sees test
     pa, pb = a.model.predict_proba(Xte[:, a.selected_features] if kind == "ksparse" else Xte), b.model.predict_proba(
         Xte[:, b.selected_features] if kind == "ksparse" else Xte
     )

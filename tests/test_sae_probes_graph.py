@@ -44,6 +44,27 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
     assert set(table["features"]) == {"sae", "hidden", "tfidf"}
     assert table["n_test"].nunique() == 1  # every source scored on the same test rows
     assert (table["mlflow_run_id"] != "").all()
+    # one validation-selected row per source and partition; its paired verdicts sit on the SAE row
+    in_lang = table[table["train_language"] == table["test_language"]]
+    assert in_lang["val_macro_f1"].notna().all()
+    chosen = in_lang[in_lang["selected"]]
+    assert sorted(chosen["features"]) == ["hidden", "sae", "tfidf"]
+    for _, row in chosen.iterrows():
+        same = in_lang[in_lang["features"] == row["features"]]
+        assert row["val_macro_f1"] == same["val_macro_f1"].max()
+    sae_row = chosen[chosen["features"] == "sae"].iloc[0]
+    assert sae_row["vs_hidden"].split(":")[0] in {"SAE better", "no difference", "SAE worse"}
+    from mosaic_dag.analysis import comparisons_table
+    from mosaic_dag.evaluation import predictions_file
+
+    preds = pd.read_parquet(predictions_file(cfg, parse_target("tiny.L1.btk"), "toy", "en"))
+    assert len(preds) == int(table["n_test"].iloc[0]) and set(in_lang["probe"]) <= set(preds.columns)
+    comp = comparisons_table(cfg)
+    assert set(comp["scope"]) == {"partition", "task", "overall"}
+    assert set(comp["comparison"]) == {"sae-hidden", "sae-tfidf"}
+    assert ((comp["diff_ci_low"] <= comp["diff"]) & (comp["diff"] <= comp["diff_ci_high"])).all()
+    report_md = (cfg.data_path / "report" / "index.md").read_text()
+    assert "paired, selected configurations" in report_md
     # sparse codes on disk, far smaller than dense, equal to sae.encode on the cached activations
     codes_step = next(s for s in summary.steps if s.asset == "sae_codes")
     store = CodesStore(Path(codes_step.metadata["path"]))
@@ -75,7 +96,8 @@ def test_results_cli_formats(tmp_path: Path, tiny_model_dir: Path, dagster_home:
     config = _config(tmp_path, tiny_model_dir)
     assert main(["run", "--config", str(config), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "best probe per feature source" in out and "| sae |" not in out.split("\n")[0]
+    assert "selected probe per feature source (chosen on validation" in out and "| sae |" not in out.split("\n")[0]
+    assert "sae-hidden" in out and "overall" in out
     assert main(["results", "--config", str(config), "--format", "csv"]) == 0
     csv = capsys.readouterr().out
     assert csv.splitlines()[0] == ",".join(RESULT_COLUMNS)
@@ -93,5 +115,24 @@ def test_mismatched_sae_fails_before_any_forward_pass(tmp_path: Path, tiny_model
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "sae d_in=32 does not match model tiny-gemma3 d_model=64" in err
     assert not list((tmp_path / "data").rglob("manifest.json"))  # no forward pass ran
+
+
+def test_bad_sae_is_stopped_by_the_quality_check(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path,
+                                                clean, capsys):
+    """A random SAE that fits the model's shape misses the default floors: codes are written, no probe runs."""
+    sae = make_sae("jumprelu", d_in=64, width=64, hook_name="model.layers.1", model_name="tiny-gemma3")
+    sae.save_model(str(tmp_path / "random_sae"))
+    path = tiny_config(tmp_path, tiny_model_dir, layers=[1],
+                       saes=[{"source": "local", "path": str(tmp_path / "random_sae"), "name": "random"}])
+    data = yaml.safe_load(path.read_text())
+    data["classification"] = FAST | {"poolings": ["mean"], "thresholds": [None], "classifiers": ["logistic"]}
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", "--config", str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mosaic: error: sae random: explained_variance ") and "(must be >= 0.5)" in err
+    assert list((tmp_path / "data" / "codes").rglob("manifest.json"))  # the asset itself materialized
+    assert not (tmp_path / "data" / "results").exists()  # the blocking check stopped everything downstream
+    measured = next((tmp_path / "data" / "quality").rglob("*.json"))
+    assert '"loss_recovered"' in measured.read_text()
 
 

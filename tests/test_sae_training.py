@@ -120,3 +120,32 @@ def test_train_sae_rejects_bad_inputs(acts: np.ndarray, tmp_path: Path) -> None:
     with pytest.raises(SaeTrainingError, match="NaN"):
         train_sae(bad, hook_name=HOOK, model_name=MODEL, out_dir=tmp_path / "d", training_tokens=1000, batch_size=256)
     assert not any(tmp_path.iterdir())
+
+
+def _offset_acts(n: int, seed: int) -> np.ndarray:
+    """Low-rank data plus one large shared direction, as in a residual stream (its mean dwarfs the rest)."""
+    offset = 150.0 * np.random.default_rng(5).standard_normal(D_IN).astype(np.float32)
+    return low_rank_acts(n, seed=seed) + offset
+
+
+def test_recipe_reports_held_out_health_and_a_training_curve(tmp_path: Path) -> None:
+    train, held = _offset_acts(6000, seed=1), _offset_acts(2000, seed=2)
+    kw = dict(width=256, k=8, training_tokens=30_000, lr=4e-3, batch_size=256, seed=0)
+    on = train_sae(train, hook_name=HOOK, model_name=MODEL, out_dir=tmp_path / "on", held_out=held, **kw)  # type: ignore[arg-type]
+    off = train_sae(train, hook_name=HOOK, model_name=MODEL, out_dir=tmp_path / "off", held_out=held,
+                    init_b_dec=False, **kw)  # type: ignore[arg-type]
+    m = on.metrics
+    assert m["eval_on"] == "held_out" and m["eval_tokens"] == 2000
+    sae = load_sae(path=on.path)
+    assert m["explained_variance"] == pytest.approx(_explained_variance(sae, held), abs=0.02)
+    # starting b_dec at the data mean keeps latents alive that the shared direction would starve
+    assert m["dead_fraction"] < off.metrics["dead_fraction"]
+    assert m["explained_variance"] > off.metrics["explained_variance"]
+    curve = m["curve"]
+    steps = [p["step"] for p in curve]
+    assert steps == sorted(steps) and len(curve) >= 20 and steps[-1] == m["steps"] - 1
+    assert {"loss", "l0", "dead_fraction", "lr"} <= set(curve[0])
+    lrs = [p["lr"] for p in curve]
+    assert lrs[0] < max(lrs) == pytest.approx(4e-3) and lrs[-1] < 0.2 * max(lrs)  # warm-up, then decay
+    assert m["epochs"] == pytest.approx(m["training_tokens"] / 6000, abs=0.01)
+    json.dumps(m)  # the metrics file stays plain JSON
