@@ -23,7 +23,7 @@ from mosaic_dag.analysis import (
 )
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle
-from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
+from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, dataset_keys, parse_dataset, parse_target, targets
 from mosaic_dag.storage import stable_hash, write_parquet
 from mosaic_dag.tables import markdown_table
 from mosaic_dag.transfer import offdiag_mean
@@ -130,6 +130,17 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         from pathlib import Path
 
         cfg = experiment.load()
+        # only the config's own partitions: the instance keeps partitions an earlier config registered
+        ours_t = {t.key for t in targets(cfg)}
+        ours_d = {d.key for d in dataset_keys(cfg)}
+
+        def current(handles: dict, multi: bool) -> dict:  # type: ignore[type-arg]
+            if not multi:
+                return {k: h for k, h in handles.items() if k in ours_t}
+            keys = {k: target_dataset_partitions.get_partition_key_from_str(k).keys_by_dimension for k in handles}
+            return {k: h for k, h in handles.items() if keys[k][TARGET_DIM] in ours_t and keys[k][DATASET_DIM] in ours_d}
+
+        probes, conditions, transfer = current(probes, True), current(conditions, True), current(transfer, False)
 
         def files(handles: dict, pattern: str = "") -> list[Path]:  # type: ignore[type-arg]
             return [Path(p) for h in handles.values() if h is not None for p in h.paths if pattern in Path(p).name]

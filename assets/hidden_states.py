@@ -68,6 +68,7 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
                                  "disk_mb": round(sum(s["bytes"] for s in man["shards"]) / 2**20, 2)})
             stats = [m.stats for m in result.models if m.stats]
             metrics = {"forward_calls": float(result.forward_calls), "cache_hit": float(result.hit),
+                       "texts": float(rows[0]["texts"]) if rows else 0.0,
                        "tokens": float(rows[0]["tokens"]) if rows else 0.0}
             if stats:
                 metrics |= {"seconds": sum(s.seconds for s in stats),

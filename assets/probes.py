@@ -23,6 +23,8 @@ from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation import (
     best_artifacts,
     best_rows,
+    comparison_metadata,
+    comparison_metrics,
     label_names,
     probe_checks,
     run_probes,
@@ -108,25 +110,28 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             results = run_probes(cfg, target, pooled, data, mlflow_run_id=run.run_id,
                                  progress=lambda d, t: context.log.info(f"probes {d}/{t}") if d % 10 == 0 or d == t else None)
             table = results.table
-            path = write_results(cfg, target, key.dataset, key.language, table)
+            path = write_results(cfg, target, key.dataset, key.language, table, predictions=results.predictions)
             best = best_rows(table)
             run.log_params({"target": target.key, "dataset": key.key, "probes": len(table)})
             for _, row in best.iterrows():
                 run.log_metrics({f"{row['features']}_macro_f1": row["macro_f1"], f"{row['features']}_accuracy": row["accuracy"]})
             run.log_metrics({"majority_macro_f1": results.majority_f1})
+            run.log_metrics(comparison_metrics(results.comparisons))
             with tempfile.TemporaryDirectory() as tmp:
                 for file, folder in best_artifacts(results, frame, Path(tmp)):
                     run.log_artifact(file, folder)
                 run.log_artifact(path, "results")
         checks = probe_checks(results)
-        show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "macro_f1", "macro_f1_ci_low",
-                     "macro_f1_ci_high", "accuracy", "auroc"]]
+        show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "val_macro_f1", "macro_f1",
+                     "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc"]]
         handle = TableHandle(paths=[str(path)], inputs=stable_hash([pooled.version, data.version,
                                                                     code_version("probes", cfg)]))
         yield Output(handle, data_version=DataVersion(handle.version), metadata={
             "results_path": MetadataValue.path(str(path)),
             "probes": len(table),
-            "best": MetadataValue.md(markdown_table(show)),
+            "best": MetadataValue.md("selected on validation (val_macro_f1); macro_f1 is its test score\n\n"
+                                     + markdown_table(show)),
+            **comparison_metadata(results.comparisons),
             "top_latents": MetadataValue.md(top_latents_markdown(results, label_names(frame))),
             "sae_macro_f1": round(float(checks.sae_macro_f1), 4),
             "majority_macro_f1": round(checks.majority_macro_f1, 4),

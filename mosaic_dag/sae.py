@@ -395,9 +395,10 @@ def load_sae(
 # --------------------------------------------------------------------------------------------
 
 CHECKSUM_FILENAME = "mosaic_checksums.json"
-# Explained variance below this is not a weak SAE but a broken one (corrupt weights, wrong scaling):
-# an SAE that outputs all zeros scores -(squared mean / variance) of the data, which is not this far down.
-ABSURD_EXPLAINED_VARIANCE = -10.0
+# Explained variance below this is not a weak SAE but a broken one (corrupt weights, wrong scaling).
+# A weak SAE on data with a large mean and a small spread (image soft tokens of a small random vision
+# tower, seen at -825) can score far below zero; corrupt weights score many orders further down.
+ABSURD_EXPLAINED_VARIANCE = -1e4
 
 
 def write_checksums(folder: str | Path) -> Path:

@@ -43,6 +43,7 @@ def test_mosaic_run_on_digits_with_a_tiny_vlm(tmp_path: Path, vlm_dir: Path, dag
                            "tfidf": ["word"], "bootstrap": 50},
         "conditions": {"enabled": True, "sizes": [20, None], "imbalances": [0.5], "noise_rates": [0.0, 0.2]},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "sae_quality": {"enabled": False},  # tiny random model: no healthy SAE
     }))
     assert main(["run", "--config", str(config), "--quiet"]) == 0, capsys.readouterr().err
     cfg = load_config(config)

@@ -95,10 +95,10 @@ def test_demo_caches_hidden_states_then_hits(tmp_path: Path, monkeypatch: pytest
     assert set(table["language"]) == {"en", "fr", "de", "es"}
     assert table.groupby("language")["n_test"].nunique().eq(1).all()
     codes = [s for s in first.steps if s.asset == "sae_codes"]
-    assert all(s.metadata["codes_mb"] < s.metadata["dense_fp16_mb"] / 5 for s in codes)
+    assert all(s.metadata["codes_mb"] < s.metadata["dense_fp16_mb"] / 3 for s in codes)  # 512 latents, k=32
     sae_step = next(s for s in first.steps if s.asset == "sae")
     assert sae_step.metadata["explained_variance"] > 0.5
     second = run_experiment(None, progress=False, echo=lambda *_: None)
     assert second.forward_calls() == 0
     assert all(s.metadata["cache_hit"] for s in second.steps if s.asset == "hidden_states")
-    assert next(s for s in second.steps if s.asset == "sae").metadata["reused"] is True
+    assert next(s for s in second.steps if s.asset == "sae").metadata["cache_hit"] is True

@@ -43,7 +43,7 @@ def test_output_is_the_current_configs_partitions_only(tmp_path: Path, tiny_mode
     forget_loaded()
     assert main(["run", "--config", str(config), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    best = printed.split("best probe per feature source")[1].split("\n\n")[1]
+    best = printed.split("selected probe per feature source")[1].split("\n\n")[1]
     layer_col = best.splitlines()[0].split("|").index(" layer ")
     assert {row.split("|")[layer_col].strip() for row in best.splitlines()[2:]} == {"2"}, best
 

@@ -126,6 +126,7 @@ def test_bad_sae_is_stopped_by_the_quality_check(tmp_path: Path, tiny_model_dir:
                        saes=[{"source": "local", "path": str(tmp_path / "random_sae"), "name": "random"}])
     data = yaml.safe_load(path.read_text())
     data["classification"] = FAST | {"poolings": ["mean"], "thresholds": [None], "classifiers": ["logistic"]}
+    data["sae_quality"] = {"enabled": True}  # the default floors (tiny_config turns them off)
     path.write_text(yaml.safe_dump(data))
     assert main(["run", "--config", str(path), "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -38,7 +38,8 @@ def write_config(tmp_path: Path, model_dir: Path, datasets: list[dict], **extra)
         "models": [{"name": "tiny", "id": str(model_dir), "layers": [1], "max_length": 24, "batch_tokens": 256,
                     "saes": [TINY_SAE]}],
         "datasets": datasets, "classification": FAST,
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, **extra,
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "sae_quality": {"enabled": False}, **extra,  # tiny random model: no healthy SAE
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))

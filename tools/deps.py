@@ -6,7 +6,7 @@
                                        prints which pins would move and what broke. Changes nothing.
 
 Both build the environment under a temporary folder and delete it afterwards. torch is installed first
-at the pinned CPU build (an unpinned torch pulls a CUDA build of several GB).
+at the pinned CPU build and held there (an unpinned torch pulls a CUDA build of several GB).
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def build_latest(folder: Path) -> Path:
     if _run([sys.executable, "-m", "venv", str(venv)]):
         raise SystemExit("deps: could not create a virtualenv")
     py = venv / "bin" / "python"
+    keep = folder / "torch-constraint.txt"
+    keep.write_text(TORCH + "\n")  # "newest" never means another torch build (a CUDA one is several GB)
     for step in (["install", "-q", "--upgrade", "pip"], ["install", "-q", TORCH],
-                 ["install", "-q", "--upgrade", "--upgrade-strategy", "eager", "-e", f"{ROOT}[test]"]):
+                 ["install", "-q", "--upgrade", "--upgrade-strategy", "eager", "-c", str(keep), "-e", f"{ROOT}[test]"]):
         if _run([str(py), "-m", "pip", *step]):
             raise SystemExit(f"deps: pip {' '.join(step)} failed")
     return py
@@ -66,8 +68,8 @@ def freeze(py: Path) -> str:
                          capture_output=True, text=True).stdout
     lines = []
     for line in sorted(out.splitlines(), key=str.lower):
-        if line.lower().startswith("torch=="):
-            line = TORCH  # the local "+cpu" tag is not a version pip can resolve from an index
+        if line.lower().startswith("torch==") and "+" in line:
+            line = line.split("+")[0]  # the local "+cpu" tag is not a version pip can resolve from an index
         if line and not line.startswith("#"):
             lines.append(line)
     return HEADER + "\n".join(lines) + "\n"
