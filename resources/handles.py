@@ -7,13 +7,15 @@ line naming the asset, the partition and how to materialize it.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableIOManager, InputContext, OutputContext
 
 from mosaic_dag.handles import Handle, UpstreamMissing
-from mosaic_dag.storage import write_json
+from mosaic_dag.storage import stable_hash, write_json
 from resources.experiment import ExperimentResource
 
 
@@ -22,23 +24,29 @@ def _partition_name(key: Any) -> str:
 
 
 class HandleIOManager(ConfigurableIOManager):
-    """Handles live in ``<data_dir>/handles/<asset>/<partition>.json``, next to the data they point at."""
+    """Handles are records of the instance's materializations, so they live with the instance:
+    ``$DAGSTER_HOME/mosaic-handles/<data folder key>/<asset>/<partition>.json`` (beside the data when
+    Dagster runs without a home). A fresh instance has none, whatever the data folder holds."""
 
     experiment: ExperimentResource
 
     def _file(self, asset: str, partition: Any) -> Path:
-        root = self.experiment.load().data_path / "handles" / asset
-        return root / (f"{_partition_name(partition)}.json" if partition is not None else "_.json")
+        data = self.experiment.load().data_path
+        home = os.environ.get("DAGSTER_HOME")
+        root = Path(home) / "mosaic-handles" / stable_hash(str(data.resolve())) if home else data / ".mosaic-handles"
+        return root / asset / (f"{_partition_name(partition)}.json" if partition is not None else "_.json")
 
     def handle_output(self, context: OutputContext, obj: Handle) -> None:
         if not isinstance(obj, Handle):
             raise TypeError(f"asset {context.asset_key.to_user_string()} returned {type(obj).__name__}, not a handle")
         partition = context.asset_partition_key if context.has_asset_partitions else None
-        write_json(self._file(context.asset_key.to_user_string(), partition), {"handle": obj.to_json()})
+        path = self._file(context.asset_key.to_user_string(), partition)
+        record = {"handle": obj.to_json()}
+        if path.exists() and path.read_text() == json.dumps(record, indent=2, sort_keys=True, default=str):
+            return  # unchanged (a cache hit): nothing to write
+        write_json(path, record)
 
     def _read(self, asset: str, partition: Any) -> Handle | None:
-        import json
-
         path = self._file(asset, partition)
         if not path.exists():
             return None

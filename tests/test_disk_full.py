@@ -24,7 +24,7 @@ from tests.test_interrupt import mosaic_env
 
 PAGE = 4096
 TMPFS_BYTES = 64 << 20
-STAGES = ["datasets", "hidden", "saes", "codes", "pooled", "results", "report"]  # the order a run writes them
+STAGES = ["datasets", "hidden", "saes", "codes", "pooled", "predictions", "results", "report"]  # the order a run writes them
 
 
 def _unshare_works() -> bool:
