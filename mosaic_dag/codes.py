@@ -193,10 +193,8 @@ def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
 
     ``hidden``/``data``: the upstream handles by dataset partition key (None where not materialized);
     only a local SAE reads them, and only those of its ``training_partitions``."""
-    from mosaic_dag.sae import discard_if_corrupt, sae_info
+    from mosaic_dag.sae import SaeMismatchError, check_compatible, discard_if_corrupt, sae_info
     from mosaic_dag.sae_training import read_training_metrics, train_sae
-
-    from mosaic_dag.sae import SaeMismatchError, check_compatible
 
     scfg = sae_config(cfg, target)
     if scfg.source != "train":
@@ -229,8 +227,8 @@ def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
                          width=int(info.d_sae), architecture=str(info.architecture), training_data=sorted(ids))
 
     if (folder / "cfg.json").exists():
-        handle = handle_of(sae_info(load_target_sae(cfg, target, SaeHandle(target.key, "train", "", str(folder)))))
-        return SaeResult(handle, sae_info(load_target_sae(cfg, target, handle)), read_training_metrics(folder) or {}, True)
+        info = sae_info(load_target_sae(cfg, target, SaeHandle(target.key, "train", "", str(folder))))
+        return SaeResult(handle_of(info), info, read_training_metrics(folder) or {}, True)
     acts = _train_tokens(target, training, limit=max(scfg.training_tokens, scfg.batch_size), seed=scfg.seed)  # type: ignore[arg-type]
     batch = min(scfg.batch_size, max(16, len(acts) // 4))
     train_texts: set[str] = set()
