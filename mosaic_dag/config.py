@@ -173,6 +173,8 @@ class DatasetConfig(_Strict):
     languages: list[str] | None = None
     split_field: str | None = None
     max_rows: int | None = Field(None, ge=2)
+    max_per_class: int | None = Field(None, ge=1)  # at most this many rows of each class (per source split), seeded: balances a skewed source
+    label_from: Literal["field", "file"] = "field"  # file: a folder's file names say the class (harmful_train.json)
     behaviour: BehaviourConfig | None = None
     # images (mosaic_dag.images): bundled:digits, a folder with one sub-folder per class, or a table whose
     # image_field holds a path or the image bytes; the prompt and the tokens that count (mosaic_dag.vlm)
@@ -208,6 +210,12 @@ class DatasetConfig(_Strict):
     def token_selection(self) -> str:
         """Which tokens of each row reach the cache as real: image, text or all."""
         return self.tokens or ("image" if self.modality == "image" else "text")
+
+    @model_validator(mode="after")
+    def _label_from_file(self) -> "DatasetConfig":
+        if self.label_from == "file" and self.path is None and self.paths is None:
+            raise ValueError("label_from 'file' reads class names from a local folder's file names; set path (or paths)")
+        return self
 
     @model_validator(mode="after")
     def _images(self) -> "DatasetConfig":

@@ -134,6 +134,10 @@ def _read_local(cfg: DatasetConfig, base: Path, language: str | None = None) -> 
     path = path if path.is_absolute() else base / path
     if not path.exists():
         raise DatasetError(f"dataset {cfg.name!r}: path {str(path)!r} does not exist; fix 'path' in the config")
+    if path.is_file() and cfg.label_from == "file":
+        raise DatasetError(f"dataset {cfg.name!r}: label_from 'file' needs a folder of per-class split files "
+                           f"(harmful_train.json, harmless_train.json, …), but {str(path)!r} is one file; "
+                           "point path at the folder or use label_field")
     if path.is_file():
         df = _read_file(path, cfg.name)
         if cfg.split_field:
@@ -145,7 +149,7 @@ def _read_local(cfg: DatasetConfig, base: Path, language: str | None = None) -> 
         elif "split" in df.columns:
             df["__split"] = df["split"]
         return df
-    lines = _read_text_lines(path, cfg)
+    lines = None if cfg.label_from == "file" else _read_text_lines(path, cfg)
     if lines is not None:
         return lines
     frames = []
@@ -159,12 +163,20 @@ def _read_local(cfg: DatasetConfig, base: Path, language: str | None = None) -> 
             continue
         part = _read_file(f, cfg.name)
         part["__split"] = split
+        if cfg.label_from == "file":
+            part[cfg.label_field] = _class_from_file(stem, split)
         frames.append(part)
     if not frames:
         raise DatasetError(
             f"dataset {cfg.name!r}: folder {str(path)!r} has no train/validation/test files; name them e.g. train.csv, test.csv"
         )
     return pd.concat(frames, ignore_index=True)
+
+
+def _class_from_file(stem: str, split: str) -> str:
+    """``harmful_train`` → ``harmful``: the file name without its split word and separators."""
+    words = [w for w in stem.replace("-", "_").split("_") if w and w not in _SPLIT_ALIASES and w != split]
+    return "_".join(words)
 
 
 def _read_hub(cfg: DatasetConfig) -> pd.DataFrame:
@@ -292,6 +304,16 @@ def _stratified(labels: np.ndarray, fraction: float, seed: int, what: str = "row
     return np.sort(keep), np.sort(take)
 
 
+def _cap_per_class(df: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
+    """At most ``cap`` rows of each class — in each of the source's own splits when it has them — drawn
+    with a seed, so a source dominated by one class can be balanced without touching its split."""
+    rng = np.random.default_rng(seed)
+    groups = ["label", "__split"] if "__split" in df.columns else ["label"]
+    keep = [idx if len(idx) <= cap else rng.choice(idx, size=cap, replace=False)
+            for _, idx in sorted(df.groupby(groups, sort=True).groups.items(), key=lambda kv: str(kv[0]))]
+    return df.loc[np.sort(np.concatenate([np.asarray(k) for k in keep]))].reset_index(drop=True)
+
+
 def _assign_splits(df: pd.DataFrame, split_cfg: SplitConfig, what: str = "dataset") -> pd.Series:
     """Use the source's split where it has one; carve what is missing, stratified and seeded."""
     split = pd.Series(["train"] * len(df), index=df.index, dtype=object)
@@ -354,6 +376,8 @@ def normalise(raw: pd.DataFrame, cfg: DatasetConfig, language: str, split_cfg: S
     else:
         # our own split: drop exact duplicate texts first so no text lands in two splits
         out = out.drop_duplicates("text", keep="first").reset_index(drop=True)
+    if cfg.max_per_class is not None:
+        out = _cap_per_class(out, cfg.max_per_class, split_cfg.seed + 11)
     if cfg.max_rows is not None and len(out) > cfg.max_rows:
         _, take = _stratified(out["label"].to_numpy(), cfg.max_rows / len(out), split_cfg.seed + 7)
         out = out.iloc[take].reset_index(drop=True)

@@ -63,6 +63,32 @@ def test_folder_with_one_file_per_split(tmp_path: Path):
     assert out["split"].value_counts().to_dict() == {"train": 30, "validation": 10, "test": 10}
 
 
+def test_class_from_file_names_and_a_cap_per_class_and_split(tmp_path: Path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    sizes = {("harmful", "train"): 12, ("harmful", "test"): 30, ("harmless", "train"): 50, ("harmless", "val"): 9,
+             ("harmless", "test"): 40, ("harmful", "val"): 4}
+    for (cls, split), n in sizes.items():
+        pd.DataFrame({"instruction": [f"{cls} {split} {i}" for i in range(n)], "category": None}).to_json(
+            folder / f"{cls}_{split}.json", orient="records")
+    c = cfg(path=str(folder), text_field="instruction", label_from="file", max_per_class=20)
+    out = ds.load_dataset(c, "en", SPLIT)
+    counts = out.groupby(["split", "label_name"]).size().to_dict()
+    assert counts == {("test", "harmful"): 20, ("test", "harmless"): 20, ("train", "harmful"): 12,
+                      ("train", "harmless"): 20, ("validation", "harmful"): 4, ("validation", "harmless"): 9}
+    assert all(t.startswith(f"{n} ") for t, n in zip(out["text"], out["label_name"]))  # label from its own file
+    pd.testing.assert_frame_equal(out, ds.load_dataset(c, "en", SPLIT))  # the draw is seeded
+    with pytest.raises(DatasetError, match="label_from 'file' needs a folder"):
+        ds.load_dataset(cfg(path=str(folder / "harmful_train.json"), text_field="instruction", label_from="file"),
+                        "en", SPLIT)
+
+
+def test_cap_per_class_before_our_own_split():
+    raw = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [0] * 80 + [1] * 20})
+    out = ds.normalise(raw, cfg(max_per_class=20), "en", SPLIT)
+    assert out["label"].value_counts().to_dict() == {0: 20, 1: 20}
+
+
 def test_string_labels_are_indexed_sorted():
     df = pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": ["pos", "neg"] * 10})
     out = ds.normalise(df, cfg(), "en", SPLIT)
