@@ -152,8 +152,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.config:
         env[CONFIG_ENV] = str(Path(args.config).resolve())
-    cmd = ["dagster", "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
-    print("starting:", " ".join(cmd))
+    # this interpreter's dagster, so the UI runs the same installation as `mosaic` without an activated venv
+    cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
+    print("starting: dagster dev", " ".join(cmd[4:]))
     return subprocess.call(cmd, env=env)
 
 
