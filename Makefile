@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test ui validate clean lock check-latest
+.PHONY: setup demo test test-fast ui validate clean lock check-latest
 
 setup: $(VENV)/.installed
 
@@ -24,8 +24,11 @@ check-latest:   # newest allowed versions in a throwaway env: fast tests + fused
 demo: setup
 	$(VENV)/bin/mosaic demo
 
-test: setup
+test: setup   # every tier: unit, graph, system, integration (what CI runs)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup   # unit + graph tiers without the real Gemma: the inner loop
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/graph -m "not integration"
 
 ui: setup
 	$(VENV)/bin/mosaic ui

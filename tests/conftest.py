@@ -1,50 +1,27 @@
-"""Shared fixtures: a tiny randomly initialised Gemma 3 model (seconds, not minutes) and small configs."""
+"""Shared fixtures; the code behind them is in tests/support. Each test folder is a tier with its marker:
+unit (library functions), graph (Dagster materializations in a real instance), system (services,
+browser, PostgreSQL, killed and concurrent runs), integration (the real bundled Gemma)."""
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-WORDS = (
-    "you are a the and to of in it is was for on with this that my your i we they hello world thank "
-    "great stupid idiot lovely kind friend post comment idea day good bad hate love nice go away here "
-    "bonjour merci le la les un une et est tu es danke du bist ein hola gracias eres muy"
-).split()
+from tests.support.models import build_tiny_model
+from tests.support.sae import fake_gemma_scope_2  # noqa: F401 - a fixture, shared by the SAE tests
+
+TIERS = ("unit", "graph", "system", "integration")
 
 
-def build_tiny_model(folder: Path, n_layers: int = 4, seed: int = 0) -> Path:
-    """A Gemma 3 architecture with random weights and a word-level tokenizer, saved like any HF model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-        sliding_window=8, layer_types=["sliding_attention", "full_attention"] * (n_layers // 2),
-        pad_token_id=0, bos_token_id=2, eos_token_id=1,
-    )
-    model = Gemma3ForCausalLM(cfg).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    meta = json.loads((folder / "config.json").read_text())
-    meta["_name_or_path"] = "tiny-gemma3"
-    (folder / "config.json").write_text(json.dumps(meta))
-    return folder
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).resolve().parent
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        if path.is_relative_to(here) and (tier := path.relative_to(here).parts[0]) in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
@@ -61,46 +38,23 @@ def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def write_csv_dataset(path: Path, n_per_class: int = 30) -> Path:
-    import pandas as pd
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One Dagster instance and one MLflow store for the module (creating either costs seconds).
 
-    good = ["thank you my friend", "you are kind", "lovely day", "great post", "nice idea", "hello world"]
-    bad = ["you are a stupid idiot", "go away idiot", "i hate your post", "stupid comment", "bad idea idiot"]
-    rows = []
-    for i in range(n_per_class):
-        rows.append({"message": f"{good[i % len(good)]} {WORDS[i % 20]}", "tox": "ok"})
-        rows.append({"message": f"{bad[i % len(bad)]} {WORDS[(i + 3) % 20]}", "tox": "toxic"})
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
-
-
-TINY_SAE = {"source": "train", "name": "btk", "architecture": "batchtopk", "width": 128, "k": 8,
-            "training_tokens": 30000, "batch_size": 64}
-FAST_CLASSIFICATION = {"poolings": ["mean"], "thresholds": [None], "top_n": [4], "classifiers": ["logistic"],
-                       "tfidf": ["word"], "bootstrap": 50}
-
-
-def tiny_config(tmp_path: Path, model_dir: Path, layers: list[int] | None = None, **model_extra: object) -> Path:
-    """A config file over the tiny model and a small CSV, with everything under tmp_path."""
-    import yaml
-
-    csv = write_csv_dataset(tmp_path / "toy.csv")
-    model_extra = {"saes": [TINY_SAE], **model_extra}
-    cfg = {
-        "name": "tiny",
-        "data_dir": str(tmp_path / "data"),
-        "models": [{"name": "tiny", "id": str(model_dir), "layers": layers or [0, 2], "max_length": 16,
-                    "batch_tokens": 64, **model_extra}],
-        "classification": FAST_CLASSIFICATION,
-        "datasets": [{"name": "toy", "path": str(csv), "text_field": "message", "label_field": "tox",
-                      "language": "en"}],
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        # a tiny random model gives no healthy SAE: the quality floors have their own tests
-        "sae_quality": {"enabled": False},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    Each test finds its own runs by the ``mosaic/config`` tag, which holds its config's path.
+    """
+    root = tmp_path_factory.mktemp("reliability")
+    (root / "dagster_home").mkdir()
+    (root / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        for var in ("MOSAIC_CONFIG", "MOSAIC_PROGRESS"):
+            mp.delenv(var, raising=False)
+        yield root / "dagster_home"
+        for var in ("MOSAIC_CONFIG", "MOSAIC_PROGRESS"):  # run_experiment exports these
+            os.environ.pop(var, None)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -28,10 +28,8 @@ HEADER = (
     "# Refresh with `make lock` (newest allowed versions, full test suite, rewritten only if it passes).\n"
 )
 # The fast tier: everything but the real-model, service and process tests, plus the fused-forward checks.
-FAST_TESTS = ["tests", "-m", "not integration", "--deselect", "tests/test_services.py",
-              "--deselect", "tests/test_postgres.py", "--deselect", "tests/test_interrupt.py",
-              "--deselect", "tests/test_concurrency.py"]
-FUSED_TESTS = ["tests/test_fused.py", "tests/test_extract.py"]
+FAST_TESTS = ["tests/unit", "tests/graph", "-m", "not integration"]
+FUSED_TESTS = ["tests/unit/test_fused.py", "tests/unit/test_extract.py"]
 
 
 def _pins(text: str) -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""Code the tests share (imported explicitly; no test module imports another)."""

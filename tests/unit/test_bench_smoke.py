@@ -1,0 +1,99 @@
+"""Smoke test of the benchmark (bench/): every section's code path runs on the tiny model, and the
+counts it reports are right. Nothing here looks at timings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import run as bench_run
+from bench.common import count_densify
+
+
+def test_count_densify_sees_big_toarray_only():
+    big = sp.random(2048, 2048, density=1e-3, format="csr", dtype=np.float32, random_state=0)
+    small = sp.csr_matrix(np.eye(3, dtype=np.float32))
+    with count_densify(min_elements=1 << 20) as c:
+        small.toarray()
+        big.toarray()
+        big.tocoo().todense()
+        (big @ big.T).tocsr()  # sparse products stay sparse: not counted
+    assert c == {"calls": 3, "big_calls": 2}
+    big.toarray()  # restored outside the context
+    assert c["calls"] == 3
+
+
+def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Path):
+    from mosaic_dag.extract import tokenize
+    from mosaic_dag.models import forget_loaded
+
+    forget_loaded()
+    out = tmp_path / "results"
+    args = [
+        "--model-id", str(tiny_model_dir), "--layer", "2", "--synthetic-texts",
+        "--texts", "24", "--max-length", "24", "--batch-tokens", "64", "--repeats", "1", "--seed-texts", "6",
+        "--sae-width", "128", "--small-sae-width", "64", "--sae-training-tokens", "1000",
+        "--sweep", "32", "128", "--cache-texts", "16", "--cache-max-length", "16",
+        "--memory-sizes", "20", "60", "--memory-max-length", "8",
+        "--probe-rows", "300", "--probe-widths", "2048", "--dense-widths",
+        "--out", str(out), "--workdir", str(tmp_path),
+    ]
+    res = bench_run.main(args)
+
+    # 1: both paths saw the same tokens; one forward per batch; same pooled features (up to fp16).
+    loaded = bench_run.load(str(tiny_model_dir), 2)
+    texts = bench_run.synthetic_texts(24)
+    ids, cut = tokenize(loaded.tokenizer, texts, 24)
+    t = res["throughput"]
+    assert t["texts"] == 24 and t["tokens"] == sum(len(x) for x in ids) and t["truncated_texts"] == cut
+    assert t["mosaic"]["forward_calls"] == t["mosaic"]["batches"] >= 2
+    assert t["seed_loop"]["texts"] == 6 and t["seed_loop"]["forward_calls"] == 6
+    assert t["agreement"]["relative_frobenius_diff"] < 0.05
+    assert t["mosaic"]["flops"]["linear_params"] == pytest.approx(
+        3 * sum(m.weight.numel() for m in loaded.model.model.layers[0].modules() if hasattr(m, "weight") and m.weight.ndim == 2))
+    assert [s["batch_tokens"] for s in t["batch_tokens_sweep"]] == [32, 128]
+    a = t["mosaic"]
+    assert a["dtype"] == res["model"]["default_dtype"] and a["sae_dtype"] == "float32"
+    assert a["roofline_fraction"] == pytest.approx(a["roofline_s"] / a["median_s"])
+    assert len(a["spot_peaks"]) == len(a["seconds"]) == len(a["paired_roofline_fractions"]) == 1  # --repeats 1
+    for dtype in ("float32", "bfloat16"):  # the spot measurements count towards the (best-of) roofline
+        assert res["peak"][dtype]["gflops"] >= a["spot_peaks"][0][dtype]["gflops"] > 0
+    if a["dtype"] != "float32":  # machines with native bf16: the fp32 option and the accuracy check ran
+        h = t["float32_option"]
+        assert h["dtype"] == "float32" and h["tokens_per_s"] > 0
+        assert h["default_vs_fp32"]["activation_parity"]["median_row_max_rel"] < 0.05
+
+    # 2: the second SAE on the cached layer runs no LM forward and loads no model.
+    c = res["cache_reuse"]
+    assert not c["first"]["cache_hit"] and c["first"]["forward_calls"] >= 1
+    assert c["second"]["cache_hit"] and c["second"]["forward_calls"] == 0 and c["second"]["model_loads"] == 0
+    assert c["second"]["rows"] == 16 and c["second"]["d_sae"] == 128 and c["first"]["d_sae"] == 64
+
+    # 3: each size ran in its own process over the right number of texts.
+    m = res["memory"]
+    assert (m["small"]["texts"], m["big"]["texts"]) == (20, 60)
+    assert m["small"]["pooled_shape"] == [20, 64] and m["big"]["pooled_shape"] == [60, 64]
+    assert m["big"]["tokens"] > m["small"]["tokens"] > 0
+    assert m["small"]["work_peak_rss_mib"] > 0 and m["ratio"] > 0
+
+    # 4: the sparse fit never densified a big matrix.
+    p = res["probes"]["sparse"]["2048"]
+    assert p["rows"] == 300 and p["big_toarray_calls"] == 0 and not p["timed_out"]
+    assert res["probes"]["dense"] == {}
+
+    # Report: JSON written, one verdict per target, a table.
+    saved = json.loads((out / "latest.json").read_text())
+    assert {v["target"][0] for v in saved["verdicts"]} == {"1", "2", "3", "4"}
+    targets = [v for v in saved["verdicts"] if "(reference)" not in v["target"]]
+    assert len(targets) == 5 and all(isinstance(v["pass"], bool) for v in targets)
+    assert all(v["pass"] is None for v in saved["verdicts"] if v not in targets)  # fp32 option: shown, not judged
+    assert "| target | measured | goal | result |" in (out / "latest.md").read_text()
