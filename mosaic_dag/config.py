@@ -200,6 +200,7 @@ class DatasetConfig(_Strict):
     def description(self, language: str) -> DescriptionsConfig | None:
         return next((d for d in self.descriptions or [] if d.language == language), None)
     allow_shared_texts: bool = False  # a text in two splits (train and test) is leakage: refused unless set
+    drop_shared_texts: bool = False  # … or keep only its test (else validation) copy
 
     @field_validator("name")
     @classmethod

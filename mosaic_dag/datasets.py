@@ -384,6 +384,8 @@ def normalise(raw: pd.DataFrame, cfg: DatasetConfig, language: str, split_cfg: S
     out["id"] = [f"{cfg.name}.{language}.{i:07d}" for i in range(len(out))]
     out["split"] = _assign_splits(out, split_cfg, f"dataset {cfg.name!r}.{language}").to_numpy()
     out = out.drop(columns=[c for c in out.columns if c.startswith("__")])
+    if cfg.drop_shared_texts:
+        out = drop_shared_texts(out, f"dataset {cfg.name!r}.{language}")
     for split in ("train", "test"):
         if not (out["split"] == split).any():
             raise DatasetError(f"dataset {cfg.name!r}.{language}: no {split} rows after splitting; add more rows")
@@ -397,6 +399,23 @@ def normalise(raw: pd.DataFrame, cfg: DatasetConfig, language: str, split_cfg: S
     return out[COLUMNS]
 
 
+def drop_shared_texts(df: pd.DataFrame, what: str) -> pd.DataFrame:
+    """A source's own splits that share texts: keep each text in one split only — test first, then
+    validation — so test rows stay the source's and no probe trains or selects on a test text."""
+    keep = np.ones(len(df), dtype=bool)
+    seen: set[str] = set()
+    for split in ("test", "validation", "train"):
+        rows = (df["split"] == split).to_numpy()
+        texts = df["text"].to_numpy()
+        clash = rows & np.isin(texts, list(seen))
+        keep &= ~clash
+        seen |= set(texts[rows])
+    if not keep.all():
+        log.warning("%s: dropped %d train/validation copies of texts that are also in test (or, for train, validation) "
+                       "(drop_shared_texts)", what, int((~keep).sum()))
+    return df[keep].reset_index(drop=True)
+
+
 def check_no_leakage(df: pd.DataFrame, cfg: DatasetConfig, language: str) -> None:
     """A text in two splits lets a probe score on what it trained on: refused unless the config allows it."""
     if cfg.allow_shared_texts:
@@ -408,7 +427,8 @@ def check_no_leakage(df: pd.DataFrame, cfg: DatasetConfig, language: str) -> Non
         raise DatasetError(
             f"dataset {cfg.name!r}.{language}: {len(shared)} texts are in more than one split (first: {text[:60]!r} in "
             f"{' and '.join(splits)}), so test scores would be inflated; remove the duplicates from the source, "
-            "or set allow_shared_texts: true on this dataset to keep them"
+            "set drop_shared_texts: true to keep only their test (else validation) copy, or allow_shared_texts: true "
+            "to keep them all"
         )
 
 

@@ -83,6 +83,23 @@ def test_class_from_file_names_and_a_cap_per_class_and_split(tmp_path: Path):
                         "en", SPLIT)
 
 
+def test_shared_texts_keep_their_test_copy_when_asked(tmp_path: Path):
+    rows = [{"text": f"t{i}", "label": i % 2, "split": "train"} for i in range(20)]
+    rows += [{"text": f"t{i}", "label": i % 2, "split": "test"} for i in range(3)]  # t0-t2 also in train
+    rows += [{"text": f"v{i}", "label": i % 2, "split": "test"} for i in range(8)]
+    rows += [{"text": "t5", "label": 1, "split": "validation"}, {"text": "v1", "label": 1, "split": "validation"},
+             {"text": "w", "label": 0, "split": "validation"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "s.csv", index=False)
+    with pytest.raises(DatasetError, match="drop_shared_texts: true"):
+        ds.load_dataset(cfg(path=str(tmp_path / "s.csv")), "en", SPLIT)
+    out = ds.load_dataset(cfg(path=str(tmp_path / "s.csv"), drop_shared_texts=True), "en", SPLIT)
+    assert ds.shared_texts(out) == 0
+    by_split = {s: set(g["text"]) for s, g in out.groupby("split")}
+    assert {"t0", "t1", "t2"} <= by_split["test"] and not {"t0", "t1", "t2", "t5"} & by_split["train"]
+    assert by_split["validation"] == {"t5", "w"}  # v1 kept in test, t5 moved out of train into validation only
+    assert len(out) == len(rows) - 5
+
+
 def test_cap_per_class_before_our_own_split():
     raw = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [0] * 80 + [1] * 20})
     out = ds.normalise(raw, cfg(max_per_class=20), "en", SPLIT)
@@ -164,3 +181,30 @@ def test_shared_texts_are_refused_unless_allowed():
     kept = ds.normalise(df.rename(columns={"split": "__split"}), cfg().model_copy(update={"allow_shared_texts": True}),
                         "en", SPLIT)
     assert ds.shared_texts(kept) == 1
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+REAL_EXAMPLES = {  # example config -> (dataset, the classes it must read, rows it must keep)
+    "davidson_offensive.yaml": ("davidson", {"hate", "offensive", "neither"}, 4000),
+    "jailbreak.yaml": ("jailbreak", {"jailbreak", "benign"}, 1306 - 9),  # 9 train copies of 8 test prompts dropped
+    "refusal.yaml": ("refusal", {"harmful", "harmless"}, 871 + 3 * 2000),
+    "sentiment_8lang.yaml": ("sentiment", {"negative", "neutral", "positive"}, 600),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_EXAMPLES))
+def test_real_data_example_configs_read_their_shared_data(name: str):
+    from mosaic_dag.config import load_config
+
+    cfg = load_config(EXAMPLES / name)
+    dataset, classes, rows = REAL_EXAMPLES[name]
+    d = cfg.dataset(dataset)
+    if not SHARED_DATA.exists():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (only present on project machines)")
+    language = (d.languages or list(d.paths or {}) or [d.language])[0]
+    out = ds.load_dataset(d, language, cfg.split, base=EXAMPLES)
+    assert set(out["label_name"]) == classes
+    assert len(out) == rows
+    assert ds.shared_texts(out) == 0
+    for split in ("train", "validation", "test"):
+        assert set(out.loc[out["split"] == split, "label_name"]) == classes
