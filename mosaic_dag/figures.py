@@ -34,6 +34,7 @@ __all__ = [
     "source_colour",
     "source_label",
     "sources_figure",
+    "training_curve_figure",
     "transfer_figure",
 ]
 
@@ -461,3 +462,30 @@ def transfer_figure(matrices: Mapping[str, pd.DataFrame], title: str) -> tuple[F
     fig.colorbar(im, ax=axes, shrink=0.85, label="test macro-F1")
     fig.suptitle(title, fontsize=10)
     return fig, n_points
+
+
+_CURVE_PANELS = (("loss", "training loss"), ("l0", "L0 (active latents per token)"), ("dead_fraction", "dead fraction"))
+
+
+def training_curve_figure(curve: Sequence[Mapping[str, float]], name: str) -> tuple[Figure, int]:
+    """An SAE's training curve: loss, L0 and dead fraction against the step, one panel each."""
+    frame = pd.DataFrame(list(curve))
+    if frame.empty or "step" not in frame.columns:
+        raise NoData(f"training curve of {name}: no points")
+    panels = [(k, label) for k, label in _CURVE_PANELS if k in frame.columns and frame[k].notna().any()]
+    if not panels:
+        raise NoData(f"training curve of {name}: no loss, L0 or dead-fraction values")
+    fig = new_figure(3.3 * len(panels), 3.0)
+    n = 0
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        pts = frame[["step", key]].dropna()
+        ax.plot(pts["step"], pts[key], marker="o", markersize=3, color=source_colour("sae"))
+        ax.set_xlabel("training step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        if key == "dead_fraction":
+            ax.set_ylim(0, 1)
+        n += len(pts)
+    fig.suptitle(f"SAE {name}: training curve", fontsize=10)
+    return fig, n

@@ -30,6 +30,8 @@ from mosaic_dag.tables import markdown_table
 
 __all__ = [
     "FIGURE_DPI",
+    "embedded_markdown",
+    "figure_markdown",
     "Plot",
     "Report",
     "plot_binarization",
@@ -89,6 +91,35 @@ def save_figure(fig: Figure, png: Path) -> tuple[Path, Path]:
         with atomic_path(svg) as tmp:
             fig.savefig(tmp, format="svg")
     return png, svg
+
+
+def figure_markdown(build: Callable[[], tuple[Figure, int]], alt: str, dpi: int = 100) -> str:
+    """A figure as a markdown image with a ``data:`` URI (what Dagster's metadata view renders inline), or a line
+    saying why there is no figure."""
+    import base64
+    import io
+
+    try:
+        fig, _ = build()
+    except F.NoData as e:
+        return f"No figure: {e}."
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*constrained_layout.*")
+        fig.savefig(buf, format="png", dpi=dpi)
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')})"
+
+
+def embedded_markdown(index: Path) -> str:
+    """``index.md`` with its relative image links replaced by ``data:`` URIs, so it renders where the files are not
+    served (Dagster's metadata view, MLflow's markdown preview)."""
+    from mosaic_dag.html_report import data_uri
+
+    def embed(m: re.Match[str]) -> str:
+        path = index.parent / m.group(2)
+        return f"![{m.group(1)}]({data_uri(path)})" if path.is_file() else m.group(0)
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s:]+)\)", embed, index.read_text())
 
 
 def _plot(path: str | Path, build: Callable[[], tuple[Figure, int]]) -> Plot:
