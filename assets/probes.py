@@ -35,6 +35,7 @@ from mosaic_dag.evaluation import (
 from mosaic_dag.features import build_pooled
 from mosaic_dag.figures import sources_figure
 from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledHandle, TableHandle
+from mosaic_dag.interpret import interpret_probes
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import read_frame
 from mosaic_dag.report import figure_markdown
@@ -115,6 +116,11 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                                  progress=lambda d, t: context.log.info(f"probes {d}/{t}") if d % 10 == 0 or d == t else None)
             table = results.table
             path = write_results(cfg, target, key.dataset, key.language, table, predictions=results.predictions)
+            interp = interpret_probes(cfg, target, results, frame, pooled, label_names(frame),
+                                      f"{target.key} {key.key}")
+            interp_files = interp.save(path.parent, f"{key.dataset}.{key.language}") if interp is not None else []
+            for f in interp_files:
+                run.log_artifact(f, "interpretation")
             best = best_rows(table)
             cls = cfg.classification
             run.log_params({"target": target.key, "dataset": key.key, "probes": len(table), "seed": cls.seed,
@@ -147,7 +153,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             "best": MetadataValue.md("selected on validation (val_macro_f1); macro_f1 is its test score\n\n"
                                      + markdown_table(show)),
             **comparison_metadata(results.comparisons),
-            "top_latents": MetadataValue.md(top_latents_markdown(results, label_names(frame))),
+            "top_latents": MetadataValue.md(interp.markdown() if interp is not None
+                                            else top_latents_markdown(results, label_names(frame))),
             "majority_macro_f1": round(checks.majority_macro_f1, 4),
             "n_test": int(table["n_test"].iloc[0]) if len(table) else 0,
             "data_version": handle.version,

@@ -233,10 +233,23 @@ def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, trans
                   "partitions have SAE and hidden-state probes only; a transfer matrix with an `image` row/column "
                   "is text -> image transfer (class descriptions vs images).\n")
     comparisons = comparisons_table(cfg, table)
+    fragments = [f.read_text(encoding="utf-8") for f in interpretation_files(cfg)]
+    sections = ("<h2>What the SAE probes learned</h2><p class='note'>Per partition: the validation-selected SAE "
+                "probe's top latents per class and the test texts that make them fire.</p>" + "".join(fragments)
+                ) if fragments else ""
+    if fragments:
+        extra += "\nLatent interpretation (top latents, firing texts, decision trees): see index.html.\n"
     return write_report(cfg.data_path / "report", table, matrices or None,
                         curves if len(curves) else None, extra_md=extra, comparisons=comparisons,
                         title=f"MOSAIC report: {cfg.name}", baselines=majority_baselines(cfg),
-                        sae_labels=sae_labels(cfg), provenance=provenance(cfg))
+                        sae_labels=sae_labels(cfg), provenance=provenance(cfg), sections_html=sections)
+
+
+def interpretation_files(cfg: ExperimentConfig) -> list[Path]:
+    """The latent-interpretation fragments the probes asset wrote for the config's own partitions."""
+    root = cfg.data_path / "results"
+    files = [root / t.key / f"{d.dataset}.{d.language}.interpretation.html" for t in targets(cfg) for d in dataset_keys(cfg)]
+    return [f for f in files if f.is_file()]
 
 def _predictions_for(cfg: ExperimentConfig, row: pd.Series) -> pd.DataFrame | None:
     """The stored test predictions holding ``row``'s probe (hidden/TF-IDF rows: any SAE target of its layer)."""

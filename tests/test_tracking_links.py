@@ -77,6 +77,9 @@ def test_mlflow_runs_and_dagster_metadata_link_both_ways(tmp_path: Path, tiny_mo
     assert abs(md["sae_macro_f1"].value - client.get_run(run_id).data.metrics["sae_macro_f1"]) < 1e-3
     assert isinstance(md["sae_minus_hidden_macro_f1"].value, float)
     assert md["figure"].value.startswith("![") and "(data:image/png;base64," in md["figure"].value
+    assert "Selected SAE probe" in md["top_latents"].value and "activation_frequency" in md["top_latents"].value
+    page = (cfg.data_path / "report" / "index.html").read_text()
+    assert "What the SAE probes learned" in page and "<mark" in page  # firing tokens highlighted
     report = instance.get_latest_materialization_event(AssetKey("report")).asset_materialization.metadata
     text = report["report"].value
     assert text.count("(data:image/png;base64,") >= 3 and ".png)" not in text
