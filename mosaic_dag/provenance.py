@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -19,9 +21,26 @@ __all__ = ["LIBRARIES", "code_version", "config_hash", "library_versions", "prov
 LIBRARIES = ("torch", "transformers", "sae-lens", "dagster", "mlflow", "scikit-learn")
 
 
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
+
+
+def _redacted(value: Any) -> Any:
+    """Credentials in URLs (``postgresql://user:pw@host``) and secret-looking keys are never logged."""
+    from mosaic_dag.tracking import safe_params
+
+    if isinstance(value, dict):
+        kept = safe_params({k: "" for k in value})
+        return {k: _redacted(v) if k in kept else "<redacted>" for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub(r"\1<redacted>@", value)
+    return value
+
+
 def resolved_yaml(cfg: ExperimentConfig) -> str:
-    """The config after validation and defaults, as YAML (what ran, not only what was written)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True, allow_unicode=True)
+    """The config after validation and defaults, as YAML (what ran, not only what was written), secrets redacted."""
+    return yaml.safe_dump(_redacted(cfg.model_dump(mode="json")), sort_keys=True, allow_unicode=True)
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
