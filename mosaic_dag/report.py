@@ -14,7 +14,6 @@ to the test-best, and the figure's title then says "test-best (oracle)".
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,15 +80,12 @@ class Report:
 
 
 def save_figure(fig: Figure, png: Path) -> tuple[Path, Path]:
-    """PNG (150 dpi) and SVG beside it, each atomically; matplotlib layout warnings are errors here."""
+    """PNG (150 dpi) and SVG beside it, each atomically (tests turn matplotlib's layout warnings into errors)."""
     svg = png.with_suffix(".svg")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*constrained_layout.*")
-        warnings.filterwarnings("error", message=".*collapsed.*")
-        with atomic_path(png) as tmp:
-            fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
-        with atomic_path(svg) as tmp:
-            fig.savefig(tmp, format="svg")
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
+    with atomic_path(svg) as tmp:
+        fig.savefig(tmp, format="svg")
     return png, svg
 
 
@@ -104,9 +100,7 @@ def figure_markdown(build: Callable[[], tuple[Figure, int]], alt: str, dpi: int 
     except F.NoData as e:
         return f"No figure: {e}."
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*constrained_layout.*")
-        fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi)
     return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')})"
 
 

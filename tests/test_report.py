@@ -209,8 +209,10 @@ def test_write_report_links_every_png(tmp_path: Path) -> None:
         "gemma.L6.btk tox hidden": pd.DataFrame([[0.8, 0.6], [0.55, 0.8]], index=idx, columns=cols),
         "empty": pd.DataFrame(),
     }
-    rep = write_report(out, _results(), transfer, _curves(), extra_md="## Notes\n\nhello notes",
-                       provenance={"mosaic.config_hash": "abc123", "mosaic.version.torch": "9.9"})
+    with warnings.catch_warnings():  # no "constrained_layout ... collapsed" (or any layout) warning when saving
+        warnings.filterwarnings("error", message=".*(layout|collapsed).*")
+        rep = write_report(out, _results(), transfer, _curves(), extra_md="## Notes\n\nhello notes",
+                           provenance={"mosaic.config_hash": "abc123", "mosaic.version.torch": "9.9"})
     assert rep.index == out / "index.md" and rep.index.exists()
     names = sorted(p.name for p in rep.pngs)
     assert names == sorted(["sources.png", "layers.png", "saes.png", "pooling.png", "binarization.png",
@@ -244,3 +246,22 @@ def test_write_report_with_nothing_writes_index_only(tmp_path: Path) -> None:
     text = rep.index.read_text()
     assert "![" not in text and text.count("Skipped:") == 6 and "No results" in text
     assert "<img" not in rep.html.read_text()
+
+
+def test_many_tasks_still_lay_out(tmp_path: Path) -> None:
+    """Five languages (the multilingual case): panels wrap, nothing collapses, the legend stays off the panels."""
+    base = _results()
+    many = pd.concat([base[base.language == "en"].assign(language=lang) for lang in ("en", "es", "de", "ru", "zh")])
+    curves = pd.concat([_curves().assign(dataset="tox", language=lang) for lang in ("en", "es", "de", "ru", "zh")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figs = [F.axis_figure(many, a)[0] for a in ("layer", "sae", "pooling", "threshold")]
+        figs += [F.sources_figure(many)[0], F.conditions_figure(curves)[0]]
+        for fig in figs:
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            box = fig.legends[0].get_window_extent(renderer)
+            panels = [ax for ax in fig.axes]
+            assert all(ax.get_window_extent(renderer).height > 50 for ax in panels)
+            assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in panels)
+    assert len(figs[0].axes) == 5 and len(figs[-1].axes) == 5 * 2
