@@ -22,12 +22,15 @@ from mosaic_dag.analysis import (
     write_transfer,
 )
 from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.figures import conditions_figure, transfer_figure
 from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, dataset_keys, parse_dataset, parse_target, targets
+from mosaic_dag.report import embedded_markdown, figure_markdown, transfer_groups
 from mosaic_dag.storage import stable_hash, write_parquet
 from mosaic_dag.tables import markdown_table
 from mosaic_dag.transfer import offdiag_mean
 from resources import ExperimentResource, MlflowResource
+from resources.mlflow import run_metadata
 
 
 def _versions(handles: dict) -> list:  # type: ignore[type-arg]
@@ -73,11 +76,17 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                 for source, matrix in outcome.matrices.items():
                     metadata[f"{name}_{source}"] = MetadataValue.md(markdown_table(matrix.round(3).reset_index(names="train \\ test")))
                     run.log_metrics({f"{name}_{source}_offdiag_macro_f1": offdiag_mean(matrix)})
+                    metadata[f"{name}_{source}_offdiag_macro_f1"] = round(offdiag_mean(matrix), 4)
+                for group, panels in transfer_groups({f"{target.key} {name} {src}": m
+                                                      for src, m in outcome.matrices.items()}).items():
+                    metadata[f"{name}_figure"] = MetadataValue.md(figure_markdown(
+                        lambda panels=panels, group=group: transfer_figure(panels, f"Cross-lingual transfer, {group}"),
+                        f"transfer {group}"))
         if not names:
             context.log.info("no dataset with two or more languages: nothing to transfer")
         handle = TableHandle(paths=paths, inputs=stable_hash([_versions(pooled), _versions(data),
                                                               code_version("transfer", cfg)]))
-        metadata |= {"mlflow_run_id": run.run_id, "data_version": handle.version}
+        metadata |= {**run_metadata(run), "data_version": handle.version}
         return Output(handle, data_version=DataVersion(handle.version), metadata=metadata)
 
     @asset(
@@ -111,7 +120,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         return Output(handle, data_version=DataVersion(handle.version), metadata={
             "enabled": True, "path": MetadataValue.path(str(path)), "points": len(curves),
             "curves": MetadataValue.md(markdown_table(show, max_rows=60)),
-            "data_version": handle.version, "mlflow_run_id": run.run_id})
+            "figure": MetadataValue.md(figure_markdown(lambda: conditions_figure(curves), "hard conditions")),
+            "data_version": handle.version, **run_metadata(run)})
 
     @asset(
         name="report",
@@ -122,8 +132,9 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         io_manager_key="handles",
         code_version=code_version("report", cfg),
         automation_condition=AutomationCondition.eager(),
-        description="report/index.md + PNG plots of exactly the config's materialized partitions: macro-F1 by "
-        "layer × pooling, binarization effect, SAE vs hidden vs TF-IDF with CIs, transfer heatmaps, hard conditions.",
+        description="report/index.html (self-contained) + index.md + PNG/SVG figures of exactly the config's "
+        "materialized partitions: which source wins, effect of layer, SAE, pooling and binarization, transfer "
+        "heatmaps, hard conditions; the figures are embedded in this asset's `report` metadata.",
     )
     def report(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                probes: dict, transfer: dict, conditions: dict):  # type: ignore[no-untyped-def, type-arg]
@@ -152,18 +163,20 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             rep = build_report(cfg, results=files(probes) + files(transfer, "transfer."),
                                transfer=files(transfer, "transfer-matrix."), conditions=files(conditions))
             run.log_artifact(rep.index, "report")
-            for png in rep.pngs:
-                run.log_artifact(png, "report")
+            if rep.html is not None:
+                run.log_artifact(rep.html, "report")
+            for fig in [*rep.pngs, *rep.svgs]:
+                run.log_artifact(fig, "report")
         handle = TableHandle(paths=[str(rep.index)], inputs=stable_hash([_versions(probes), _versions(transfer),
                                                                          _versions(conditions)]))
         return Output(handle, data_version=DataVersion(handle.version), metadata={
             "index": MetadataValue.path(str(rep.index)),
-            "plots": MetadataValue.json([p.name for p in rep.pngs]),
+            "html": MetadataValue.path(str(rep.html)),
             "skipped": MetadataValue.json(rep.skipped),
-            "report": MetadataValue.md(rep.index.read_text()[:30000]),
+            "report": MetadataValue.md(embedded_markdown(rep.index)),
             "missing_partitions": MetadataValue.json(missing),
             "data_version": handle.version,
-            "mlflow_run_id": run.run_id,
+            **run_metadata(run),
         })
 
     return [conditions, transfer, report]

@@ -22,6 +22,7 @@ from mosaic_dag.partitions import parse_dataset
 from mosaic_dag.pipeline import build_dataset, dataset_handle
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource
+from resources.mlflow import run_metadata
 
 WEEKLY = "0 3 * * 1"
 
@@ -74,7 +75,7 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
                 "data_version": handle.version,
                 "class_counts": MetadataValue.md(table),
                 "preview": MetadataValue.md(markdown_table(frame.head(5)[["id", "text", "label_name", "split"]])),
-                "mlflow_run_id": run.run_id,
+                **run_metadata(run),
             },
         )
         yield AssetCheckResult(check_name="no_empty_texts", passed=empty == 0, metadata={"empty": empty})

@@ -24,6 +24,7 @@ from mosaic_dag.partitions import targets
 from mosaic_dag.pipeline import build_hidden_states, hidden_cache, models_dir
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource
+from resources.mlflow import run_metadata
 
 
 def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
@@ -92,7 +93,7 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
                 "layers_computed": MetadataValue.json({m.model: m.layers_computed for m in result.models}),
                 "tokens_per_s": round(metrics.get("tokens_per_s", 0.0), 1),
                 "data_version": result.handle.version,
-                "mlflow_run_id": run.run_id,
+                **run_metadata(run),
             },
         )
 

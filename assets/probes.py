@@ -28,16 +28,21 @@ from mosaic_dag.evaluation import (
     label_names,
     probe_checks,
     run_probes,
+    selected_run_log,
     top_latents_markdown,
     write_results,
 )
 from mosaic_dag.features import build_pooled
+from mosaic_dag.figures import sources_figure
 from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledHandle, TableHandle
+from mosaic_dag.interpret import interpret_probes
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import read_frame
+from mosaic_dag.report import figure_markdown
 from mosaic_dag.storage import stable_hash
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource
+from resources.mlflow import run_metadata
 
 
 def _keys(context: AssetExecutionContext):  # type: ignore[no-untyped-def]
@@ -76,7 +81,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             "width": result.width,
             "matrices_mb": MetadataValue.json(sizes),
             "data_version": handle.version,
-            "mlflow_run_id": run.run_id,
+            **run_metadata(run),
         })
 
     checks = [
@@ -111,10 +116,19 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                                  progress=lambda d, t: context.log.info(f"probes {d}/{t}") if d % 10 == 0 or d == t else None)
             table = results.table
             path = write_results(cfg, target, key.dataset, key.language, table, predictions=results.predictions)
+            interp = interpret_probes(cfg, target, results, frame, pooled, label_names(frame),
+                                      f"{target.key} {key.key}")
+            interp_files = interp.save(path.parent, f"{key.dataset}.{key.language}") if interp is not None else []
+            for f in interp_files:
+                run.log_artifact(f, "interpretation")
             best = best_rows(table)
-            run.log_params({"target": target.key, "dataset": key.key, "probes": len(table)})
-            for _, row in best.iterrows():
-                run.log_metrics({f"{row['features']}_macro_f1": row["macro_f1"], f"{row['features']}_accuracy": row["accuracy"]})
+            cls = cfg.classification
+            run.log_params({"target": target.key, "dataset": key.key, "probes": len(table), "seed": cls.seed,
+                            "bootstrap": cls.bootstrap, "classifiers": ",".join(cls.classifiers),
+                            "poolings": ",".join(cls.poolings), "selection": "best val_macro_f1 per source"})
+            params, metrics = selected_run_log(results, label_names(frame))
+            run.log_params(params)
+            run.log_metrics(metrics)
             run.log_metrics({"majority_macro_f1": results.majority_f1})
             run.log_metrics(comparison_metrics(results.comparisons))
             with tempfile.TemporaryDirectory() as tmp:
@@ -126,18 +140,25 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                      "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc"]]
         handle = TableHandle(paths=[str(path)], inputs=stable_hash([pooled.version, data.version,
                                                                     code_version("probes", cfg)]))
+        # numbers, so Dagster's metadata plots compare sources (and SAE − hidden) across partitions
+        numeric = {f"{row['features']}_macro_f1": round(float(row["macro_f1"]), 4) for _, row in best.iterrows()}
+        numeric |= {k: round(float(v), 4) for k, v in comparison_metrics(results.comparisons).items() if np.isfinite(v)}
+        figure = figure_markdown(lambda: sources_figure(table, {key.key: results.majority_f1}),
+                                 f"feature sources on {key.key}")
         yield Output(handle, data_version=DataVersion(handle.version), metadata={
             "results_path": MetadataValue.path(str(path)),
             "probes": len(table),
+            "figure": MetadataValue.md(figure),
+            **numeric,
             "best": MetadataValue.md("selected on validation (val_macro_f1); macro_f1 is its test score\n\n"
                                      + markdown_table(show)),
             **comparison_metadata(results.comparisons),
-            "top_latents": MetadataValue.md(top_latents_markdown(results, label_names(frame))),
-            "sae_macro_f1": round(float(checks.sae_macro_f1), 4),
+            "top_latents": MetadataValue.md(interp.markdown() if interp is not None
+                                            else top_latents_markdown(results, label_names(frame))),
             "majority_macro_f1": round(checks.majority_macro_f1, 4),
             "n_test": int(table["n_test"].iloc[0]) if len(table) else 0,
             "data_version": handle.version,
-            "mlflow_run_id": run.run_id,
+            **run_metadata(run),
         })
         yield AssetCheckResult(check_name="beats_majority", passed=bool(checks.sae_macro_f1 > checks.majority_macro_f1),
                                metadata={"sae_macro_f1": float(np.round(checks.sae_macro_f1, 4)),

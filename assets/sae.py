@@ -3,6 +3,7 @@
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from dagster import (
@@ -34,14 +35,22 @@ from mosaic_dag.handles import DatasetHandle, HiddenHandle, SaeHandle
 from mosaic_dag.models import model_dims
 from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import models_dir
-from mosaic_dag.tracking import log_curve
+from mosaic_dag.tracking import log_curve, split_sae_metrics
 from resources import ExperimentResource, MlflowResource, ModelResource
+from resources.mlflow import run_metadata
 
 
 def _training_keys(cfg: ExperimentConfig | None) -> list[str] | None:
     if cfg is None:
         return None
     return sorted({k for m in cfg.models for s in m.saes for k in training_partitions(cfg, s)})
+
+
+def _curve_markdown(curve: list[dict[str, float]], name: str) -> str:
+    from mosaic_dag.figures import training_curve_figure
+    from mosaic_dag.report import figure_markdown
+
+    return figure_markdown(lambda: training_curve_figure(curve, name), f"training curve of {name}")
 
 
 def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
@@ -52,12 +61,30 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
     hf_name, d_model, _ = model_dims(cfg.model(target.model), models_dir(cfg))
     with mlflow.run(context, cfg) as run:
         result = build_sae(cfg, target, hf_name, d_model, hidden, data)
-        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        params, metrics = split_sae_metrics(result.metrics)
         run.log_params({"origin": scfg.source, "architecture": result.info.architecture, "width": result.info.d_sae,
                         "release": scfg.release, "sae_id": scfg.sae_id, "hook": result.info.hook_name,
-                        "cache_hit": result.cache_hit, "train_on": ",".join(training_partitions(cfg, scfg))})
+                        "cache_hit": result.cache_hit, "train_on": ",".join(training_partitions(cfg, scfg)),
+                        **{f"config.{k}": v for k, v in scfg.model_dump().items() if k not in ("architecture", "width")},
+                        **{f"trainer.{k}": v for k, v in params.items()}})
         run.log_metrics(metrics)
-        log_curve(run, result.metrics.get("curve") or [])
+        curve = result.metrics.get("curve") or []
+        log_curve(run, curve)
+        if curve:
+            from mosaic_dag.figures import NoData, training_curve_figure
+
+            try:
+                run.log_figure(training_curve_figure(curve, target.sae)[0], "sae/training_curve.png")
+            except NoData:
+                pass
+        if handle_path := result.handle.path:
+            folder = Path(handle_path)
+            for name in ("cfg.json", "mosaic_training.json"):
+                if (folder / name).is_file():
+                    run.log_artifact(folder / name, "sae")
+            if cfg.mlflow.log_sae_weights:
+                for weights in sorted(folder.glob("*.safetensors")):
+                    run.log_artifact(weights, "sae")
     handle = result.handle
     context.log.info(f"sae {target.sae}: {'reused' if result.cache_hit else 'trained'} "
                      f"({result.info.architecture}, {result.info.d_sae} latents)")
@@ -71,10 +98,13 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
         "cache_hit": result.cache_hit,
         "train_on": MetadataValue.json(training_partitions(cfg, scfg)),
         "neuronpedia_id": result.info.neuronpedia_id or "",
-        **{k: round(v, 5) for k, v in metrics.items()},
-        **({"training_curve": MetadataValue.json(result.metrics["curve"])} if result.metrics.get("curve") else {}),
+        **{k: round(float(v), 5) for k, v in (params | metrics).items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("width", "layer")},
+        **({"training_curve": MetadataValue.json(result.metrics["curve"]),
+            "training_curve_figure": MetadataValue.md(_curve_markdown(result.metrics["curve"], target.sae))}
+           if result.metrics.get("curve") else {}),
         "data_version": handle.version,
-        "mlflow_run_id": run.run_id,
+        **run_metadata(run),
     })
     yield AssetCheckResult(check_name="compatible", passed=result.mismatch is None,
                            metadata={"d_in": int(result.info.d_in), "d_model": d_model, "hook": str(result.info.hook_name)},
@@ -151,7 +181,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             "dense_fp16_mb": round(stats["dense_fp16_mb"], 3),
             "compression": round(man["dense_fp16_bytes"] / max(1, man["bytes"]), 1),
             "data_version": result.handle.version,
-            "mlflow_run_id": run.run_id,
+            **run_metadata(run),
         })
         yield quality
         stop_on_failure(quality)

@@ -10,7 +10,7 @@ from mosaic_dag.storage import stable_hash
 
 # Bump an asset's number when its step's code changes what it writes.
 REVISION = {"dataset": 1, "hidden_states": 1, "sae": 1, "sae_codes": 1, "pooled_features": 1, "probes": 1,
-            "conditions": 1, "transfer": 1, "report": 1}
+            "conditions": 1, "transfer": 1, "report": 2}
 
 
 def _sections(cfg: ExperimentConfig, asset: str) -> Any:

@@ -195,9 +195,31 @@ def conditions_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> 
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def majority_baselines(cfg: ExperimentConfig) -> dict[str, float]:
+    """Majority-class test macro-F1 per 'dataset.language' whose dataset file is on disk (drawn in the figures)."""
+    from mosaic_dag.pipeline import dataset_file
+    from mosaic_dag.probes import majority_baseline_f1
+
+    out = {}
+    for d in dataset_keys(cfg):
+        path = dataset_file(cfg, d.dataset, d.language)
+        if path.exists():
+            frame = pd.read_parquet(path, columns=["label", "split"])
+            r = SplitRows.of(frame)
+            out[d.key] = majority_baseline_f1(r.y(np.concatenate([r.train, r.val])), r.y(r.test))
+    return out
+
+
+def sae_labels(cfg: ExperimentConfig) -> dict[str, str]:
+    """SAE name -> name with width and L0 target where the config knows them (trained SAEs)."""
+    return {s.label: (f"{s.label} ({s.width}, k={s.k})" if s.source == "train" else s.label)
+            for m in cfg.models for s in m.saes}
+
+
 def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, transfer: list[Path] | None = None,
                  conditions: list[Path] | None = None) -> Any:
-    """``<data_dir>/report/index.md`` + PNGs from the given result files (default: every one on disk)."""
+    """``<data_dir>/report/index.{html,md}`` + figures from the given result files (default: every one on disk)."""
+    from mosaic_dag.provenance import provenance
     from mosaic_dag.report import write_report
 
     table = results_table(cfg, None if results is None else [p for p in results if Path(p).exists()])
@@ -211,9 +233,23 @@ def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, trans
                   "partitions have SAE and hidden-state probes only; a transfer matrix with an `image` row/column "
                   "is text -> image transfer (class descriptions vs images).\n")
     comparisons = comparisons_table(cfg, table)
+    fragments = [f.read_text(encoding="utf-8") for f in interpretation_files(cfg)]
+    sections = ("<h2>What the SAE probes learned</h2><p class='note'>Per partition: the validation-selected SAE "
+                "probe's top latents per class and the test texts that make them fire.</p>" + "".join(fragments)
+                ) if fragments else ""
+    if fragments:
+        extra += "\nLatent interpretation (top latents, firing texts, decision trees): see index.html.\n"
     return write_report(cfg.data_path / "report", table, matrices or None,
                         curves if len(curves) else None, extra_md=extra, comparisons=comparisons,
-                        title=f"MOSAIC report: {cfg.name}")
+                        title=f"MOSAIC report: {cfg.name}", baselines=majority_baselines(cfg),
+                        sae_labels=sae_labels(cfg), provenance=provenance(cfg), sections_html=sections)
+
+
+def interpretation_files(cfg: ExperimentConfig) -> list[Path]:
+    """The latent-interpretation fragments the probes asset wrote for the config's own partitions."""
+    root = cfg.data_path / "results"
+    files = [root / t.key / f"{d.dataset}.{d.language}.interpretation.html" for t in targets(cfg) for d in dataset_keys(cfg)]
+    return [f for f in files if f.is_file()]
 
 def _predictions_for(cfg: ExperimentConfig, row: pd.Series) -> pd.DataFrame | None:
     """The stored test predictions holding ``row``'s probe (hidden/TF-IDF rows: any SAE target of its layer)."""

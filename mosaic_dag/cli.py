@@ -119,6 +119,21 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """(Re)build the report from the stored results of the config's partitions; print the HTML page's path."""
+    from mosaic_dag.analysis import build_report
+    from mosaic_dag.config import load_config
+    from mosaic_dag.evaluation import results_table
+
+    cfg = load_config(args.config)
+    if results_table(cfg).empty:
+        raise MosaicError(f"no results under {cfg.data_path / 'results'} for this config's partitions; run "
+                          f"`mosaic {'demo' if args.config is None else 'run --config ' + args.config}` first")
+    rep = build_report(cfg)
+    print(rep.html)
+    return 0
+
+
 def cmd_partitions(args: argparse.Namespace) -> int:
     from mosaic_dag.config import load_config
     from mosaic_dag.runner import dagster_home, open_instance, register_partitions
@@ -184,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--all", action="store_true",
                      help="also list results that earlier configs left in the same data folder")
     res.set_defaults(func=cmd_results)
+    rep = sub.add_parser("report", help="(re)build report/index.html + index.md from stored results; print its path")
+    rep.add_argument("--config", default=None, help="experiment YAML (default: the embedded demo)")
+    rep.set_defaults(func=cmd_report)
     val = sub.add_parser("validate", help="check a config file and print its partitions")
     val.add_argument("--config", default=None)
     val.set_defaults(func=cmd_validate)

@@ -336,6 +336,9 @@ class SaeQualityConfig(_Strict):
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str = "mosaic"
+    ui_url: str = "http://127.0.0.1:5000"  # where `mlflow ui` serves: the Dagster metadata links point here
+    dagster_url: str = "http://127.0.0.1:3000"  # where `dagster dev` / `mosaic ui` serves: MLflow runs link here
+    log_sae_weights: bool = False  # also log each SAE's weights as an MLflow artifact (can be large)
 
 
 class RunConfig(_Strict):

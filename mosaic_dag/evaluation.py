@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,6 +322,37 @@ def best_run(runs: list[ProbeRun], features: str) -> ProbeRun | None:
     """The validation-selected probe of one feature source (ties: the first)."""
     cands = [r for r in runs if r.spec.features == features]
     return max(cands, key=lambda r: _val_key(r.result.val_macro_f1), default=None)
+
+
+def selected_run_log(results: PartitionResults, label_names: dict[int, str] | None = None,
+                     ) -> tuple[dict[str, Any], dict[str, float]]:
+    """What a partition's MLflow run records for each source's validation-selected probe.
+
+    Params: its configuration (pooling, threshold, top-n, classifier, k) and the fitted hyper-parameters
+    (``<source>.<name>``). Metrics: test macro-F1 with its 95% CI bounds, accuracy, AUROC, the validation
+    score it was selected by, and precision/recall/F1 per class (``<source>_<class>_f1``)."""
+    params: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    names = label_names or {}
+    for source in ("sae", "hidden", "tfidf"):
+        run = best_run(results.runs, source)
+        if run is None:
+            continue
+        spec, m = run.spec, run.result.metrics
+        params |= {f"{source}.probe": spec.label, f"{source}.pooling": spec.pooling or "", f"{source}.classifier": spec.classifier,
+                   f"{source}.threshold": spec.threshold, f"{source}.top_n": spec.top_n, f"{source}.k": spec.k}
+        params |= {f"{source}.{k}": v for k, v in (run.result.params or {}).items()}
+        metrics |= {f"{source}_macro_f1": m.macro_f1, f"{source}_macro_f1_ci_low": m.macro_f1_ci_low,
+                    f"{source}_macro_f1_ci_high": m.macro_f1_ci_high, f"{source}_accuracy": m.accuracy,
+                    f"{source}_auroc": m.auroc, f"{source}_val_macro_f1": run.result.val_macro_f1}
+        for cls_value, scores in m.per_class.items():
+            try:
+                name = names.get(int(cls_value), str(cls_value))
+            except ValueError:
+                name = str(cls_value)
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))
+            metrics |= {f"{source}_{safe}_{k}": float(v) for k, v in scores.items() if k != "support"}
+    return params, metrics
 
 
 def top_latents_table(run: ProbeRun, neuronpedia_id: str | None, label_names: dict[int, str], top: int = 10) -> pd.DataFrame:

@@ -326,6 +326,21 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
         return loaded
 
 
+def load_tokenizer(cfg: ModelConfig, cache_root: Path) -> Any:
+    """The model's tokenizer: the loaded model's when this process holds it, else read alone (no weights)."""
+    from transformers import AutoTokenizer
+
+    with _LOCK:
+        for hit in _LOADED.values():
+            if hit.name == cfg.name:
+                return hit.tokenizer
+    src, _, _ = _source(cfg, cache_root)
+    kwargs: dict[str, Any] = {}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    return AutoTokenizer.from_pretrained(src, **kwargs)
+
+
 def forget_loaded() -> None:
     """Drop models held by this process (tests, memory pressure)."""
     with _LOCK:

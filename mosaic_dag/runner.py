@@ -141,6 +141,14 @@ def _definitions(config_path: str) -> Any:
     return build_definitions(load_config(config_path or None), resource_defs=res)
 
 
+def _provenance_tags(config_path: str) -> dict[str, str]:
+    """Config hash, code version and library versions as Dagster run tags (``mosaic/config_hash`` …)."""
+    from mosaic_dag.config import load_config
+    from mosaic_dag.provenance import provenance
+
+    return {k.replace("mosaic.", "mosaic/", 1): v[:255] for k, v in provenance(load_config(config_path or None)).items()}
+
+
 def run_partition(config_path: str, job_name: str, partition: Any, label: str) -> PartitionRun:
     """Execute one stage job for one partition in this process's Dagster instance."""
     from dagster import DagsterInstance
@@ -155,7 +163,7 @@ def run_partition(config_path: str, job_name: str, partition: Any, label: str) -
     try:
         result = job.execute_in_process(
             partition_key=str(partition) if partition is not None else None, instance=DagsterInstance.get(),
-            tags={"mosaic/config": config_path or "demo"}, run_id=run_id,
+            tags={"mosaic/config": config_path or "demo", **_provenance_tags(config_path)}, run_id=run_id,
             run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
     except DagsterAssetCheckFailedError:
         raise MosaicError(_failed_check_line(run_id, label)) from None
@@ -243,5 +251,5 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
                     show(run)
             if errors:
                 raise MosaicError(errors[0])
-    summary.report = cfg.data_path / "report" / "index.md"
+    summary.report = cfg.data_path / "report" / "index.html"
     return summary

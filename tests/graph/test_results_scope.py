@@ -56,6 +56,11 @@ def test_output_is_the_current_configs_partitions_only(tmp_path: Path, tiny_mode
 
     report = (tmp_path / "data" / "report" / "index.md").read_text()
     assert f"{len(current)} probe rows" in report  # the report counts (and plots) only layer 2's rows
+    html_page = tmp_path / "data" / "report" / "index.html"
+    html_page.unlink()
+    assert main(["report", "--config", str(config)]) == 0  # rebuilt from the stored results, path printed
+    assert capsys.readouterr().out.strip() == str(html_page)
+    assert html_page.read_text().count("src='data:image/png;base64,") >= 3
 
     # a corrupt results file of the current config: one line naming it and the fix
     victim = tmp_path / "data" / "results" / "tiny.L2.s16" / "toy.en.parquet"
@@ -63,6 +68,14 @@ def test_output_is_the_current_configs_partitions_only(tmp_path: Path, tiny_mode
     assert main(["results", "--config", str(config)]) == 1
     line = error_line(capsys.readouterr().err)
     assert str(victim) in line and "not readable parquet" in line and "run `mosaic run --config` again" in line
+
+
+def test_report_without_results_is_one_line(tmp_path: Path, tiny_model_dir: Path, capsys):
+    config = fast_config(tmp_path, tiny_model_dir, layers=[0])
+    assert main(["report", "--config", str(config)]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert "no results under" in line and f"run --config {config}" in line
+    assert not (tmp_path / "data" / "report").exists()
 
 
 def test_results_into_a_closed_pipe_stops_quietly(tmp_path: Path, tiny_model_dir: Path):

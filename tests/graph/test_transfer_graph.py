@@ -85,7 +85,7 @@ def test_transfer_conditions_behaviour_and_report(tmp_path: Path, tiny_model_dir
     text = index.read_text()
     pngs = sorted((cfg.data_path / "report").glob("*.png"))
     assert len(pngs) >= 4 and all(p.name in text for p in pngs)
-    assert summary.report == index
+    assert summary.report == index.with_name("index.html") and summary.report.exists()
 
 
 @pytest.mark.integration

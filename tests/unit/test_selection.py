@@ -77,11 +77,11 @@ def test_test_best_worst_on_validation_is_never_reported_best(tmp_path: Path) ->
 
 
 def test_plot_uses_validation_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mosaic_dag.report as report
+    import mosaic_dag.figures as figures
 
     seen = []
-    real = report._best
-    monkeypatch.setattr(report, "_best", lambda df, keys: seen.append(real(df, keys)) or seen[-1])
+    real = figures.best
+    monkeypatch.setattr(figures, "best", lambda df, keys: seen.append(real(df, keys)) or seen[-1])
     assert plot_sources(_planted_table(), tmp_path / "s.png").written
     picked = seen[-1].set_index("_src")["macro_f1"].to_dict()
     assert picked == {"sae": 0.75, "hidden": 0.95, "tfidf": 0.72}
@@ -159,6 +159,6 @@ def test_ties_keep_the_partitions_own_pick_across_tables() -> None:
     ]))
     table.loc[1, "selected"] = True  # what run_probes marked (mean/logistic comes first in the config)
     assert best_rows(table).iloc[0]["probe"] == "sae/mean/logistic"
-    from mosaic_dag.report import _summary
+    from mosaic_dag.report import summary_table as _summary
 
     assert _summary(table).iloc[0]["macro_f1"] == 0.60
