@@ -14,7 +14,7 @@ from mosaic_dag.config import load_config
 from mosaic_dag.models import forget_loaded
 from mosaic_dag.provenance import config_hash, resolved_yaml
 from mosaic_dag.runner import run_experiment
-from tests.conftest import tiny_config
+from tests.support.models import tiny_config
 
 
 def test_mlflow_runs_and_dagster_metadata_link_both_ways(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
