@@ -113,11 +113,15 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             "curves": MetadataValue.md(markdown_table(show, max_rows=60)),
             "data_version": handle.version, "mlflow_run_id": run.run_id})
 
+    # opt-in steps (judge, ...) exist only when the config turns them on; the report then reads them too
+    optional = [name for name, on in (("judge", cfg is not None and cfg.judge.enabled),) if on]
+
     @asset(
         name="report",
         ins={"probes": AssetIn("probes", partition_mapping=EVERY, metadata={"many": True}),
              "transfer": AssetIn("transfer", partition_mapping=EVERY, metadata={"many": True}),
-             "conditions": AssetIn("conditions", partition_mapping=EVERY, metadata={"many": True})},
+             "conditions": AssetIn("conditions", partition_mapping=EVERY, metadata={"many": True}),
+             **{name: AssetIn(name, partition_mapping=EVERY, metadata={"many": True}) for name in optional}},
         group_name="report",
         io_manager_key="handles",
         code_version=code_version("report", cfg),
@@ -126,7 +130,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         "layer × pooling, binarization effect, SAE vs hidden vs TF-IDF with CIs, transfer heatmaps, hard conditions.",
     )
     def report(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
-               probes: dict, transfer: dict, conditions: dict):  # type: ignore[no-untyped-def, type-arg]
+               probes: dict, transfer: dict, conditions: dict, **extra: dict):  # type: ignore[no-untyped-def, type-arg]
         from pathlib import Path
 
         cfg = experiment.load()
@@ -141,6 +145,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             return {k: h for k, h in handles.items() if keys[k][TARGET_DIM] in ours_t and keys[k][DATASET_DIM] in ours_d}
 
         probes, conditions, transfer = current(probes, True), current(conditions, True), current(transfer, False)
+        extra = {name: current(handles, True) for name, handles in extra.items()}
 
         def files(handles: dict, pattern: str = "") -> list[Path]:  # type: ignore[type-arg]
             return [Path(p) for h in handles.values() if h is not None for p in h.paths if pattern in Path(p).name]
@@ -149,13 +154,15 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         if missing:
             context.log.warning(f"report: probes not materialized for {missing}; the report leaves them out")
         with mlflow.run(context, cfg) as run:
-            rep = build_report(cfg, results=files(probes) + files(transfer, "transfer."),
+            judged = [p for p in files(extra.get("judge", {})) if p.parent.parent.name == "results"]
+            rep = build_report(cfg, results=files(probes) + files(transfer, "transfer.") + judged,
                                transfer=files(transfer, "transfer-matrix."), conditions=files(conditions))
             run.log_artifact(rep.index, "report")
             for png in rep.pngs:
                 run.log_artifact(png, "report")
         handle = TableHandle(paths=[str(rep.index)], inputs=stable_hash([_versions(probes), _versions(transfer),
-                                                                         _versions(conditions)]))
+                                                                         _versions(conditions)]
+                                                                        + [_versions(h) for _, h in sorted(extra.items())]))
         return Output(handle, data_version=DataVersion(handle.version), metadata={
             "index": MetadataValue.path(str(rep.index)),
             "plots": MetadataValue.json([p.name for p in rep.pngs]),

@@ -10,7 +10,8 @@ from mosaic_dag.storage import stable_hash
 
 # Bump an asset's number when its step's code changes what it writes.
 REVISION = {"dataset": 1, "hidden_states": 1, "sae": 1, "sae_codes": 1, "pooled_features": 1, "probes": 1,
-            "conditions": 1, "transfer": 1, "report": 1}
+            "conditions": 1, "transfer": 1, "report": 1,
+            "judge": 1}
 
 
 def _sections(cfg: ExperimentConfig, asset: str) -> Any:
@@ -27,6 +28,7 @@ def _sections(cfg: ExperimentConfig, asset: str) -> Any:
         "conditions": [cfg.conditions.model_dump(), c["seed"], c["bootstrap"]],
         "transfer": [cfg.transfer.model_dump(), c["seed"], c["bootstrap"]],
         "report": None,
+        "judge": [cfg.judge.model_dump(), c["seed"], c["bootstrap"]],
     }[asset]
 
 

@@ -103,7 +103,7 @@ def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str, pooled: 
         "probe": long["features"] + "/" + long["pooling"].astype(str) + "/logistic",
         "val_macro_f1": long["val_macro_f1"], "selected": False, "macro_f1": long["macro_f1"], "macro_f1_ci_low": long["ci_low"], "macro_f1_ci_high": long["ci_high"],
         "accuracy": long["accuracy"], "auroc": long["auroc"], "n_train": long["n_train"], "n_test": long["n_test"],
-        "vs_hidden": "", "vs_tfidf": "", "mlflow_run_id": "",
+        "vs_hidden": "", "vs_tfidf": "", "vs_judge": "", "cost": "", "mlflow_run_id": "",
     })[RESULT_COLUMNS]
     out.rows = _typed(table.reset_index(drop=True))
     return out
@@ -220,8 +220,8 @@ def _predictions_for(cfg: ExperimentConfig, row: pd.Series) -> pd.DataFrame | No
     from mosaic_dag.evaluation import predictions_file
 
     root = cfg.data_path / "predictions"
-    name = f"{row['dataset']}.{row['language']}.parquet"
-    if row["sae"]:
+    name = f"{'judge.' if row['features'] == 'judge' else ''}{row['dataset']}.{row['language']}.parquet"
+    if row["sae"]:  # judge rows have no SAE: their file is found like the hidden/TF-IDF ones
         target = Target(str(row["model"]), int(row["layer"]), str(row["sae"]))
         files = [predictions_file(cfg, target, str(row["dataset"]), str(row["language"]))]
     else:
@@ -269,7 +269,7 @@ def comparisons_table(cfg: ExperimentConfig, results: pd.DataFrame | None = None
         same = table[(table["model"] == model) & (table["layer"] == layer) & (table["dataset"] == dataset)
                      & (table["language"] == language)]
         sel = best_rows(part).iloc[0]
-        for source in ("hidden", "tfidf"):
+        for source in ("hidden", "tfidf", "judge"):
             other = same[same["features"] == source]
             if len(other):
                 p = _pair(cfg, sel, best_rows(other).iloc[0])
@@ -282,7 +282,7 @@ def comparisons_table(cfg: ExperimentConfig, results: pd.DataFrame | None = None
         if "sae" not in by_source:
             continue
         sae_row = by_source["sae"]
-        for source in ("hidden", "tfidf"):
+        for source in ("hidden", "tfidf", "judge"):
             if source in by_source:
                 p = _pair(cfg, sae_row, by_source[source])
                 if p is not None:
@@ -290,7 +290,7 @@ def comparisons_table(cfg: ExperimentConfig, results: pd.DataFrame | None = None
                              "sae": sae_row["sae"], "dataset": dataset, "language": language}
                     out.append((scope, p))
                     tasks.append(p)
-    for comparison in ("sae-hidden", "sae-tfidf"):
+    for comparison in ("sae-hidden", "sae-tfidf", "sae-judge"):
         p = overall(comparison, tasks)
         if p is not None:
             out.append(({"scope": "overall"}, p))

@@ -324,6 +324,35 @@ class SaeQualityConfig(_Strict):
     max_l0: float | None = None
 
 
+class JudgeConfig(_Strict):
+    """The language model itself as a zero-/k-shot classifier: a fourth baseline on the same test rows.
+
+    Each class is an answer option (``options``: label name -> option text, with its leading space);
+    the judge picks the option with the highest summed log-probability after the prompt, as the
+    behaviour labels do. ``shots`` in-context examples come from the TRAIN split only."""
+
+    enabled: bool = False
+    model: str | None = None  # a model name from `models`; None: each target's own model
+    template: str = "Text: {text}\nLabel:"
+    options: dict[str, str] | None = None
+    shots: int = Field(0, ge=0, le=64)
+    datasets: list[str] | None = None  # dataset names; None: every text dataset
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(512, ge=8, le=32768)
+
+    @model_validator(mode="after")
+    def _judge(self) -> "JudgeConfig":
+        if "{text}" not in self.template:
+            raise ValueError("template must contain {text}")
+        if self.enabled and not (self.options and len(self.options) >= 2):
+            raise ValueError("enabled judge needs 'options' (label name -> answer text) for 2 or more classes")
+        if self.options and len(set(self.options.values())) != len(self.options):
+            raise ValueError("options: every class needs its own answer text")
+        if self.options and any(not v.strip() for v in self.options.values()):
+            raise ValueError("options: an answer text is empty")
+        return self
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str = "mosaic"
@@ -347,6 +376,7 @@ class ExperimentConfig(_Strict):
     transfer: TransferConfig = TransferConfig()
     conditions: ConditionsConfig = ConditionsConfig()
     sae_quality: SaeQualityConfig = SaeQualityConfig()
+    judge: JudgeConfig = JudgeConfig()
     mlflow: MlflowConfig = MlflowConfig()
     run: RunConfig = RunConfig()
     _base_dir: Path | None = PrivateAttr(default=None)
@@ -383,6 +413,13 @@ class ExperimentConfig(_Strict):
                             f"classification.k: {too_big} larger than the width {sae.width} of SAE {sae.label!r} "
                             f"(models[{m.name}]); use k <= {sae.width}"
                         )
+        jc = self.judge
+        if jc.model is not None and jc.model not in {m.name for m in self.models}:
+            raise ValueError(f"judge.model: {jc.model!r} is not a model name of this config; use one of "
+                             f"{[m.name for m in self.models]}")
+        unknown = [d for d in jc.datasets or [] if d not in names]
+        if unknown:
+            raise ValueError(f"judge.datasets: {unknown} are not datasets of this config; use names from {sorted(names)}")
         return self
 
     def model(self, name: str) -> ModelConfig:
