@@ -80,6 +80,56 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         metadata |= {"mlflow_run_id": run.run_id, "data_version": handle.version}
         return Output(handle, data_version=DataVersion(handle.version), metadata=metadata)
 
+    task_assets = []
+    if cfg is not None and cfg.tasks:
+        @asset(
+            name="task_transfer",
+            partitions_def=target_partitions,
+            ins={"pooled": AssetIn("pooled_features", partition_mapping=BY_TARGET, metadata={"many": True}),
+                 "data": AssetIn("dataset", partition_mapping=EVERY, metadata={"many": True})},
+            group_name="transfer",
+            io_manager_key="handles",
+            code_version=code_version("task_transfer", cfg),
+            automation_condition=AutomationCondition.eager(),
+            description="Transfer across datasets of one task: labels mapped onto the task's common classes, train on "
+            "each dataset partition, test on every one (SAE, hidden, TF-IDF), macro-F1 with 95% CIs.",
+        )
+        def task_transfer(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+                          pooled: dict, data: dict):  # type: ignore[no-untyped-def, type-arg]
+            from mosaic_dag.analysis import build_task_transfer, task_partitions, write_task_transfer
+            from mosaic_dag.handles import UpstreamMissing
+
+            cfg = experiment.load()
+            target = parse_target(context.partition_key)
+            by_dataset = {dataset_part(k): h for k, h in pooled.items()}
+            metadata: dict = {"tasks": MetadataValue.json(cfg.tasks)}
+            paths: list[str] = []
+            with mlflow.run(context, cfg) as run:
+                for task in cfg.tasks:
+                    keys = task_partitions(cfg, task)
+                    missing = [k for k in keys if by_dataset.get(k) is None or data.get(k) is None]
+                    if missing:
+                        raise UpstreamMissing(f"task_transfer {target.key!r}: pooled_features/dataset for {missing} "
+                                              "are not materialized; materialize them first")
+                    outcome = write_task_transfer(cfg, target, build_task_transfer(
+                        cfg, target, task, {k: by_dataset[k] for k in keys}, {k: data[k] for k in keys}))
+                    paths += [str(outcome.cells_path), *map(str, outcome.matrix_paths)]
+                    run.log_artifact(outcome.cells_path, "task_transfer")
+                    for source, matrix in outcome.matrices.items():
+                        metadata[f"{task}_{source}"] = MetadataValue.md(
+                            markdown_table(matrix.round(3).reset_index(names="train \\ test")))
+                        run.log_metrics({f"{task}_{source}_offdiag_macro_f1": offdiag_mean(matrix)})
+                    cells = outcome.cells[["features", "train_partition", "test_partition", "macro_f1", "ci_low",
+                                           "ci_high", "n_train", "n_test"]]
+                    metadata[f"{task}_cells"] = MetadataValue.md(markdown_table(cells.round(3), max_rows=200))
+                    metadata[f"{task}_classes"] = MetadataValue.json(outcome.classes)
+            handle = TableHandle(paths=paths, inputs=stable_hash([_versions(pooled), _versions(data),
+                                                                  code_version("task_transfer", cfg)]))
+            metadata |= {"mlflow_run_id": run.run_id, "data_version": handle.version}
+            return Output(handle, data_version=DataVersion(handle.version), metadata=metadata)
+
+        task_assets.append(task_transfer)
+
     @asset(
         name="conditions",
         partitions_def=target_dataset_partitions,
@@ -114,7 +164,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             "data_version": handle.version, "mlflow_run_id": run.run_id})
 
     # opt-in steps (judge, ...) exist only when the config turns them on; the report then reads them too
-    optional = [name for name, on in (("judge", cfg is not None and cfg.judge.enabled),) if on]
+    optional = [name for name, on in (("judge", cfg is not None and cfg.judge.enabled),
+                                      ("task_transfer", cfg is not None and bool(cfg.tasks))) if on]
 
     @asset(
         name="report",
@@ -145,7 +196,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             return {k: h for k, h in handles.items() if keys[k][TARGET_DIM] in ours_t and keys[k][DATASET_DIM] in ours_d}
 
         probes, conditions, transfer = current(probes, True), current(conditions, True), current(transfer, False)
-        extra = {name: current(handles, True) for name, handles in extra.items()}
+        extra = {name: current(handles, name != "task_transfer") for name, handles in extra.items()}
 
         def files(handles: dict, pattern: str = "") -> list[Path]:  # type: ignore[type-arg]
             return [Path(p) for h in handles.values() if h is not None for p in h.paths if pattern in Path(p).name]
@@ -156,7 +207,9 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         with mlflow.run(context, cfg) as run:
             judged = [p for p in files(extra.get("judge", {})) if p.parent.parent.name == "results"]
             rep = build_report(cfg, results=files(probes) + files(transfer, "transfer.") + judged,
-                               transfer=files(transfer, "transfer-matrix."), conditions=files(conditions))
+                               transfer=files(transfer, "transfer-matrix.") + files(extra.get("task_transfer", {}),
+                                                                                    "transfer-matrix."),
+                               conditions=files(conditions))
             run.log_artifact(rep.index, "report")
             for png in rep.pngs:
                 run.log_artifact(png, "report")
@@ -173,4 +226,4 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             "mlflow_run_id": run.run_id,
         })
 
-    return [conditions, transfer, report]
+    return [conditions, transfer, *task_assets, report]

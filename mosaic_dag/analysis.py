@@ -109,6 +109,86 @@ def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str, pooled: 
     return out
 
 
+def task_partitions(cfg: ExperimentConfig, task: str) -> list[str]:
+    """The dataset partitions (``<dataset>.<language>``) of every dataset that declares ``task``."""
+    return [f"{d}.{lang}" for d in cfg.tasks[task] for lang in cfg.dataset_languages(d)]
+
+
+def task_classes(cfg: ExperimentConfig, task: str) -> list[str]:
+    return sorted(set(cfg.dataset(cfg.tasks[task][0]).task_classes.values()))  # type: ignore[union-attr]
+
+
+@dataclass
+class TaskOutcome:
+    """Train-dataset × test-dataset matrices of one task (rows: train partition) and their cells with CIs."""
+
+    task: str
+    classes: list[str]
+    matrices: dict[str, pd.DataFrame] = field(default_factory=dict)
+    cells: pd.DataFrame | None = None
+    matrix_paths: list[Path] = field(default_factory=list)
+    cells_path: Path | None = None
+
+
+def build_task_transfer(cfg: ExperimentConfig, target: Target, task: str, pooled: dict[str, PooledHandle],
+                        data: dict[str, DatasetHandle]) -> TaskOutcome:
+    """Train on each dataset partition of ``task``, test on every one: SAE, hidden and TF-IDF.
+
+    Labels go through each dataset's ``task_classes`` onto the task's common classes first, so every
+    partition speaks one label space; features and settings are the cross-lingual ones (``transfer:``).
+    ``pooled``/``data``: the upstream handles by dataset key."""
+    from mosaic_dag.transfer import Split, common_labels, tfidf_transfer_matrix, transfer_matrix
+
+    keys = task_partitions(cfg, task)
+    classes = task_classes(cfg, task)
+    seed, n_boot = cfg.classification.seed, cfg.classification.bootstrap
+    frames = {k: read_frame(data[k]).copy() for k in keys}
+    for k, f in frames.items():
+        mapping = cfg.dataset(k.split(".")[0]).task_classes or {}
+        f["label"] = common_labels(f["label_name"].astype(str).tolist(), mapping, classes, f"dataset {k}")
+    rows = {k: SplitRows.of(frames[k]) for k in keys}
+    out = TaskOutcome(task, classes)
+    cells: list[pd.DataFrame] = []
+    for source in ("sae", "hidden"):
+        splits = {}
+        for k in keys:
+            X, pooling, _ = _feature_matrix(cfg, PooledResult.of(pooled[k]), source)
+            r = rows[k]
+            splits[k] = Split(X[r.train], r.y(r.train), X[r.val], r.y(r.val), X[r.test], r.y(r.test),
+                              np.asarray(frames[k]["id"].to_numpy()[r.test]))
+        res = transfer_matrix(splits, seed=seed, n_boot=n_boot)
+        out.matrices[source] = res.matrix
+        cells.append(res.long.assign(features=source, pooling=pooling))
+    texts = {}
+    for k in keys:
+        r, t = rows[k], frames[k]["text"].to_numpy()
+        texts[k] = (list(t[r.train]), r.y(r.train), list(t[r.val]), r.y(r.val), list(t[r.test]), r.y(r.test))
+    res = tfidf_transfer_matrix(texts, cfg.transfer.tfidf, seed=seed, n_boot=n_boot,
+                                languages={k: k.split(".", 1)[1] for k in keys})
+    out.matrices["tfidf"] = res.matrix
+    cells.append(res.long.assign(features="tfidf", pooling=cfg.transfer.tfidf))
+    long = pd.concat(cells, ignore_index=True).rename(columns={"train_language": "train_partition",
+                                                                "test_language": "test_partition"})
+    out.cells = long.assign(model=target.model, layer=target.layer, sae=np.where(long["features"] == "sae", target.sae, ""),
+                            task=task)
+    for m in out.matrices.values():
+        m.index.name, m.columns.name = "train dataset", "test dataset"
+    return out
+
+
+def write_task_transfer(cfg: ExperimentConfig, target: Target, outcome: TaskOutcome) -> TaskOutcome:
+    """Matrices next to the cross-lingual ones (``transfer-matrix.task-<task>.<features>``: the report draws
+    them as heatmaps); the cells with their intervals under ``<data_dir>/tasks/<target>/<task>.parquet``."""
+    folder = cfg.data_path / "results" / target.key
+    for source, matrix in outcome.matrices.items():
+        path = folder / f"transfer-matrix.task-{outcome.task}.{source}.parquet"
+        write_parquet(path, matrix.reset_index(names="train_language"))
+        outcome.matrix_paths.append(path)
+    outcome.cells_path = cfg.data_path / "tasks" / target.key / f"{outcome.task}.parquet"
+    write_parquet(outcome.cells_path, outcome.cells if outcome.cells is not None else pd.DataFrame())
+    return outcome
+
+
 def _val_scores(res: Any) -> Any:
     """Per long row, the validation score of the probe fitted on its train language."""
     return res.long["train_language"].map(lambda lang: res.probes[lang].val_macro_f1 if lang in res.probes else math.nan)

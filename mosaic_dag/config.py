@@ -174,6 +174,11 @@ class DatasetConfig(_Strict):
     split_field: str | None = None
     max_rows: int | None = Field(None, ge=2)
     behaviour: BehaviourConfig | None = None
+    # transfer across datasets: datasets naming one task get a train-dataset x test-dataset matrix,
+    # their labels mapped onto the task's common classes (label name -> common class)
+    task: str | None = None
+    task_classes: dict[str, str] | None = None
+    label_from_file: bool = False  # a folder of <class>_<split> files: the label is the file's class part
     # images (mosaic_dag.images): bundled:digits, a folder with one sub-folder per class, or a table whose
     # image_field holds a path or the image bytes; the prompt and the tokens that count (mosaic_dag.vlm)
     modality: Literal["text", "image"] = "text"
@@ -230,6 +235,18 @@ class DatasetConfig(_Strict):
             raise ValueError(f"descriptions languages must be unique; got {langs}")
         if "{image}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {image} (where the image tokens go)")
+        return self
+
+    @model_validator(mode="after")
+    def _task(self) -> "DatasetConfig":
+        if (self.task is None) != (self.task_classes is None):
+            raise ValueError("give 'task' and 'task_classes' (label name -> the task's common class) together")
+        if self.task is not None:
+            _check_key(self.task, "task")
+            if self.modality != "text":
+                raise ValueError("'task' is for text datasets")
+            if len(set(self.task_classes.values())) < 2:  # type: ignore[union-attr]
+                raise ValueError("task_classes must map onto 2 or more common classes")
         return self
 
     @model_validator(mode="after")
@@ -413,6 +430,14 @@ class ExperimentConfig(_Strict):
                             f"classification.k: {too_big} larger than the width {sae.width} of SAE {sae.label!r} "
                             f"(models[{m.name}]); use k <= {sae.width}"
                         )
+        for task, members in self.tasks.items():
+            if len(members) < 2:
+                raise ValueError(f"datasets: task {task!r} has one dataset ({members[0]}); give 'task: {task}' to "
+                                 "a second dataset or drop it")
+            common = {d: sorted(set(self.dataset(d).task_classes.values())) for d in members}  # type: ignore[union-attr]
+            if len({tuple(v) for v in common.values()}) > 1:
+                raise ValueError(f"datasets: task {task!r} maps onto different common classes ({common}); "
+                                 "use the same class names in every task_classes")
         jc = self.judge
         if jc.model is not None and jc.model not in {m.name for m in self.models}:
             raise ValueError(f"judge.model: {jc.model!r} is not a model name of this config; use one of "
@@ -433,6 +458,15 @@ class ExperimentConfig(_Strict):
             if d.name == name:
                 return d
         raise ConfigError(f"dataset {name!r} is not in the config; known: {[d.name for d in self.datasets]}")
+
+    @property
+    def tasks(self) -> dict[str, list[str]]:
+        """Task name -> the datasets that declare it (config order)."""
+        out: dict[str, list[str]] = {}
+        for d in self.datasets:
+            if d.task is not None:
+                out.setdefault(d.task, []).append(d.name)
+        return out
 
     def dataset_languages(self, name: str) -> list[str]:
         d = self.dataset(name)

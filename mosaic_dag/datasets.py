@@ -125,6 +125,15 @@ def _read_text_lines(folder: Path, cfg: DatasetConfig) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
+def _file_class(stem: str, split: str) -> str:
+    """The class part of a ``<class>_<split>`` (or ``<split>_<class>``) file name."""
+    if stem.endswith(f"_{split}"):
+        return stem[: -len(split) - 1]
+    if stem.startswith(f"{split}_"):
+        return stem[len(split) + 1 :]
+    return stem.replace(f"_{split}_", "_")
+
+
 def _read_local(cfg: DatasetConfig, base: Path, language: str | None = None) -> pd.DataFrame:
     if cfg.paths:
         if language not in cfg.paths:
@@ -134,6 +143,9 @@ def _read_local(cfg: DatasetConfig, base: Path, language: str | None = None) -> 
     path = path if path.is_absolute() else base / path
     if not path.exists():
         raise DatasetError(f"dataset {cfg.name!r}: path {str(path)!r} does not exist; fix 'path' in the config")
+    if path.is_file() and cfg.label_from_file:
+        raise DatasetError(f"dataset {cfg.name!r}: label_from_file needs a folder of <class>_<split> files, and "
+                           f"{str(path)!r} is a file; point 'path' at the folder or drop label_from_file")
     if path.is_file():
         df = _read_file(path, cfg.name)
         if cfg.split_field:
@@ -159,6 +171,8 @@ def _read_local(cfg: DatasetConfig, base: Path, language: str | None = None) -> 
             continue
         part = _read_file(f, cfg.name)
         part["__split"] = split
+        if cfg.label_from_file:  # harmful_train.json -> label "harmful"
+            part[cfg.label_field] = _file_class(stem, split)
         frames.append(part)
     if not frames:
         raise DatasetError(
