@@ -165,7 +165,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
 
     # opt-in steps (judge, ...) exist only when the config turns them on; the report then reads them too
     optional = [name for name, on in (("judge", cfg is not None and cfg.judge.enabled),
-                                      ("task_transfer", cfg is not None and bool(cfg.tasks))) if on]
+                                      ("task_transfer", cfg is not None and bool(cfg.tasks)),
+                                      ("interventions", cfg is not None and cfg.interventions.enabled)) if on]
 
     @asset(
         name="report",
@@ -209,7 +210,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             rep = build_report(cfg, results=files(probes) + files(transfer, "transfer.") + judged,
                                transfer=files(transfer, "transfer-matrix.") + files(extra.get("task_transfer", {}),
                                                                                     "transfer-matrix."),
-                               conditions=files(conditions))
+                               conditions=files(conditions), interventions=files(extra.get("interventions", {})))
             run.log_artifact(rep.index, "report")
             for png in rep.pngs:
                 run.log_artifact(png, "report")

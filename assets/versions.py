@@ -11,7 +11,7 @@ from mosaic_dag.storage import stable_hash
 # Bump an asset's number when its step's code changes what it writes.
 REVISION = {"dataset": 1, "hidden_states": 1, "sae": 1, "sae_codes": 1, "pooled_features": 1, "probes": 1,
             "conditions": 1, "transfer": 1, "report": 1,
-            "judge": 1, "task_transfer": 1}
+            "judge": 1, "task_transfer": 1, "interventions": 1}
 
 
 def _sections(cfg: ExperimentConfig, asset: str) -> Any:
@@ -29,6 +29,8 @@ def _sections(cfg: ExperimentConfig, asset: str) -> Any:
         "transfer": [cfg.transfer.model_dump(), c["seed"], c["bootstrap"]],
         "report": None,
         "judge": [cfg.judge.model_dump(), c["seed"], c["bootstrap"]],
+        "interventions": [cfg.interventions.model_dump(), [d.behaviour.model_dump() if d.behaviour else None
+                                                          for d in cfg.datasets], c],
         "task_transfer": [[(d.name, d.task, d.task_classes) for d in cfg.datasets], cfg.transfer.model_dump(),
                           c["seed"], c["bootstrap"]],
     }[asset]

@@ -276,7 +276,7 @@ def conditions_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> 
 
 
 def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, transfer: list[Path] | None = None,
-                 conditions: list[Path] | None = None) -> Any:
+                 conditions: list[Path] | None = None, interventions: list[Path] | None = None) -> Any:
     """``<data_dir>/report/index.md`` + PNGs from the given result files (default: every one on disk)."""
     from mosaic_dag.report import write_report
 
@@ -290,6 +290,18 @@ def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, trans
         extra += (f"\nImage datasets ({', '.join(images)}): TF-IDF has no words to read in an image, so image "
                   "partitions have SAE and hidden-state probes only; a transfer matrix with an `image` row/column "
                   "is text -> image transfer (class descriptions vs images).\n")
+    tables = [read_results_file(p) for p in interventions or [] if Path(p).exists()]
+    if any(len(t) for t in tables):
+        from mosaic_dag.tables import markdown_table
+
+        shown = pd.concat(tables, ignore_index=True)[["model", "layer", "sae", "dataset", "language", "probe", "class",
+                                                      "latent", "weight", "probe_flip_share", "model_effect",
+                                                      "model_metric", "verdict"]]
+        extra += ("\n## Interventions: do the selected SAE probe's top latents matter?\n\n`probe_flip_share`: share of "
+                  "test decisions that flip when the latent is removed from the pooled features; `model_effect`: change "
+                  "of the model's output when it is removed at the SAE's layer (reconstruction + error term) — "
+                  "`kl_last_token` (nats) or `abs_delta_logprob` of the labelled answer.\n\n"
+                  + markdown_table(shown.round(4), max_rows=60) + "\n")
     comparisons = comparisons_table(cfg, table)
     return write_report(cfg.data_path / "report", table, matrices or None,
                         curves if len(curves) else None, extra_md=extra, comparisons=comparisons,

@@ -370,6 +370,18 @@ class JudgeConfig(_Strict):
         return self
 
 
+class InterventionsConfig(_Strict):
+    """Do the selected SAE probe's top latents matter to the probe and to the model (opt-in)?"""
+
+    enabled: bool = False
+    top: int = Field(3, ge=1, le=50)  # latents per class, by the probe's weight
+    scale: float = 0.0  # the latent's code is multiplied by this during the forward (0: removed)
+    texts: int = Field(32, ge=1)  # test texts the model-reliance forwards run over
+    min_flip_share: float = Field(0.01, ge=0, le=1)  # a latent "drives the probe" from this share of flips
+    min_effect: float = Field(0.01, ge=0)  # ... "drives the model" from this KL / |delta log-prob| (nats)
+    batch_size: int = Field(8, ge=1)
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str = "mosaic"
@@ -394,6 +406,7 @@ class ExperimentConfig(_Strict):
     conditions: ConditionsConfig = ConditionsConfig()
     sae_quality: SaeQualityConfig = SaeQualityConfig()
     judge: JudgeConfig = JudgeConfig()
+    interventions: InterventionsConfig = InterventionsConfig()
     mlflow: MlflowConfig = MlflowConfig()
     run: RunConfig = RunConfig()
     _base_dir: Path | None = PrivateAttr(default=None)
