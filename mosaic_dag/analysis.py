@@ -145,7 +145,12 @@ def build_task_transfer(cfg: ExperimentConfig, target: Target, task: str, pooled
     frames = {k: read_frame(data[k]).copy() for k in keys}
     for k, f in frames.items():
         mapping = cfg.dataset(k.split(".")[0]).task_classes or {}
-        f["label"] = common_labels(f["label_name"].astype(str).tolist(), mapping, classes, f"dataset {k}")
+        try:
+            f["label"] = common_labels(f["label_name"].astype(str).tolist(), mapping, classes, f"dataset {k}")
+        except ValueError as err:
+            from mosaic_dag.errors import ConfigError
+
+            raise ConfigError(str(err)) from None
     rows = {k: SplitRows.of(frames[k]) for k in keys}
     out = TaskOutcome(task, classes)
     cells: list[pd.DataFrame] = []
