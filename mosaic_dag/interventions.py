@@ -252,8 +252,10 @@ def build_interventions(cfg: Any, target: Any, pooled_handle: Any, data: Any, re
     frame = read_frame(data)
     dataset, _, language = data.key.partition(".")
     rows = SplitRows.of(frame)
+    from mosaic_dag.images import is_image_frame
+
     sae_rows = results[(results["features"] == "sae") & (results["train_language"] == results["test_language"])]
-    if sae_rows.empty:
+    if sae_rows.empty or is_image_frame(frame):  # an image row's forward needs its pixels: not intervened on here
         return InterventionOutcome(pd.DataFrame(columns=INTERVENTION_COLUMNS), "", False, "")
     row = best_rows(sae_rows).iloc[0]
     spec = _probe_spec(row)
