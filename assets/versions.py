@@ -14,12 +14,21 @@ REVISION = {"dataset": 1, "hidden_states": 1, "sae": 1, "sae_codes": 1, "pooled_
             "judge": 1, "task_transfer": 1, "interventions": 1}
 
 
+def _dataset(d: Any) -> dict[str, Any]:
+    """What the dataset step reads of a dataset's config: not its task (read by task_transfer only), and
+    label_from_file only when set, so configs without them keep their code versions."""
+    out = d.model_dump(exclude={"task", "task_classes"})
+    if not out["label_from_file"]:
+        del out["label_from_file"]
+    return out
+
+
 def _sections(cfg: ExperimentConfig, asset: str) -> Any:
     models = [m.model_dump(exclude={"saes"}) for m in cfg.models]
     saes = {m.name: [s.model_dump() for s in m.saes] for m in cfg.models}
     c = cfg.classification.model_dump()
     return {
-        "dataset": [[d.model_dump() for d in cfg.datasets], cfg.split.model_dump()],
+        "dataset": [[_dataset(d) for d in cfg.datasets], cfg.split.model_dump()],
         "hidden_states": models,
         "sae": saes,
         "sae_codes": None,
