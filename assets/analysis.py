@@ -89,6 +89,56 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         metadata |= {**run_metadata(run), "data_version": handle.version}
         return Output(handle, data_version=DataVersion(handle.version), metadata=metadata)
 
+    task_assets = []
+    if cfg is not None and cfg.tasks:
+        @asset(
+            name="task_transfer",
+            partitions_def=target_partitions,
+            ins={"pooled": AssetIn("pooled_features", partition_mapping=BY_TARGET, metadata={"many": True}),
+                 "data": AssetIn("dataset", partition_mapping=EVERY, metadata={"many": True})},
+            group_name="transfer",
+            io_manager_key="handles",
+            code_version=code_version("task_transfer", cfg),
+            automation_condition=AutomationCondition.eager(),
+            description="Transfer across datasets of one task: labels mapped onto the task's common classes, train on "
+            "each dataset partition, test on every one (SAE, hidden, TF-IDF), macro-F1 with 95% CIs.",
+        )
+        def task_transfer(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+                          pooled: dict, data: dict):  # type: ignore[no-untyped-def, type-arg]
+            from mosaic_dag.analysis import build_task_transfer, task_partitions, write_task_transfer
+            from mosaic_dag.handles import UpstreamMissing
+
+            cfg = experiment.load()
+            target = parse_target(context.partition_key)
+            by_dataset = {dataset_part(k): h for k, h in pooled.items()}
+            metadata: dict = {"tasks": MetadataValue.json(cfg.tasks)}
+            paths: list[str] = []
+            with mlflow.run(context, cfg) as run:
+                for task in cfg.tasks:
+                    keys = task_partitions(cfg, task)
+                    missing = [k for k in keys if by_dataset.get(k) is None or data.get(k) is None]
+                    if missing:
+                        raise UpstreamMissing(f"task_transfer {target.key!r}: pooled_features/dataset for {missing} "
+                                              "are not materialized; materialize them first")
+                    outcome = write_task_transfer(cfg, target, build_task_transfer(
+                        cfg, target, task, {k: by_dataset[k] for k in keys}, {k: data[k] for k in keys}))
+                    paths += [str(outcome.cells_path), *map(str, outcome.matrix_paths)]
+                    run.log_artifact(outcome.cells_path, "task_transfer")
+                    for source, matrix in outcome.matrices.items():
+                        metadata[f"{task}_{source}"] = MetadataValue.md(
+                            markdown_table(matrix.round(3).reset_index(names="train \\ test")))
+                        run.log_metrics({f"{task}_{source}_offdiag_macro_f1": offdiag_mean(matrix)})
+                    cells = outcome.cells[["features", "train_partition", "test_partition", "macro_f1", "ci_low",
+                                           "ci_high", "n_train", "n_test"]]
+                    metadata[f"{task}_cells"] = MetadataValue.md(markdown_table(cells.round(3), max_rows=200))
+                    metadata[f"{task}_classes"] = MetadataValue.json(outcome.classes)
+            handle = TableHandle(paths=paths, inputs=stable_hash([_versions(pooled), _versions(data),
+                                                                  code_version("task_transfer", cfg)]))
+            metadata |= {"mlflow_run_id": run.run_id, "data_version": handle.version}
+            return Output(handle, data_version=DataVersion(handle.version), metadata=metadata)
+
+        task_assets.append(task_transfer)
+
     @asset(
         name="conditions",
         partitions_def=target_dataset_partitions,
@@ -123,11 +173,17 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             "figure": MetadataValue.md(figure_markdown(lambda: conditions_figure(curves), "hard conditions")),
             "data_version": handle.version, **run_metadata(run)})
 
+    # opt-in steps (judge, ...) exist only when the config turns them on; the report then reads them too
+    optional = [name for name, on in (("judge", cfg is not None and cfg.judge.enabled),
+                                      ("task_transfer", cfg is not None and bool(cfg.tasks)),
+                                      ("interventions", cfg is not None and cfg.interventions.enabled)) if on]
+
     @asset(
         name="report",
         ins={"probes": AssetIn("probes", partition_mapping=EVERY, metadata={"many": True}),
              "transfer": AssetIn("transfer", partition_mapping=EVERY, metadata={"many": True}),
-             "conditions": AssetIn("conditions", partition_mapping=EVERY, metadata={"many": True})},
+             "conditions": AssetIn("conditions", partition_mapping=EVERY, metadata={"many": True}),
+             **{name: AssetIn(name, partition_mapping=EVERY, metadata={"many": True}) for name in optional}},
         group_name="report",
         io_manager_key="handles",
         code_version=code_version("report", cfg),
@@ -137,7 +193,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         "heatmaps, hard conditions; the figures are embedded in this asset's `report` metadata.",
     )
     def report(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
-               probes: dict, transfer: dict, conditions: dict):  # type: ignore[no-untyped-def, type-arg]
+               probes: dict, transfer: dict, conditions: dict, **extra: dict):  # type: ignore[no-untyped-def, type-arg]
         from pathlib import Path
 
         cfg = experiment.load()
@@ -152,6 +208,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             return {k: h for k, h in handles.items() if keys[k][TARGET_DIM] in ours_t and keys[k][DATASET_DIM] in ours_d}
 
         probes, conditions, transfer = current(probes, True), current(conditions, True), current(transfer, False)
+        extra = {name: current(handles, name != "task_transfer") for name, handles in extra.items()}
 
         def files(handles: dict, pattern: str = "") -> list[Path]:  # type: ignore[type-arg]
             return [Path(p) for h in handles.values() if h is not None for p in h.paths if pattern in Path(p).name]
@@ -160,15 +217,19 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         if missing:
             context.log.warning(f"report: probes not materialized for {missing}; the report leaves them out")
         with mlflow.run(context, cfg) as run:
-            rep = build_report(cfg, results=files(probes) + files(transfer, "transfer."),
-                               transfer=files(transfer, "transfer-matrix."), conditions=files(conditions))
+            judged = [p for p in files(extra.get("judge", {})) if p.parent.parent.name == "results"]
+            rep = build_report(cfg, results=files(probes) + files(transfer, "transfer.") + judged,
+                               transfer=files(transfer, "transfer-matrix.") + files(extra.get("task_transfer", {}),
+                                                                                    "transfer-matrix."),
+                               conditions=files(conditions), interventions=files(extra.get("interventions", {})))
             run.log_artifact(rep.index, "report")
             if rep.html is not None:
                 run.log_artifact(rep.html, "report")
             for fig in [*rep.pngs, *rep.svgs]:
                 run.log_artifact(fig, "report")
         handle = TableHandle(paths=[str(rep.index)], inputs=stable_hash([_versions(probes), _versions(transfer),
-                                                                         _versions(conditions)]))
+                                                                         _versions(conditions)]
+                                                                        + [_versions(h) for _, h in sorted(extra.items())]))
         return Output(handle, data_version=DataVersion(handle.version), metadata={
             "index": MetadataValue.path(str(rep.index)),
             "html": MetadataValue.path(str(rep.html)),
@@ -179,4 +240,4 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             **run_metadata(run),
         })
 
-    return [conditions, transfer, report]
+    return [conditions, transfer, *task_assets, report]

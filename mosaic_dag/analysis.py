@@ -103,10 +103,95 @@ def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str, pooled: 
         "probe": long["features"] + "/" + long["pooling"].astype(str) + "/logistic",
         "val_macro_f1": long["val_macro_f1"], "selected": False, "macro_f1": long["macro_f1"], "macro_f1_ci_low": long["ci_low"], "macro_f1_ci_high": long["ci_high"],
         "accuracy": long["accuracy"], "auroc": long["auroc"], "n_train": long["n_train"], "n_test": long["n_test"],
-        "vs_hidden": "", "vs_tfidf": "", "mlflow_run_id": "",
+        "vs_hidden": "", "vs_tfidf": "", "vs_judge": "", "cost": "", "mlflow_run_id": "",
     })[RESULT_COLUMNS]
     out.rows = _typed(table.reset_index(drop=True))
     return out
+
+
+def task_partitions(cfg: ExperimentConfig, task: str) -> list[str]:
+    """The dataset partitions (``<dataset>.<language>``) of every dataset that declares ``task``."""
+    return [f"{d}.{lang}" for d in cfg.tasks[task] for lang in cfg.dataset_languages(d)]
+
+
+def task_classes(cfg: ExperimentConfig, task: str) -> list[str]:
+    return sorted(set(cfg.dataset(cfg.tasks[task][0]).task_classes.values()))  # type: ignore[union-attr]
+
+
+@dataclass
+class TaskOutcome:
+    """Train-dataset × test-dataset matrices of one task (rows: train partition) and their cells with CIs."""
+
+    task: str
+    classes: list[str]
+    matrices: dict[str, pd.DataFrame] = field(default_factory=dict)
+    cells: pd.DataFrame | None = None
+    matrix_paths: list[Path] = field(default_factory=list)
+    cells_path: Path | None = None
+
+
+def build_task_transfer(cfg: ExperimentConfig, target: Target, task: str, pooled: dict[str, PooledHandle],
+                        data: dict[str, DatasetHandle]) -> TaskOutcome:
+    """Train on each dataset partition of ``task``, test on every one: SAE, hidden and TF-IDF.
+
+    Labels go through each dataset's ``task_classes`` onto the task's common classes first, so every
+    partition speaks one label space; features and settings are the cross-lingual ones (``transfer:``).
+    ``pooled``/``data``: the upstream handles by dataset key."""
+    from mosaic_dag.transfer import Split, common_labels, tfidf_transfer_matrix, transfer_matrix
+
+    keys = task_partitions(cfg, task)
+    classes = task_classes(cfg, task)
+    seed, n_boot = cfg.classification.seed, cfg.classification.bootstrap
+    frames = {k: read_frame(data[k]).copy() for k in keys}
+    for k, f in frames.items():
+        mapping = cfg.dataset(k.split(".")[0]).task_classes or {}
+        try:
+            f["label"] = common_labels(f["label_name"].astype(str).tolist(), mapping, classes, f"dataset {k}")
+        except ValueError as err:
+            from mosaic_dag.errors import ConfigError
+
+            raise ConfigError(str(err)) from None
+    rows = {k: SplitRows.of(frames[k]) for k in keys}
+    out = TaskOutcome(task, classes)
+    cells: list[pd.DataFrame] = []
+    for source in ("sae", "hidden"):
+        splits = {}
+        for k in keys:
+            X, pooling, _ = _feature_matrix(cfg, PooledResult.of(pooled[k]), source)
+            r = rows[k]
+            splits[k] = Split(X[r.train], r.y(r.train), X[r.val], r.y(r.val), X[r.test], r.y(r.test),
+                              np.asarray(frames[k]["id"].to_numpy()[r.test]))
+        res = transfer_matrix(splits, seed=seed, n_boot=n_boot)
+        out.matrices[source] = res.matrix
+        cells.append(res.long.assign(features=source, pooling=pooling))
+    texts = {}
+    for k in keys:
+        r, t = rows[k], frames[k]["text"].to_numpy()
+        texts[k] = (list(t[r.train]), r.y(r.train), list(t[r.val]), r.y(r.val), list(t[r.test]), r.y(r.test))
+    res = tfidf_transfer_matrix(texts, cfg.transfer.tfidf, seed=seed, n_boot=n_boot,
+                                languages={k: k.split(".", 1)[1] for k in keys})
+    out.matrices["tfidf"] = res.matrix
+    cells.append(res.long.assign(features="tfidf", pooling=cfg.transfer.tfidf))
+    long = pd.concat(cells, ignore_index=True).rename(columns={"train_language": "train_partition",
+                                                                "test_language": "test_partition"})
+    out.cells = long.assign(model=target.model, layer=target.layer, sae=np.where(long["features"] == "sae", target.sae, ""),
+                            task=task)
+    for m in out.matrices.values():
+        m.index.name, m.columns.name = "train dataset", "test dataset"
+    return out
+
+
+def write_task_transfer(cfg: ExperimentConfig, target: Target, outcome: TaskOutcome) -> TaskOutcome:
+    """Matrices next to the cross-lingual ones (``transfer-matrix.task-<task>.<features>``: the report draws
+    them as heatmaps); the cells with their intervals under ``<data_dir>/tasks/<target>/<task>.parquet``."""
+    folder = cfg.data_path / "results" / target.key
+    for source, matrix in outcome.matrices.items():
+        path = folder / f"transfer-matrix.task-{outcome.task}.{source}.parquet"
+        write_parquet(path, matrix.reset_index(names="train_language"))
+        outcome.matrix_paths.append(path)
+    outcome.cells_path = cfg.data_path / "tasks" / target.key / f"{outcome.task}.parquet"
+    write_parquet(outcome.cells_path, outcome.cells if outcome.cells is not None else pd.DataFrame())
+    return outcome
 
 
 def _val_scores(res: Any) -> Any:
@@ -217,7 +302,7 @@ def sae_labels(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, transfer: list[Path] | None = None,
-                 conditions: list[Path] | None = None) -> Any:
+                 conditions: list[Path] | None = None, interventions: list[Path] | None = None) -> Any:
     """``<data_dir>/report/index.{html,md}`` + figures from the given result files (default: every one on disk)."""
     from mosaic_dag.provenance import provenance
     from mosaic_dag.report import write_report
@@ -232,6 +317,18 @@ def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, trans
         extra += (f"\nImage datasets ({', '.join(images)}): TF-IDF has no words to read in an image, so image "
                   "partitions have SAE and hidden-state probes only; a transfer matrix with an `image` row/column "
                   "is text -> image transfer (class descriptions vs images).\n")
+    tables = [read_results_file(p) for p in interventions or [] if Path(p).exists()]
+    if any(len(t) for t in tables):
+        from mosaic_dag.tables import markdown_table
+
+        shown = pd.concat(tables, ignore_index=True)[["model", "layer", "sae", "dataset", "language", "probe", "class",
+                                                      "latent", "weight", "probe_flip_share", "model_effect",
+                                                      "model_metric", "verdict"]]
+        extra += ("\n## Interventions: do the selected SAE probe's top latents matter?\n\n`probe_flip_share`: share of "
+                  "test decisions that flip when the latent is removed from the pooled features; `model_effect`: change "
+                  "of the model's output when it is removed at the SAE's layer (reconstruction + error term) — "
+                  "`kl_last_token` (nats) or `abs_delta_logprob` of the labelled answer.\n\n"
+                  + markdown_table(shown.round(4), max_rows=60) + "\n")
     comparisons = comparisons_table(cfg, table)
     fragments = [f.read_text(encoding="utf-8") for f in interpretation_files(cfg)]
     sections = ("<h2>What the SAE probes learned</h2><p class='note'>Per partition: the validation-selected SAE "
@@ -256,8 +353,8 @@ def _predictions_for(cfg: ExperimentConfig, row: pd.Series) -> pd.DataFrame | No
     from mosaic_dag.evaluation import predictions_file
 
     root = cfg.data_path / "predictions"
-    name = f"{row['dataset']}.{row['language']}.parquet"
-    if row["sae"]:
+    name = f"{'judge.' if row['features'] == 'judge' else ''}{row['dataset']}.{row['language']}.parquet"
+    if row["sae"]:  # judge rows have no SAE: their file is found like the hidden/TF-IDF ones
         target = Target(str(row["model"]), int(row["layer"]), str(row["sae"]))
         files = [predictions_file(cfg, target, str(row["dataset"]), str(row["language"]))]
     else:
@@ -305,7 +402,7 @@ def comparisons_table(cfg: ExperimentConfig, results: pd.DataFrame | None = None
         same = table[(table["model"] == model) & (table["layer"] == layer) & (table["dataset"] == dataset)
                      & (table["language"] == language)]
         sel = best_rows(part).iloc[0]
-        for source in ("hidden", "tfidf"):
+        for source in ("hidden", "tfidf", "judge"):
             other = same[same["features"] == source]
             if len(other):
                 p = _pair(cfg, sel, best_rows(other).iloc[0])
@@ -318,7 +415,7 @@ def comparisons_table(cfg: ExperimentConfig, results: pd.DataFrame | None = None
         if "sae" not in by_source:
             continue
         sae_row = by_source["sae"]
-        for source in ("hidden", "tfidf"):
+        for source in ("hidden", "tfidf", "judge"):
             if source in by_source:
                 p = _pair(cfg, sae_row, by_source[source])
                 if p is not None:
@@ -326,7 +423,7 @@ def comparisons_table(cfg: ExperimentConfig, results: pd.DataFrame | None = None
                              "sae": sae_row["sae"], "dataset": dataset, "language": language}
                     out.append((scope, p))
                     tasks.append(p)
-    for comparison in ("sae-hidden", "sae-tfidf"):
+    for comparison in ("sae-hidden", "sae-tfidf", "sae-judge"):
         p = overall(comparison, tasks)
         if p is not None:
             out.append(({"scope": "overall"}, p))

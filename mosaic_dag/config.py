@@ -176,6 +176,10 @@ class DatasetConfig(_Strict):
     max_per_class: int | None = Field(None, ge=1)  # at most this many rows of each class (per source split), seeded: balances a skewed source
     label_from: Literal["field", "file"] = "field"  # file: a folder's file names say the class (harmful_train.json)
     behaviour: BehaviourConfig | None = None
+    # transfer across datasets: datasets naming one task get a train-dataset x test-dataset matrix,
+    # their labels mapped onto the task's common classes (label name -> common class)
+    task: str | None = None
+    task_classes: dict[str, str] | None = None
     # images (mosaic_dag.images): bundled:digits, a folder with one sub-folder per class, or a table whose
     # image_field holds a path or the image bytes; the prompt and the tokens that count (mosaic_dag.vlm)
     modality: Literal["text", "image"] = "text"
@@ -239,6 +243,18 @@ class DatasetConfig(_Strict):
             raise ValueError(f"descriptions languages must be unique; got {langs}")
         if "{image}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {image} (where the image tokens go)")
+        return self
+
+    @model_validator(mode="after")
+    def _task(self) -> "DatasetConfig":
+        if (self.task is None) != (self.task_classes is None):
+            raise ValueError("give 'task' and 'task_classes' (label name -> the task's common class) together")
+        if self.task is not None:
+            _check_key(self.task, "task")
+            if self.modality != "text":
+                raise ValueError("'task' is for text datasets")
+            if len(set(self.task_classes.values())) < 2:  # type: ignore[union-attr]
+                raise ValueError("task_classes must map onto 2 or more common classes")
         return self
 
     @model_validator(mode="after")
@@ -333,6 +349,47 @@ class SaeQualityConfig(_Strict):
     max_l0: float | None = None
 
 
+class JudgeConfig(_Strict):
+    """The language model itself as a zero-/k-shot classifier: a fourth baseline on the same test rows.
+
+    Each class is an answer option (``options``: label name -> option text, with its leading space);
+    the judge picks the option with the highest summed log-probability after the prompt, as the
+    behaviour labels do. ``shots`` in-context examples come from the TRAIN split only."""
+
+    enabled: bool = False
+    model: str | None = None  # a model name from `models`; None: each target's own model
+    template: str = "Text: {text}\nLabel:"
+    options: dict[str, str] | None = None
+    shots: int = Field(0, ge=0, le=64)
+    datasets: list[str] | None = None  # dataset names; None: every text dataset
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(512, ge=8, le=32768)
+
+    @model_validator(mode="after")
+    def _judge(self) -> "JudgeConfig":
+        if "{text}" not in self.template:
+            raise ValueError("template must contain {text}")
+        if self.enabled and not (self.options and len(self.options) >= 2):
+            raise ValueError("enabled judge needs 'options' (label name -> answer text) for 2 or more classes")
+        if self.options and len(set(self.options.values())) != len(self.options):
+            raise ValueError("options: every class needs its own answer text")
+        if self.options and any(not v.strip() for v in self.options.values()):
+            raise ValueError("options: an answer text is empty")
+        return self
+
+
+class InterventionsConfig(_Strict):
+    """Do the selected SAE probe's top latents matter to the probe and to the model (opt-in)?"""
+
+    enabled: bool = False
+    top: int = Field(3, ge=1, le=50)  # latents per class, by the probe's weight
+    scale: float = 0.0  # the latent's code is multiplied by this during the forward (0: removed)
+    texts: int = Field(32, ge=1)  # test texts the model-reliance forwards run over
+    min_flip_share: float = Field(0.01, ge=0, le=1)  # a latent "drives the probe" from this share of flips
+    min_effect: float = Field(0.01, ge=0)  # ... "drives the model" from this KL / |delta log-prob| (nats)
+    batch_size: int = Field(8, ge=1)
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str = "mosaic"
@@ -359,6 +416,8 @@ class ExperimentConfig(_Strict):
     transfer: TransferConfig = TransferConfig()
     conditions: ConditionsConfig = ConditionsConfig()
     sae_quality: SaeQualityConfig = SaeQualityConfig()
+    judge: JudgeConfig = JudgeConfig()
+    interventions: InterventionsConfig = InterventionsConfig()
     mlflow: MlflowConfig = MlflowConfig()
     run: RunConfig = RunConfig()
     _base_dir: Path | None = PrivateAttr(default=None)
@@ -395,6 +454,21 @@ class ExperimentConfig(_Strict):
                             f"classification.k: {too_big} larger than the width {sae.width} of SAE {sae.label!r} "
                             f"(models[{m.name}]); use k <= {sae.width}"
                         )
+        for task, members in self.tasks.items():
+            if len(members) < 2:
+                raise ValueError(f"datasets: task {task!r} has one dataset ({members[0]}); give 'task: {task}' to "
+                                 "a second dataset or drop it")
+            common = {d: sorted(set(self.dataset(d).task_classes.values())) for d in members}  # type: ignore[union-attr]
+            if len({tuple(v) for v in common.values()}) > 1:
+                raise ValueError(f"datasets: task {task!r} maps onto different common classes ({common}); "
+                                 "use the same class names in every task_classes")
+        jc = self.judge
+        if jc.model is not None and jc.model not in {m.name for m in self.models}:
+            raise ValueError(f"judge.model: {jc.model!r} is not a model name of this config; use one of "
+                             f"{[m.name for m in self.models]}")
+        unknown = [d for d in jc.datasets or [] if d not in names]
+        if unknown:
+            raise ValueError(f"judge.datasets: {unknown} are not datasets of this config; use names from {sorted(names)}")
         return self
 
     def model(self, name: str) -> ModelConfig:
@@ -408,6 +482,15 @@ class ExperimentConfig(_Strict):
             if d.name == name:
                 return d
         raise ConfigError(f"dataset {name!r} is not in the config; known: {[d.name for d in self.datasets]}")
+
+    @property
+    def tasks(self) -> dict[str, list[str]]:
+        """Task name -> the datasets that declare it (config order)."""
+        out: dict[str, list[str]] = {}
+        for d in self.datasets:
+            if d.task is not None:
+                out.setdefault(d.task, []).append(d.name)
+        return out
 
     def dataset_languages(self, name: str) -> list[str]:
         d = self.dataset(name)

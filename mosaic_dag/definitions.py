@@ -26,7 +26,7 @@ from dagster import (
     sensor,
 )
 
-from assets import analysis, datasets, hidden_states, probes, sae
+from assets import analysis, datasets, hidden_states, interventions, judge, probes, sae
 from assets.partitions import dataset_partitions, target_partitions
 from mosaic_dag.config import ExperimentConfig, load_config
 from mosaic_dag.errors import MosaicError
@@ -49,6 +49,7 @@ def build_assets(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
     with warnings.catch_warnings():  # partitioned asset checks are a Dagster preview feature
         warnings.simplefilter("ignore")
         return [datasets.build(cfg), hidden_states.build(cfg), *sae.build(cfg), *probes.build(cfg),
+                *judge.build(cfg), *interventions.build(cfg),
                 *analysis.build(cfg)]
 
 

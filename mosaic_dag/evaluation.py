@@ -49,7 +49,7 @@ RESULT_COLUMNS = [
     "model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
     "classifier", "k", "train_language", "test_language", "probe", "val_macro_f1", "selected",
     "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc", "n_train", "n_test",
-    "vs_hidden", "vs_tfidf", "mlflow_run_id",
+    "vs_hidden", "vs_tfidf", "vs_judge", "cost", "mlflow_run_id",
 ]
 KEY_COLUMNS = [
     "model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
@@ -192,7 +192,7 @@ def run_probes(
             "top_n": spec.top_n, "classifier": spec.classifier, "k": spec.k, "train_language": language, "test_language": language,
             "probe": spec.label, "val_macro_f1": result.val_macro_f1, "selected": False, "macro_f1": m.macro_f1, "macro_f1_ci_low": m.macro_f1_ci_low, "macro_f1_ci_high": m.macro_f1_ci_high,
             "accuracy": m.accuracy, "auroc": m.auroc, "n_train": m.n_train, "n_test": m.n_test,
-            "vs_hidden": "", "vs_tfidf": "", "mlflow_run_id": mlflow_run_id,
+            "vs_hidden": "", "vs_tfidf": "", "vs_judge": "", "cost": "", "mlflow_run_id": mlflow_run_id,
         })
         if progress:
             progress(i + 1, len(specs))
@@ -453,6 +453,9 @@ def iter_result_files(cfg: ExperimentConfig, *, every: bool = False) -> Iterator
             path = results_file(cfg, target, dkey.dataset, dkey.language)
             if path.exists():
                 yield path
+            judged = path.with_name(f"judge.{path.name}")  # the judge baseline's row (mosaic_dag.judge)
+            if cfg.judge.enabled and judged.exists():
+                yield judged
         if cfg.transfer.enabled:
             for d in cfg.datasets:
                 path = root / target.key / f"transfer.{d.name}.parquet"

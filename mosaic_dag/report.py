@@ -49,6 +49,7 @@ _TABLE_COLUMNS: tuple[str, ...] = (
     "model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
     "classifier", "k", "train_language", "test_language", "val_macro_f1", "selected", "macro_f1",
     "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc", "n_train", "n_test", "vs_hidden", "vs_tfidf",
+    "vs_judge", "cost",
 )
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "TextSplit",
     "TransferResult",
     "check_label_space",
+    "common_labels",
     "heatmap_png",
     "tfidf_transfer_matrix",
     "transfer_matrix",
@@ -250,6 +251,7 @@ def tfidf_transfer_matrix(
     min_df: float = 1,
     max_features: int | None = 200_000,
     ids_test: Mapping[str, npt.ArrayLike] | None = None,
+    languages: Mapping[str, str] | None = None,
     **logistic_kwargs: Any,
 ) -> TransferResult:
     """TF-IDF transfer: per train language, the vectoriser sees that language's train+val texts only.
@@ -257,7 +259,8 @@ def tfidf_transfer_matrix(
     ``texts_by_language[lang] = (train_texts, y_train, val_texts, y_val, test_texts, y_test)``.
     The diagonal equals ``fit_tfidf`` on that language; other languages' test texts go through
     the same fitted vectoriser (words it never saw simply have no column). English stop words
-    are used only when the train language is ``en`` (as in ``fit_tfidf``).
+    are used only when the train language is ``en`` (as in ``fit_tfidf``); ``languages`` gives each
+    key's language when the keys are not languages (cross-dataset matrices).
     """
     if not texts_by_language:
         raise ValueError("texts_by_language: need at least one language")
@@ -285,7 +288,7 @@ def tfidf_transfer_matrix(
     for tr in langs:
         ttr, ytr, tva, yva, tte, yte = texts_by_language[tr]
         probe = fit_tfidf(
-            ttr, ytr, tva, yva, tte, yte, analyzer=analyzer, language=tr,
+            ttr, ytr, tva, yva, tte, yte, analyzer=analyzer, language=(languages or {}).get(tr, tr),
             min_df=min_df, max_features=max_features, Cs=Cs, seed=seed, n_boot=n_boot, **logistic_kwargs,
         )
         probes[tr] = probe
@@ -300,6 +303,27 @@ def tfidf_transfer_matrix(
             m = evaluate(y_te, pred, proba, probe.classes, seed, n_train=probe.metrics.n_train, n_boot=n_boot)
             scored[(tr, te)] = (m, ids[te], y_te, pred)
     return _assemble(langs, probes, scored)
+
+
+# --------------------------------------------------------------------------- across datasets of one task
+
+
+def common_labels(label_names: Sequence[str], mapping: Mapping[str, str], classes: Sequence[str],
+                  what: str = "dataset") -> np.ndarray:
+    """Each row's label name mapped onto the task's common classes, as an index into ``classes``.
+
+    Datasets of one task label the same thing differently (davidson's hate / offensive / neither,
+    a toxicity set's toxic / not toxic); the mapping puts them in one label space so a probe fitted
+    on one dataset can be scored on another."""
+    names = np.asarray(label_names, dtype=object)
+    unmapped = sorted(set(names.tolist()) - set(mapping))
+    if unmapped:
+        raise ValueError(f"{what}: task_classes has no common class for the labels {unmapped}; map every label name")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({mapping[n] for n in set(names.tolist())} - set(index))
+    if unknown:
+        raise ValueError(f"{what}: task_classes maps onto {unknown}, not among the task's classes {list(classes)}")
+    return np.asarray([index[mapping[n]] for n in names.tolist()], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- plotting
