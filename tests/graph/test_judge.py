@@ -12,7 +12,7 @@ from mosaic_dag.config import parse_config
 from mosaic_dag.errors import ConfigError
 from mosaic_dag.judge import class_options, judge_texts, pick_shots, shot_prefix
 from mosaic_dag.probes import majority_baseline_f1
-from tests.conftest import tiny_config
+from tests.support.models import tiny_config
 
 
 def _loaded(model_dir: Path):

@@ -11,7 +11,7 @@ import yaml
 from mosaic_dag.config import load_config, parse_config
 from mosaic_dag.errors import ConfigError
 from mosaic_dag.transfer import Split, common_labels, offdiag_mean, tfidf_transfer_matrix, transfer_matrix
-from tests.conftest import SHARED_DATA, TINY_SAE, WORDS
+from tests.support.models import SHARED_DATA, TINY_SAE, WORDS
 
 CLASSES = ["not_offensive", "offensive"]
 A_MAP = {"ok": "not_offensive", "toxic": "offensive"}
@@ -95,7 +95,7 @@ def test_task_config_is_checked(tmp_path: Path):
 
 
 def test_example_config_on_shared_data():
-    path = Path(__file__).resolve().parents[1] / "examples" / "tasks_offensive_harmful.yaml"
+    path = Path(__file__).resolve().parents[2] / "examples" / "tasks_offensive_harmful.yaml"
     if not (SHARED_DATA / "refusal_harmful_harmless").exists():
         pytest.skip(f"{SHARED_DATA} is absent: the example's datasets live there")
     from mosaic_dag.datasets import load_dataset

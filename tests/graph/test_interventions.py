@@ -17,7 +17,7 @@ from mosaic_dag.interventions import (
 )
 from mosaic_dag.probes import fit_logistic
 from mosaic_dag.transfer import _predict
-from tests.conftest import tiny_config
+from tests.support.models import tiny_config
 
 PLANTED, INERT, NOISE = 0, 1, 2
 TEXTS = ["you are kind", "go away idiot", "lovely day my friend", "i hate your post", "great post", "stupid comment"]
