@@ -114,7 +114,8 @@ def embedded_markdown(index: Path) -> str:
         path = index.parent / m.group(2)
         return f"![{m.group(1)}]({data_uri(path)})" if path.is_file() else m.group(0)
 
-    return re.sub(r"!\[([^\]]*)\]\(([^)\s:]+)\)", embed, index.read_text())
+    text = re.sub(r"^Vector version: .*$\n?", "", index.read_text(), flags=re.M)  # file links cannot resolve there
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s:]+)\)", embed, text)
 
 
 def _plot(path: str | Path, build: Callable[[], tuple[Figure, int]]) -> Plot:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,10 +193,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
 
         client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=60)
         in_process = {"execution": {"config": {"in_process": {}}}}  # one process per run: faster to start
+        multi = {"dagster/partition": f"{DATASET}|{TARGET}", "dagster/partition/dataset": DATASET,
+                 "dagster/partition/target": TARGET}  # a multi-partition run carries its key per dimension too
         launches = {
             "dataset": {"dagster/partition": DATASET},
-            # a multi-partition run carries its key per dimension too, as the UI sets it
             "hidden_states": {"dagster/partition": DATASET},  # one forward pass per dataset serves every layer
+            # then the chain to the report, so its page (with embedded figures) can be looked at
+            "sae": {"dagster/partition": TARGET},
+            "sae_codes": multi,
+            "pooled_features": multi,
+            "probes": multi,
+            "report": {},
         }
         for asset, tags in launches.items():  # in order: hidden_states reads the dataset's parquet
             run_id = client.submit_job_execution("__ASSET_JOB", asset_selection=[asset], tags=tags, run_config=in_process)
@@ -290,6 +298,36 @@ def test_asset_graph_page_in_headless_chromium(stack: Stack):
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def test_report_asset_page_renders_its_figures_in_headless_chromium(stack: Stack):
+    """The `report` asset's markdown metadata, opened in the real UI: every image decodes (data: URIs)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.browser import broken_images, headless_chromium
+
+    with headless_chromium(stack.tmp) as driver:
+        driver.get(f"{stack.url}/assets/report")
+        show = "//*[normalize-space(text())='[Show Markdown]']"
+
+        def link_shown(d) -> bool:  # type: ignore[no-untyped-def]
+            for button in d.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):  # first-visit dialog
+                button.click()
+            return bool(d.find_elements(By.XPATH, show))
+
+        WebDriverWait(driver, 120, poll_frequency=1).until(link_shown)
+        driver.find_elements(By.XPATH, show)[0].click()
+        WebDriverWait(driver, 60, poll_frequency=1).until(
+            lambda d: len(d.execute_script("return Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))")) >= 2)
+        time.sleep(2)  # every image decoded before the check and the picture
+        figures = driver.execute_script("return Array.from(document.images).filter(i => i.src.startsWith('data:image/png')).length")
+        assert figures >= 2 and broken_images(driver) == []
+        driver.execute_script("Array.from(document.images).find(i => i.src.startsWith('data:image/png')).scrollIntoView()")
+        time.sleep(1)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "dagster-report-asset.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
 # --------------------------------------------------------------------------------------------- mlflow server
 
 
@@ -313,13 +351,15 @@ def test_mlflow_server_serves_the_runs_and_takes_remote_logging(stack: Stack):
         for run in runs:
             tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
             by_asset[tags["dagster.asset_key"]] = (run, tags)
-        assert set(by_asset) == {"dataset", "hidden_states"}
+        assert {"dataset", "hidden_states", "sae", "probes", "report"} <= set(by_asset)
         for asset, (run, tags) in by_asset.items():
             assert run["info"]["status"] == "FINISHED"
             assert tags["dagster.run_id"] == stack.run_ids[asset]  # MLflow -> Dagster link
             params = {p["key"] for p in run["data"].get("params", [])}
+            # secret-looking names never logged (counts such as config.training_tokens are settings, not secrets)
             assert params and not any(h in p.lower() for p in params
-                                      for h in ("token", "secret", "password", "api_key", "credential"))
+                                      for h in ("hf_token", "secret", "password", "api_key", "credential"))
+            assert not any(re.search(r"(^|[._])(access_|auth_)?token$", p.lower()) for p in params), params
         metrics = {m["key"]: m["value"] for m in by_asset["hidden_states"][0]["data"]["metrics"]}
         assert metrics["tokens"] > 0 and metrics["texts"] > 0 and metrics["cache_hit"] == 0.0
         assert {m["key"]: m["value"] for m in by_asset["dataset"][0]["data"]["metrics"]}["texts"] == metrics["texts"]
