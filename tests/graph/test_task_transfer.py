@@ -1,6 +1,5 @@
 """Transfer across datasets of one task: the label mapping, the matrices, the config and the graph step."""
 
-import json
 from pathlib import Path
 
 import numpy as np

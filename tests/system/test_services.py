@@ -303,7 +303,7 @@ def test_report_asset_page_renders_its_figures_in_headless_chromium(stack: Stack
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.browser import broken_images, headless_chromium
+    from tests.support.browser import broken_images, headless_chromium
 
     with headless_chromium(stack.tmp) as driver:
         driver.get(f"{stack.url}/assets/report")

@@ -27,40 +27,7 @@ from mosaic_dag.report import (
     plot_transfer,
     write_report,
 )
-
-
-def _results() -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    rows = []
-    for lang in ("en", "fr"):
-        for layer in (3, 6, 9):
-            for pooling in ("mean", "max"):
-                for thr in (None, 0.0, 1.0):
-                    for clf in ("logistic", "tree"):
-                        f1 = 0.5 + 0.03 * layer + (0.05 if pooling == "max" else 0) - (0.1 if clf == "tree" else 0)
-                        f1 += 0.02 * rng.random()
-                        rows.append({"model": "gemma", "layer": layer, "sae": "btk", "dataset": "tox", "language": lang,
-                                     "features": "sae", "pooling": pooling, "threshold": thr, "classifier": clf,
-                                     "macro_f1": f1, "macro_f1_ci_low": f1 - 0.05, "macro_f1_ci_high": min(1, f1 + 0.05),
-                                     "accuracy": f1, "auroc": f1, "n_train": 100, "n_test": 40})
-            rows.append({"model": "gemma", "layer": 6, "dataset": "tox", "language": lang, "features": "hidden",
-                         "pooling": "mean", "threshold": None, "classifier": "logistic", "macro_f1": 0.8,
-                         "macro_f1_ci_low": 0.7, "macro_f1_ci_high": 0.9, "n_train": 100, "n_test": 40})
-        rows.append({"dataset": "tox", "language": lang, "features": "tfidf", "classifier": "tfidf_word",
-                     "macro_f1": 0.7, "macro_f1_ci_low": 0.6, "macro_f1_ci_high": 0.8, "n_train": 100, "n_test": 40})
-    return pd.DataFrame(rows)
-
-
-def _curves() -> pd.DataFrame:
-    rows = []
-    for src, base in (("sae", 0.8), ("tfidf", 0.7)):
-        for v in (16, 64, 256):
-            rows.append({"features": src, "condition": "size", "value": v, "macro_f1": base - 8 / v,
-                         "ci_low": base - 8 / v - 0.05, "ci_high": base - 8 / v + 0.05, "n_train": v})
-        for v in (0.0, 0.2, 0.4):
-            rows.append({"features": src, "condition": "noise", "value": v, "macro_f1": base - v / 2,
-                         "ci_low": np.nan, "ci_high": np.nan, "n_train": 300})
-    return pd.DataFrame(rows)
+from tests.support.report_data import curves, results
 
 
 def _assert_real_png(path: Path) -> None:
@@ -71,7 +38,7 @@ def _assert_real_png(path: Path) -> None:
 
 
 def test_each_plot_has_data(tmp_path: Path) -> None:
-    df = _results()
+    df = results()
     for fn, name in ((plot_layers, "lp"), (plot_binarization, "bin"), (plot_sources, "src"), (plot_pooling, "pool"),
                      (plot_saes, "saes")):
         p = fn(df, tmp_path / f"{name}.png")
@@ -84,7 +51,7 @@ def test_each_plot_has_data(tmp_path: Path) -> None:
     assert plot_pooling(en, tmp_path / "p_en.png").n_points == 2 + 1  # SAE mean/max, hidden mean
     src = plot_sources(df, tmp_path / "s.png")
     assert src.n_points == 2 * 3  # two languages x {sae, hidden, tfidf}
-    cond = plot_conditions(_curves(), tmp_path / "c.png")
+    cond = plot_conditions(curves(), tmp_path / "c.png")
     assert cond.written and cond.n_points == 2 * 3 * 2
     _assert_real_png(tmp_path / "c.png")
     m = pd.DataFrame([[0.9, 0.4], [0.5, 0.88]], index=["en", "fr"], columns=["en", "fr"])
@@ -94,12 +61,12 @@ def test_each_plot_has_data(tmp_path: Path) -> None:
 
 
 def _all_figures() -> dict[str, Figure]:
-    df = _results()
+    df = results()
     base = {"tox.en": 0.33, "tox.fr": 0.4}
     m = pd.DataFrame([[0.9, 0.4], [0.5, 0.88]], index=["en", "fr"], columns=["en", "fr"])
     figs = {axis: F.axis_figure(df, axis, base)[0] for axis in ("layer", "sae", "pooling", "threshold")}
     figs["sources"] = F.sources_figure(df, base)[0]
-    figs["conditions"] = F.conditions_figure(_curves())[0]
+    figs["conditions"] = F.conditions_figure(curves())[0]
     figs["transfer"] = F.transfer_figure({"SAE": m, "hidden": m}, "transfer")[0]
     return figs
 
@@ -160,7 +127,7 @@ def test_figures_read_at_a_glance() -> None:
 
 
 def test_one_axis_value_is_drawn_as_bars_and_baseline_is_drawn() -> None:
-    one_layer = _results()
+    one_layer = results()
     one_layer = one_layer[one_layer["layer"].isna() | (one_layer["layer"] == 6)]
     fig, n = F.axis_figure(one_layer, "layer", {"tox.en": 0.33})
     panel = next(ax for ax in fig.axes if ax.get_title() == "tox.en")
@@ -168,7 +135,7 @@ def test_one_axis_value_is_drawn_as_bars_and_baseline_is_drawn() -> None:
     assert len(bars) == 2 and n == 4  # SAE and hidden at the single layer, bars not a dot on a line
     baseline = [ln for ln in panel.lines if ln.get_label() == F.BASELINE_LABEL]
     assert baseline and baseline[0].get_ydata()[0] == pytest.approx(0.33)
-    cond = _curves()
+    cond = curves()
     cond = cond[(cond["condition"] != "noise") | (cond["value"] == 0.2)]  # noise: one value
     fig, _ = F.conditions_figure(cond)
     noise = next(ax for ax in fig.axes if ax.get_title() == "noise")
@@ -182,9 +149,9 @@ def test_one_axis_value_is_drawn_as_bars_and_baseline_is_drawn() -> None:
         lambda d: plot_layers(pd.DataFrame(), d / "x.png"),
         lambda d: plot_layers(None, d / "x.png"),
         lambda d: plot_layers(pd.DataFrame({"features": ["sae"], "layer": [1], "macro_f1": [np.nan]}), d / "x.png"),
-        lambda d: plot_saes(_results().assign(sae=""), d / "x.png"),
+        lambda d: plot_saes(results().assign(sae=""), d / "x.png"),
         lambda d: plot_binarization(pd.DataFrame({"macro_f1": [0.5]}), d / "x.png"),
-        lambda d: plot_binarization(_results().assign(features="hidden"), d / "x.png"),
+        lambda d: plot_binarization(results().assign(features="hidden"), d / "x.png"),
         lambda d: plot_sources(pd.DataFrame(columns=["features", "macro_f1"]), d / "x.png"),
         lambda d: plot_conditions(pd.DataFrame(), d / "x.png"),
         lambda d: plot_transfer(pd.DataFrame(), d / "x.png"),
@@ -211,7 +178,7 @@ def test_write_report_links_every_png(tmp_path: Path) -> None:
     }
     with warnings.catch_warnings():  # no "constrained_layout ... collapsed" (or any layout) warning when saving
         warnings.filterwarnings("error", message=".*(layout|collapsed).*")
-        rep = write_report(out, _results(), transfer, _curves(), extra_md="## Notes\n\nhello notes",
+        rep = write_report(out, results(), transfer, curves(), extra_md="## Notes\n\nhello notes",
                            provenance={"mosaic.config_hash": "abc123", "mosaic.version.torch": "9.9"})
     assert rep.index == out / "index.md" and rep.index.exists()
     names = sorted(p.name for p in rep.pngs)
@@ -250,9 +217,9 @@ def test_write_report_with_nothing_writes_index_only(tmp_path: Path) -> None:
 
 def test_many_tasks_still_lay_out(tmp_path: Path) -> None:
     """Five languages (the multilingual case): panels wrap, nothing collapses, the legend stays off the panels."""
-    base = _results()
+    base = results()
     many = pd.concat([base[base.language == "en"].assign(language=lang) for lang in ("en", "es", "de", "ru", "zh")])
-    curves = pd.concat([_curves().assign(dataset="tox", language=lang) for lang in ("en", "es", "de", "ru", "zh")])
+    curves = pd.concat([curves().assign(dataset="tox", language=lang) for lang in ("en", "es", "de", "ru", "zh")])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         figs = [F.axis_figure(many, a)[0] for a in ("layer", "sae", "pooling", "threshold")]

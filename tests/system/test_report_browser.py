@@ -8,23 +8,22 @@ from pathlib import Path
 import pandas as pd
 
 from mosaic_dag.report import write_report
-from tests.browser import broken_images, headless_chromium
-from tests.test_interpret import _data, _runs
-from tests.test_report import _curves, _results
+from tests.support.browser import broken_images, headless_chromium
+from tests.support.report_data import curves, planted_codes, planted_runs, results
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 def test_html_report_in_headless_chromium(tmp_path: Path) -> None:
     from mosaic_dag.interpret import interpret_partition
 
-    X, y, frame = _data()
-    interp = interpret_partition("gemma.L6.btk tox.en", _runs(X, y), lambda _k: X, frame, {0: "fine", 1: "toxic"},
+    X, y, frame = planted_codes()
+    interp = interpret_partition("gemma.L6.btk tox.en", planted_runs(X, y), lambda _k: X, frame, {0: "fine", 1: "toxic"},
                                  neuronpedia_id="gemma/6-res-16k")
     assert interp is not None
     idx = pd.Index(["en", "fr"], name="train_language")
     transfer = {"gemma.L6.btk tox sae": pd.DataFrame([[0.9, 0.4], [0.5, 0.88]], index=idx, columns=["en", "fr"])}
-    rep = write_report(tmp_path / "report", _results(), transfer, _curves(), baselines={"tox.en": 0.33},
+    rep = write_report(tmp_path / "report", results(), transfer, curves(), baselines={"tox.en": 0.33},
                        provenance={"mosaic.config_hash": "abc123"}, sections_html=interp.html())
     with headless_chromium(tmp_path) as driver:
         from selenium.webdriver.common.by import By

@@ -7,40 +7,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
-from mosaic_dag.evaluation import ProbeRun, ProbeSpec
 from mosaic_dag.features import feature_name
 from mosaic_dag.interpret import interpret_partition, tree_figure
-from mosaic_dag.probes import fit_logistic, fit_tree
-
-
-def _data():
-    rng = np.random.default_rng(0)
-    n = 300
-    y = rng.integers(0, 2, n)
-    X = np.zeros((n, 8))
-    X[:, 3] = np.where(y == 1, rng.uniform(1, 3, n), 0.0)  # latent 3 fires on class 1 only
-    X[:, 5] = rng.uniform(0, 1, n) * (rng.random(n) < 0.3)  # noise latent, 30% active
-    split = np.array(["train"] * 180 + ["validation"] * 60 + ["test"] * 60)
-    frame = pd.DataFrame({"id": [f"t{i}" for i in range(n)], "text": [f"text number {i}" for i in range(n)],
-                          "label": y, "label_name": np.where(y == 1, "toxic", "fine"), "split": split})
-    return sp.csr_matrix(X), y, frame
-
-
-def _runs(X, y):
-    tr, va, te = np.arange(180), np.arange(180, 240), np.arange(240, 300)
-    args = (X[tr], y[tr], X[va], y[va], X[te], y[te])
-    spec = lambda c: ProbeSpec("sae", "mean", None, None, c, None)  # noqa: E731
-    ids = [f"t{i}" for i in te]
-    return [ProbeRun(spec("logistic"), fit_logistic(*args, n_boot=0), ids),
-            ProbeRun(spec("tree"), fit_tree(*args, max_depths=(2,), min_samples_leafs=(1,), n_boot=0), ids)]
+from tests.support.report_data import planted_codes, planted_runs
 
 
 def test_selected_probe_latents_texts_and_tree() -> None:
-    X, y, frame = _data()
-    runs = _runs(X, y)
+    X, y, frame = planted_codes()
+    runs = planted_runs(X, y)
     names = {0: "fine", 1: "toxic"}
     key = json.dumps([feature_name("sae", "mean", None), None])
     seen = []
@@ -70,8 +45,8 @@ def test_selected_probe_latents_texts_and_tree() -> None:
 
 
 def test_tree_is_drawn_with_latent_ids() -> None:
-    X, y, _ = _data()
-    tree = _runs(X, y)[1]
+    X, y, _ = planted_codes()
+    tree = planted_runs(X, y)[1]
     fig = tree_figure(tree.result, {0: "fine", 1: "toxic"}, tree.spec.label)
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert any("latent 3" in t for t in texts) and any("toxic" in t for t in texts)
