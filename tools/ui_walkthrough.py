@@ -3,7 +3,7 @@
     python tools/ui_walkthrough.py --config mosaic_dag/configs/demo.yaml --out test-artifacts/ui
 
 Starts `mosaic ui` (dagster dev, automation on) on a fresh instance, waits for the config's partitions
-to be registered by the sensor, clicks "Materialize all" on the `dataset` asset in headless Chromium
+to be registered by the sensor, clicks "Materialize…" on the `dataset` asset in headless Chromium
 and launches it, then leaves the rest to declarative automation. It waits until every partition of
 every asset is materialized (or a run fails), checks that nothing is stale, and saves screenshots of
 the asset graph. A developer check, not part of `make test`: it runs the whole experiment.
@@ -76,12 +76,18 @@ def _click(driver, label: str, timeout: float = 60) -> None:  # type: ignore[no-
             with contextlib.suppress(Exception):
                 skip.click()
         found = [b for b in driver.find_elements(By.XPATH, f"//button[starts-with(normalize-space(), '{label}')]")
-                 if b.is_displayed() and b.is_enabled()]
-        if found:
-            found[-1].click()
+                 if b.is_enabled() and b.get_attribute("disabled") is None]
+        if found:  # the dialog's button may sit below the fold: scroll to it, then click as a user would
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", found[-1])
+            time.sleep(0.5)
+            try:
+                found[-1].click()
+            except Exception:  # noqa: BLE001 - covered by an overlay's edge: a JS click is the same event
+                driver.execute_script("arguments[0].click();", found[-1])
             return
         time.sleep(1)
-    raise RuntimeError(f"no enabled button '{label}…' on {driver.current_url}")
+    labels = sorted({b.text.strip() for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip()})
+    raise RuntimeError(f"no enabled button '{label}…' on {driver.current_url}; buttons: {labels}")
 
 
 def main() -> int:
@@ -126,11 +132,11 @@ def main() -> int:
         driver = _browser(profile)
         driver.set_page_load_timeout(120)
         driver.get(f"{url}/assets/dataset")
-        _click(driver, "Materialize all")
+        _click(driver, "Materialize")  # "Materialize…" on a partitioned asset: opens the partition dialog
         time.sleep(2)
         driver.save_screenshot(str(out / "1-materialize-dialog.png"))
-        _click(driver, "Launch")
-        print(f"[{time.monotonic() - started:6.0f}s] clicked Materialize all → Launch on dataset")
+        _click(driver, "Launch backfill")
+        print(f"[{time.monotonic() - started:6.0f}s] clicked Materialize… → Launch on dataset (all partitions)")
         time.sleep(3)
         driver.save_screenshot(str(out / "2-launched.png"))
 

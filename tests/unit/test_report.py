@@ -219,11 +219,11 @@ def test_many_tasks_still_lay_out(tmp_path: Path) -> None:
     """Five languages (the multilingual case): panels wrap, nothing collapses, the legend stays off the panels."""
     base = results()
     many = pd.concat([base[base.language == "en"].assign(language=lang) for lang in ("en", "es", "de", "ru", "zh")])
-    curves = pd.concat([curves().assign(dataset="tox", language=lang) for lang in ("en", "es", "de", "ru", "zh")])
+    curve_rows = pd.concat([curves().assign(dataset="tox", language=lang) for lang in ("en", "es", "de", "ru", "zh")])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         figs = [F.axis_figure(many, a)[0] for a in ("layer", "sae", "pooling", "threshold")]
-        figs += [F.sources_figure(many)[0], F.conditions_figure(curves)[0]]
+        figs += [F.sources_figure(many)[0], F.conditions_figure(curve_rows)[0]]
         for fig in figs:
             fig.canvas.draw()
             renderer = fig.canvas.get_renderer()
