@@ -160,6 +160,8 @@ def run(acts: np.ndarray, *, width: int = 4096, k: int = 32, batches: tuple[int,
     import torch
 
     n_threads = torch.get_num_threads()
+    if default_batch not in batches:  # the stock step runs at the default batch size: take the first one asked for
+        default_batch = batches[0]
     peak = peak or peak_matmul_gflops()
     out = measure(acts, width=width, k=k, batches=list(batches), threads=list(threads), steps=steps,
                   repeats=repeats, stock_batch=default_batch, peak=peak)
