@@ -106,8 +106,8 @@ def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Pat
 
     # Report: JSON written, one verdict per target, a table.
     saved = json.loads((out / "latest.json").read_text())
-    assert {v["target"][0] for v in saved["verdicts"]} == {"1", "2", "3", "4"}
+    assert {v["target"][0] for v in saved["verdicts"]} == {"1", "2", "3", "4", "5", "6"}
     targets = [v for v in saved["verdicts"] if "(reference)" not in v["target"]]
-    assert len(targets) == 5 and all(isinstance(v["pass"], bool) for v in targets)
+    assert len(targets) == 7 and all(isinstance(v["pass"], bool) for v in targets)
     assert all(v["pass"] is None for v in saved["verdicts"] if v not in targets)  # fp32 option: shown, not judged
     assert "| target | measured | goal | result |" in (out / "latest.md").read_text()
