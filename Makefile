@@ -40,5 +40,5 @@ clean:
 	rm -rf mosaic_data .dagster_home
 
 .PHONY: bench
-bench: setup   # performance benchmark (~7 min on 2 idle cores): table on stdout, JSON in bench/results/
+bench: setup   # performance benchmark: sections 1-4 ~7 min on 2 idle cores, 5-6 (SAE training, wide SAEs up to 1M: ~8 GB RAM) longer; 7-8 opt-in
 	$(PY) -m bench.run

@@ -91,7 +91,21 @@ def machine() -> dict[str, Any]:
         "scipy": scipy.__version__,
         "sklearn": sklearn.__version__,
         "load_average_at_start": load_average(),
+        "cpu_kind": cpu_kind(),
     }
+
+
+def cpu_kind() -> dict[str, Any]:
+    """Which kind of CPU this is for mosaic: the same detection ``dtype: auto`` uses (``cpu_has_bf16``)."""
+    from mosaic_dag.models import cpu_has_bf16, dtype_name, resolve_dtype
+
+    native = cpu_has_bf16()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    label = "native bf16 (AVX-512 BF16 / AMX)" if native else "no native bf16"
+    if isa:
+        label += f", oneDNN capped at {isa}"
+    return {"native_bf16": native, "auto_dtype": dtype_name(resolve_dtype("auto", "cpu")), "onednn_max_cpu_isa": isa,
+            "label": label}
 
 
 def setup_threads(threads: int | None) -> int:

@@ -54,9 +54,19 @@ class LoadedModel:
         return int(cfg.hidden_size)
 
 
+_ISA_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """True when this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so bf16 is ~2x fp32."""
+    """True when this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so bf16 is ~2x fp32.
+
+    False also where oneDNN is capped below its bf16 instructions (``ONEDNN_MAX_CPU_ISA`` /
+    ``DNNL_MAX_CPU_ISA``, e.g. ``AVX512_CORE``): bf16 products are then emulated, slower than float32.
+    """
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if os.environ.get(var, "").strip().upper() in _ISA_WITHOUT_BF16:
+            return False
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

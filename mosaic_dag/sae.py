@@ -70,6 +70,10 @@ CODES_FORMAT_VERSION = 1
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _DENSE_CHUNK_ELEMENTS = 1 << 25  # one dense [chunk, d_sae] float32 block: ~128 MB
 _CACHE_CHUNK_ELEMENTS = 1 << 22  # ~16 MB: the fast path's pre-activations stay in cache until top-k reads them
+_WIDE = 1 << 16  # wider SAEs are encoded in width tiles: pre-activations bounded, the encoder weight read once per chunk
+_TILE_WIDTH = 1 << 14  # one tile of pre-activations: [chunk, 16k] float32 (64 MB at 1024 tokens)
+_TILED_CHUNK_TOKENS = 1024
+_PACK_MAX_BYTES = 1 << 28  # the fused encoder packs (copies) its weight only below 256 MB
 # Architectures whose codes may be negative (sign kept after a top-k on |pre-activation|).
 SIGNED_ARCHITECTURES: frozenset[str] = frozenset({"abstopk"})
 
@@ -637,7 +641,8 @@ def _encoder(sae: SAE[Any], rows_hint: int, scale: torch.Tensor | None = None) -
         pre = sae.hook_sae_acts_pre(sae.process_sae_in(x) @ weight + bias)
         return pre if scale is None else pre * scale
 
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
+            or weight.numel() * weight.element_size() > _PACK_MAX_BYTES):  # a wide SAE: no second copy of its weight
         return plain
     fold = scale is not None and not sae.hook_sae_acts_pre._forward_hooks
     try:
@@ -686,6 +691,65 @@ def grouped_topk(x: torch.Tensor, k: int, groups: tuple[int, ...] = (64, 8)) -> 
     candidates = torch.gather(split, 1, best.unsqueeze(2).expand(n, k, group)).view(n, k * group)
     values, at = grouped_topk(candidates, k, rest)
     return values, best.gather(1, at // group) * group + at % group
+
+
+def _tiled_codes(sae: SAE[Any], x: torch.Tensor, kind: str, scale: torch.Tensor | None,
+                 tile: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, indices, per-row counts) of a wide TopK / JumpReLU SAE's codes for one chunk, width tile by tile.
+
+    Only a [chunk, tile] block of pre-activations exists at a time; TopK keeps a running top-k per
+    row (merged with each tile's own top-k: exact), JumpReLU keeps each tile's above-threshold entries.
+    The encoder weight is read in column tiles straight from the SAE (no copy).
+    """
+    import torch
+
+    n, width = x.shape[0], int(sae.cfg.d_sae)
+    tile = tile or _TILE_WIDTH
+    s = sae.process_sae_in(x)
+    k = int(sae.activation_fn.k) if kind == "topk" else 0
+    best_v = best_i = None
+    rows_l: list[torch.Tensor] = []
+    cols_l: list[torch.Tensor] = []
+    vals_l: list[torch.Tensor] = []
+    # One set of [chunk, tile] buffers, reused by every tile: fresh 16-64 MB temporaries per tile,
+    # interleaved with the small kept entries, fragment the heap (measured: +1 GB RSS at 262k latents).
+    buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    floor = sae.threshold.clamp_min(0) if kind == "jumprelu" else None  # pre > threshold and pre > 0
+    for j in range(0, width, tile):
+        stop = min(j + tile, width)
+        if stop - j not in buffers:
+            buffers[stop - j] = (torch.empty(n, stop - j, dtype=s.dtype, device=s.device),
+                                 torch.empty(n, stop - j, dtype=torch.bool, device=s.device))
+        pre, keep = buffers[stop - j]
+        torch.addmm(sae.b_enc[j:stop], s, sae.W_enc[:, j:stop], out=pre)
+        if kind == "topk":
+            if scale is not None:
+                pre.mul_(scale[j:stop])
+            v, i = grouped_topk(pre, min(k, stop - j))
+            i = i + j
+            if best_v is not None:
+                v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+                top = torch.topk(v, k, dim=1, sorted=False)
+                v, i = top.values, i.gather(1, top.indices)
+            best_v, best_i = v, i
+        else:
+            assert floor is not None
+            torch.gt(pre, floor[j:stop], out=keep)
+            nz = torch.nonzero(keep)  # row-major
+            rows_l.append(nz[:, 0])
+            cols_l.append(nz[:, 1] + j)
+            vals_l.append(pre[keep])
+    if kind == "topk":
+        assert best_v is not None and best_i is not None
+        order = torch.argsort(best_i, dim=1)
+        data = torch.gather(best_v.relu(), 1, order).float().cpu().numpy().reshape(-1)
+        indices = torch.gather(best_i, 1, order).cpu().numpy().reshape(-1).astype(np.int32)
+        return data, indices, np.full(n, best_v.shape[1], dtype=np.int64)
+    rows = torch.cat(rows_l).cpu().numpy()
+    order = np.argsort(rows, kind="stable")  # tiles in column order: columns stay sorted within a row
+    data = torch.cat(vals_l).float().cpu().numpy()[order]
+    indices = torch.cat(cols_l).cpu().numpy()[order].astype(np.int32)
+    return data, indices, np.bincount(rows, minlength=n).astype(np.int64)
 
 
 def _masked_to_csr(pre: torch.Tensor, keep: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -737,6 +801,9 @@ def encode_sparse(
     n_tokens, d_sae = acts.shape[0], int(sae.cfg.d_sae)
     param = sae.W_enc
     kind = _fast_kind(sae)
+    tiled = kind is not None and d_sae > _WIDE and not sae.hook_sae_acts_pre._forward_hooks
+    if tiled and chunk_tokens is None:
+        chunk_tokens = _TILED_CHUNK_TOKENS
     chunk_tokens = _auto_chunk(chunk_tokens, d_sae, cache_sized=kind is not None and param.device.type == "cpu")
     keep = np.ones(n_tokens, dtype=bool) if real_mask is None else np.asarray(real_mask, dtype=bool)
     data_parts: list[np.ndarray] = []
@@ -747,7 +814,8 @@ def encode_sparse(
     try:
         with torch.inference_mode():
             rescale = kind == "topk" and sae.cfg.rescale_acts_by_decoder_norm
-            encoder = _encoder(sae, chunk_tokens, sae.W_dec.norm(dim=-1) if rescale else None) if kind else None
+            scale = sae.W_dec.norm(dim=-1) if rescale else None
+            encoder = _encoder(sae, chunk_tokens, scale) if kind and not tiled else None
             for start in range(0, n_tokens, chunk_tokens):
                 stop = min(start + chunk_tokens, n_tokens)
                 rows = start + np.flatnonzero(keep[start:stop])
@@ -755,7 +823,9 @@ def encode_sparse(
                     continue
                 chunk = acts[start:stop] if rows.size == stop - start else acts[rows]
                 x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device=param.device, dtype=param.dtype)
-                if kind == "topk":
+                if tiled:
+                    data, indices, per_row = _tiled_codes(sae, x, kind, scale)  # type: ignore[arg-type]
+                elif kind == "topk":
                     values, ids = _topk_parts(sae, encoder(x))
                     order = torch.argsort(ids, dim=1)  # CSR rows with sorted column indices
                     data = torch.gather(values, 1, order).float().cpu().numpy().reshape(-1)
@@ -807,6 +877,27 @@ class EncodeStats:
         }
 
 
+def _sparse_decode(sae: SAE[Any], block: sp.csr_matrix) -> np.ndarray | None:
+    """``sae.decode`` of CSR codes as a sparse x dense product (no dense [rows, d_sae] codes), float64;
+    None where sae-lens's decode does more than codes @ W_dec + b_dec (hooks, run-time norms, reshapes)."""
+    import torch
+
+    w = sae.W_dec
+    if (w.device.type != "cpu" or w.dtype != torch.float32 or _fast_kind(sae) is None
+            or sae.hook_sae_recons._forward_hooks or sae.hook_sae_output._forward_hooks
+            or getattr(sae.cfg, "reshape_activations", "none") != "none"
+            or sae.cfg.normalize_activations not in ("none", "expected_average_only_in")):
+        return None
+    codes = sp.csr_matrix(block, dtype=np.float32, copy=True)
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # TopK decode divides codes by the decoder norm
+        with torch.inference_mode():
+            inv = (1.0 / w.norm(dim=-1)).numpy()
+        codes.data *= inv[codes.indices]
+    with torch.inference_mode():
+        out = codes @ w.detach().numpy()
+        return out.astype(np.float64) + sae.b_dec.detach().double().numpy()
+
+
 def encode_stats(
     sae: SAE[Any],
     acts: np.ndarray,
@@ -816,8 +907,9 @@ def encode_stats(
 ) -> EncodeStats:
     """L0, dead-latent fraction and reconstruction explained variance on real tokens.
 
-    Decodes ``codes`` (encoded here if not given) chunk by chunk with ``sae.decode`` and compares to
-    ``acts``; sums run in float64 so large datasets do not lose precision.
+    Decodes ``codes`` (encoded here if not given) chunk by chunk and compares to ``acts``: TopK and
+    JumpReLU SAEs as sparse codes x decoder (never a dense [tokens, d_sae] block), others with
+    ``sae.decode``; sums run in float64 so large datasets do not lose precision.
     """
     import torch
 
@@ -829,7 +921,7 @@ def encode_stats(
     if codes.shape != (acts.shape[0], int(sae.cfg.d_sae)):
         raise SaeCodesError(f"codes shape {codes.shape} does not match acts rows {acts.shape[0]} x sae d_sae {int(sae.cfg.d_sae)}")
     d_sae = int(sae.cfg.d_sae)
-    chunk_tokens = _auto_chunk(chunk_tokens, d_sae)
+    chunk_tokens = _auto_chunk(chunk_tokens, d_sae if _fast_kind(sae) is None else 1)  # sparse decode: no dense block
     param = sae.W_dec
     active = np.zeros(d_sae, dtype=bool)
     n = 0
@@ -849,8 +941,10 @@ def encode_stats(
                 continue
             active[block.indices] = True
             nnz += block.nnz
-            z = torch.from_numpy(block.toarray().astype(np.float32)).to(device=param.device, dtype=param.dtype)
-            x_hat = sae.decode(z).double().cpu().numpy()
+            x_hat = _sparse_decode(sae, block)
+            if x_hat is None:
+                z = torch.from_numpy(block.toarray().astype(np.float32)).to(device=param.device, dtype=param.dtype)
+                x_hat = sae.decode(z).double().cpu().numpy()
             sse += float(((x - x_hat) ** 2).sum())
             sum_x += x.sum(axis=0)
             sum_sq += float((x**2).sum())

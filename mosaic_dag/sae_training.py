@@ -36,7 +36,7 @@ __all__ = [
 
 Architecture = Literal["batchtopk", "jumprelu", "topk", "standard"]
 METRICS_FILENAME = "mosaic_training.json"
-RECIPE_VERSION = 3  # part of a trained SAE's cache key: SAEs of an older recipe are retrained, not reused
+RECIPE_VERSION = 4  # 4: sparse TopK-family step, fused Adam (same maths, other float32 rounding). Part of a trained SAE's cache key: SAEs of an older recipe are retrained, not reused
 
 
 class SaeTrainingError(MosaicError, ValueError):
@@ -59,19 +59,23 @@ def activation_batches(
 ) -> Iterator[Any]:
     """Endless float32 torch batches of ``acts[rows]``, reshuffled every epoch with a seeded generator.
 
-    Batches never straddle epochs, so every batch has exactly ``batch_size`` rows.
+    Batches never straddle epochs, so every batch has exactly ``batch_size`` rows. ``acts`` becomes
+    one float32 tensor up front (no copy when it already is a float32 array in memory; one copy for a
+    memmap or another dtype), and each batch is a single row gather from it: no per-step file reads
+    or dtype conversions.
     """
     import torch
 
     if rows.size < batch_size:
         raise SaeTrainingError(f"only {rows.size} training tokens for batch_size={batch_size}; lower batch_size or add texts")
+    table = torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32))
     rng = np.random.default_rng(seed)
     n_batches = rows.size // batch_size
     while True:
         order = rows[rng.permutation(rows.size)]
         for b in range(n_batches):
-            idx = np.sort(order[b * batch_size : (b + 1) * batch_size])  # sorted: fast on memmaps
-            yield torch.from_numpy(np.asarray(acts[idx], dtype=np.float32))
+            idx = np.sort(order[b * batch_size : (b + 1) * batch_size])  # ascending rows: cache-friendly gather
+            yield torch.index_select(table, 0, torch.from_numpy(idx))
 
 
 def _curve_trainer(base: Any, every: int) -> Any:
@@ -80,14 +84,51 @@ def _curve_trainer(base: Any, every: int) -> Any:
     class CurveTrainer(base):  # type: ignore[misc, valid-type]
         curve: list[dict[str, float]]
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            _fuse_optimizer(self)
+
+        def _train_step(self, sae: Any, sae_in: Any) -> Any:
+            """sae-lens's step, with the firing statistics read off the sparse codes' latent ids.
+
+            sae-lens sums the codes over the batch (``feature_acts.bool().float().sum(0)``); on sparse
+            codes torch does that by sorting them, twice a step. A count per latent is the same number.
+            """
+            import torch
+            from sae_lens.saes.sae import TrainStepInput
+
+            from mosaic_dag.sae_step import uses_sparse_step
+
+            if not uses_sparse_step(sae):
+                return super()._train_step(sae, sae_in)
+            sae.train()
+            with self.autocast_if_enabled:
+                out = sae.training_forward_pass(step_input=TrainStepInput(
+                    sae_in=sae_in, dead_neuron_mask=self.dead_neurons, coefficients=self.get_coefficients(),
+                    n_training_steps=self.n_training_steps, is_logging_step=self._is_logging_step()))
+                with torch.no_grad():
+                    fired = torch.bincount(out.feature_acts._indices()[1], minlength=int(sae.cfg.d_sae))
+                    self.n_forward_passes_since_fired += 1
+                    self.n_forward_passes_since_fired[fired > 0] = 0
+                    self.act_freq_scores += fired.to(self.act_freq_scores.dtype)
+                    self.n_frac_active_samples += self.cfg.train_batch_size_samples
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.lr_scheduler.step()
+            for scheduler in self.coefficient_schedulers.values():
+                scheduler.step()
+            return out
+
         def step(self, batch: Any) -> Any:
             out = super().step(batch)
             n = self.n_training_steps
             if n % every == 0 or self.n_training_samples >= self.cfg.total_training_samples:
                 acts = out.feature_acts
-                acts = acts.to_dense() if acts.is_sparse else acts
+                nonzero = float((acts.coalesce().values() != 0).sum()) if acts.is_sparse else float((acts != 0).sum())
                 point = {"step": int(n), "loss": float(out.loss.detach()),
-                         "l0": float((acts != 0).float().sum(-1).mean()),
+                         "l0": nonzero / max(1, acts.shape[0]),
                          "dead_fraction": float(self.dead_neurons.float().mean()),
                          "lr": float(self.optimizer.param_groups[0]["lr"])}
                 point |= {k: float(v.detach() if hasattr(v, "detach") else v) for k, v in out.losses.items()}
@@ -95,6 +136,25 @@ def _curve_trainer(base: Any, every: int) -> Any:
             return out
 
     return CurveTrainer
+
+
+def _fuse_optimizer(trainer: Any) -> None:
+    """The trainer's Adam, as one fused kernel per parameter (same update; the loop version makes ~10
+    passes over each weight, as long as the sparse step's products on a 4k-wide SAE). Its learning-rate
+    schedule is rebuilt on the new optimizer with the trainer's own settings."""
+    import torch
+    from sae_lens.training.optim import get_lr_scheduler
+
+    cfg = trainer.cfg
+    try:
+        opt = torch.optim.Adam(trainer.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a torch or device without fused Adam: keep sae-lens's
+        return
+    trainer.optimizer = opt
+    trainer.lr_scheduler = get_lr_scheduler(
+        cfg.lr_scheduler_name, lr=cfg.lr, optimizer=opt, warm_up_steps=cfg.lr_warm_up_steps,
+        decay_steps=cfg.lr_decay_steps, training_steps=cfg.total_training_steps, lr_end=cfg.lr_end,
+        num_cycles=cfg.n_restart_cycles)
 
 
 def _init_b_dec(trainer: Any, sae: Any, acts: np.ndarray, rows: np.ndarray, seed: int, n: int = 20_000) -> None:
@@ -122,16 +182,16 @@ def _training_sae(
 ) -> Any:
     """Build the sae-lens training SAE for ``architecture`` (weights use torch's global RNG)."""
     from sae_lens import (
-        BatchTopKTrainingSAE,
         BatchTopKTrainingSAEConfig,
         JumpReLUTrainingSAE,
         JumpReLUTrainingSAEConfig,
         StandardTrainingSAE,
         StandardTrainingSAEConfig,
-        TopKTrainingSAE,
         TopKTrainingSAEConfig,
     )
     from sae_lens.saes.sae import SAEMetadata
+
+    from mosaic_dag.sae_step import SparseBatchTopKTrainingSAE, SparseTopKTrainingSAE
 
     common: dict[str, Any] = {
         "d_in": d_in,
@@ -144,9 +204,9 @@ def _training_sae(
         "metadata": SAEMetadata(**metadata),
     }
     if architecture == "batchtopk":
-        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=float(k), aux_loss_coefficient=aux_loss_coefficient, **common))
+        return SparseBatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=float(k), aux_loss_coefficient=aux_loss_coefficient, **common))
     if architecture == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, aux_loss_coefficient=aux_loss_coefficient, **common))
+        return SparseTopKTrainingSAE(TopKTrainingSAEConfig(k=k, aux_loss_coefficient=aux_loss_coefficient, **common))
     if architecture == "jumprelu":
         # Gemma Scope 2 style: a quadratic penalty pulls the mean L0 towards k.
         cfg = JumpReLUTrainingSAEConfig(

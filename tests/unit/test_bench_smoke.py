@@ -45,6 +45,8 @@ def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Pat
         "--sweep", "32", "128", "--cache-texts", "16", "--cache-max-length", "16",
         "--memory-sizes", "20", "60", "--memory-max-length", "8",
         "--probe-rows", "300", "--probe-widths", "2048", "--dense-widths",
+        "--sae-train-texts", "40", "--sae-train-batches", "64", "--sae-train-threads", "1",
+        "--sae-train-whole-tokens", "0", "--wide-texts", "30", "--wide-widths", "512",
         "--out", str(out), "--workdir", str(tmp_path),
     ]
     res = bench_run.main(args)
@@ -72,6 +74,18 @@ def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Pat
         assert h["dtype"] == "float32" and h["tokens_per_s"] > 0
         assert h["default_vs_fp32"]["activation_parity"]["median_row_max_rel"] < 0.05
 
+    # 5: the sparse step and sae-lens's stock step both ran, on the same activations, and the FLOPs add up.
+    st = res["sae_train"]
+    (row,) = st["rows"]
+    assert row["batch"] == 64 and row["threads"] == 1 and row["speedup_vs_stock"] > 0
+    assert row["flops_per_step"] == pytest.approx(2 * 64 * st["d_in"] * 4096 + 8 * 64 * 32 * st["d_in"])
+    assert row["roofline_fraction"] == pytest.approx(row["achieved_gflops"] / st["peak"]["float32"]["gflops"])
+    # 6: one subprocess per width, its codes never densified, its peak above the weights reported.
+    w = res["wide_sae"]["widths"]["512"]
+    assert w["texts"] == 30 and w["big_densifications"] == 0 and w["mean_l0"] > 0
+    assert w["peak_above_weights_mib"] == pytest.approx(w["peak_rss_work_mib"] - w["sae_weights_mib"])
+    assert {v["target"][:1] for v in res["verdicts"]} >= {"5", "6"}
+
     # 2: the second SAE on the cached layer runs no LM forward and loads no model.
     c = res["cache_reuse"]
     assert not c["first"]["cache_hit"] and c["first"]["forward_calls"] >= 1
@@ -92,8 +106,8 @@ def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Pat
 
     # Report: JSON written, one verdict per target, a table.
     saved = json.loads((out / "latest.json").read_text())
-    assert {v["target"][0] for v in saved["verdicts"]} == {"1", "2", "3", "4"}
+    assert {v["target"][0] for v in saved["verdicts"]} == {"1", "2", "3", "4", "5", "6"}
     targets = [v for v in saved["verdicts"] if "(reference)" not in v["target"]]
-    assert len(targets) == 5 and all(isinstance(v["pass"], bool) for v in targets)
+    assert len(targets) == 7 and all(isinstance(v["pass"], bool) for v in targets)
     assert all(v["pass"] is None for v in saved["verdicts"] if v not in targets)  # fp32 option: shown, not judged
     assert "| target | measured | goal | result |" in (out / "latest.md").read_text()

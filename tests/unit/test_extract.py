@@ -166,3 +166,21 @@ def test_corrupt_shard_is_detected(tiny, tmp_path: Path):
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert cache.is_valid(deep=False) and not cache.is_valid(deep=True)
+
+
+def test_capped_onednn_isa_means_no_native_bf16(monkeypatch: pytest.MonkeyPatch):
+    from mosaic_dag import models
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core")
+    models.cpu_has_bf16.cache_clear()
+    try:
+        assert models.cpu_has_bf16() is False  # bf16 is emulated below AVX512_CORE_BF16: auto takes float32
+        assert resolve_dtype("auto", "cpu") == torch.float32
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+        models.cpu_has_bf16.cache_clear()
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "") \
+            if Path("/proc/cpuinfo").exists() else ""
+        assert models.cpu_has_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+    finally:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        models.cpu_has_bf16.cache_clear()
