@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest_sae import make_sae
+from tests.support.sae import make_sae
 
 import mosaic_dag.sae as sae_mod
 from mosaic_dag.pooling import pool_sparse
