@@ -68,6 +68,7 @@ def _browser(profile: str):  # type: ignore[no-untyped-def]
 
 
 def _click(driver, label: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     deadline = time.monotonic() + timeout
@@ -75,22 +76,30 @@ def _click(driver, label: str, timeout: float = 60) -> None:  # type: ignore[no-
         for skip in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):
             with contextlib.suppress(Exception):
                 skip.click()
-        found = [b for b in driver.find_elements(By.XPATH, f"//button[starts-with(normalize-space(), '{label}')]")
-                 if b.is_enabled() and b.get_attribute("disabled") is None]
-        if found:  # the dialog's button may sit below the fold: scroll to it, then click as a user would
-            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", found[-1])
-            time.sleep(0.5)
-            try:
-                found[-1].click()
-            except Exception:  # noqa: BLE001 - covered by an overlay's edge: a JS click is the same event
-                driver.execute_script("arguments[0].click();", found[-1])
-            return
+        try:  # the page re-renders while it loads: a button found a moment ago may be gone
+            found = [b for b in driver.find_elements(By.XPATH, f"//button[starts-with(normalize-space(), '{label}')]")
+                     if b.is_enabled() and b.get_attribute("disabled") is None]
+            if found:  # the dialog's button may sit below the fold: scroll to it, then click as a user would
+                driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", found[-1])
+                time.sleep(0.5)
+                try:
+                    found[-1].click()
+                except ElementClickInterceptedException:  # an overlay's edge: a JS click is the same event
+                    driver.execute_script("arguments[0].click();", found[-1])
+                return
+        except StaleElementReferenceException:
+            pass
         time.sleep(1)
     labels = sorted({b.text.strip() for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip()})
     raise RuntimeError(f"no enabled button '{label}…' on {driver.current_url}; buttons: {labels}")
 
 
+def _stop_on_term(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")  # so the UI is shut down on the way out
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_on_term)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", default=str(ROOT / "test-artifacts" / "ui"))
@@ -134,6 +143,8 @@ def main() -> int:
         driver.get(f"{url}/assets/dataset")
         _click(driver, "Materialize")  # "Materialize…" on a partitioned asset: opens the partition dialog
         time.sleep(2)
+        _click(driver, "All")  # the dialog opens with no partition selected: select every partition
+        time.sleep(1)
         driver.save_screenshot(str(out / "1-materialize-dialog.png"))
         _click(driver, "Launch backfill")
         print(f"[{time.monotonic() - started:6.0f}s] clicked Materialize… → Launch on dataset (all partitions)")
@@ -170,10 +181,12 @@ def main() -> int:
     finally:
         if driver is not None:
             driver.quit()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
+        for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):  # dagster dev, its daemon and servers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait_s)
+                break
         shutil.rmtree(profile, ignore_errors=True)
 
 
