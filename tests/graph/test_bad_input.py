@@ -112,7 +112,7 @@ DATASET_CASES = [
                 [{"text": t, "label": i % 2, "split": "train"} for i, t in enumerate(GOOD_TEXTS[:16])]
                 + [{"text": t, "label": i % 2, "split": "test"} for i, t in enumerate(GOOD_TEXTS[:4])],
                 ["dataset 'bad'.en: 4 texts are in more than one split", "in test and train",
-                 "set allow_shared_texts: true"]),
+                 "set drop_shared_texts: true", "or allow_shared_texts: true"]),
     DatasetCase("one-class-in-train-split",
                 [{"text": t, "label": "a" if i < 14 else "b", "split": "train" if i < 14 else "test"}
                  for i, t in enumerate(GOOD_TEXTS)],
