@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -243,35 +241,13 @@ def test_dagster_dev_graphql_launch_lineage_and_partition_status(stack: Stack):
     assert list((stack.tmp / "data" / "hidden" / "tiny" / "L0").glob("*/manifest.json"))
 
 
-def _find(*names: str) -> str | None:
-    for name in names:
-        found = shutil.which(name) or (name if os.path.isfile(name) and os.access(name, os.X_OK) else None)
-        if found:
-            return found
-    return None
-
-
 def test_asset_graph_page_in_headless_chromium(stack: Stack):
-    chromium = _find("chromium", "chromium-browser", "google-chrome")
-    driver_bin = _find("chromedriver", "/usr/lib/chromium/chromedriver")
-    if not chromium or not driver_bin:
-        pytest.skip("chromium / chromedriver not installed; run .ci/services.sh (Debian: chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed; pip install selenium")
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    profile = tempfile.mkdtemp(prefix="mosaic-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-extensions", "--no-proxy-server", "--window-size=1600,1000", f"--user-data-dir={profile}"):
-        opts.add_argument(arg)
-    service_log = stack.tmp / "chromedriver.log"
-    driver = webdriver.Chrome(service=Service(executable_path=driver_bin, log_output=str(service_log)), options=opts)
-    try:
-        driver.set_page_load_timeout(90)
+    from tests.support.browser import headless_chromium
+
+    with headless_chromium(stack.tmp) as driver:
         driver.get(f"{stack.url}/assets/hidden_states?view=lineage")
 
         def graph_shown(d) -> bool:  # type: ignore[no-untyped-def]
@@ -293,9 +269,6 @@ def test_asset_graph_page_in_headless_chromium(stack: Stack):
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "dagster-asset-graph.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def test_report_asset_page_renders_its_figures_in_headless_chromium(stack: Stack):
