@@ -13,7 +13,7 @@ from dagster import (
 
 from assets.partitions import BY_DATASET, BY_TARGET, EVERY, SAME, dataset_part, multi_keys, target_dataset_partitions, target_partitions
 from assets.versions import code_version
-from mosaic_dag.analysis import (
+from mosaic_dag.evaluation.analysis import (
     build_conditions,
     build_report,
     build_transfer,
@@ -22,13 +22,13 @@ from mosaic_dag.analysis import (
     write_transfer,
 )
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.figures import conditions_figure, transfer_figure
+from mosaic_dag.report.figures import conditions_figure, transfer_figure
 from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle
-from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, dataset_keys, parse_dataset, parse_target, targets
-from mosaic_dag.report import embedded_markdown, figure_markdown, transfer_groups
+from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, dataset_keys, parse_dataset, parse_target, targets
+from mosaic_dag.report.markdown import embedded_markdown, figure_markdown, transfer_groups
 from mosaic_dag.storage import stable_hash, write_parquet
 from mosaic_dag.tables import markdown_table
-from mosaic_dag.transfer import offdiag_mean
+from mosaic_dag.evaluation.transfer import offdiag_mean
 from resources import ExperimentResource, MlflowResource
 from resources.mlflow import run_metadata
 
@@ -105,7 +105,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         )
         def task_transfer(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                           pooled: dict, data: dict):  # type: ignore[no-untyped-def, type-arg]
-            from mosaic_dag.analysis import build_task_transfer, task_partitions, write_task_transfer
+            from mosaic_dag.evaluation.analysis import build_task_transfer, task_partitions, write_task_transfer
             from mosaic_dag.handles import UpstreamMissing
 
             cfg = experiment.load()

@@ -16,9 +16,9 @@ from dagster import (
 
 from assets.partitions import dataset_partitions
 from assets.versions import code_version
-from mosaic_dag import datasets as ds
+from mosaic_dag.data import datasets as ds
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.partitions import parse_dataset
+from mosaic_dag.keys import parse_dataset
 from mosaic_dag.pipeline import build_dataset, dataset_handle
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource

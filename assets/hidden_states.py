@@ -16,11 +16,11 @@ from dagster import (
 
 from assets.partitions import SAME, dataset_partitions
 from assets.versions import code_version
-from mosaic_dag.codes import check_target
+from mosaic_dag.sae.codes import check_target
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import DatasetHandle
-from mosaic_dag.models import model_dims
-from mosaic_dag.partitions import targets
+from mosaic_dag.lm.models import model_dims
+from mosaic_dag.keys import targets
 from mosaic_dag.pipeline import build_hidden_states, hidden_cache, models_dir
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource

@@ -15,7 +15,7 @@ from assets.partitions import BY_DATASET, BY_TARGET, SAME, multi_keys, target_da
 from assets.versions import code_version
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import DatasetHandle, PooledHandle, SaeHandle, TableHandle
-from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
+from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.storage import stable_hash, write_parquet
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
@@ -45,8 +45,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                       data: DatasetHandle, sae_handle: SaeHandle):  # type: ignore[no-untyped-def]
         import pandas as pd
 
-        from mosaic_dag.evaluation import predictions_file
-        from mosaic_dag.interventions import build_interventions, interventions_file
+        from mosaic_dag.evaluation.sweeps import predictions_file
+        from mosaic_dag.evaluation.interventions import build_interventions, interventions_file
 
         cfg = experiment.load()
         keys = multi_keys(context)

@@ -1,4 +1,4 @@
-"""Partitions and how each asset's partitions map onto its upstream's (see mosaic_dag.partitions).
+"""Partitions and how each asset's partitions map onto its upstream's (see mosaic_dag.keys).
 
 Dagster multi-partitions have two dimensions and dynamic partitions map only by identity, by
 dimension or as a fixed set, so the graph uses exactly three partitionings:
@@ -22,7 +22,7 @@ from dagster import (
     SpecificPartitionsPartitionMapping,
 )
 
-from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM
+from mosaic_dag.keys import DATASET_DIM, TARGET_DIM
 
 target_partitions = DynamicPartitionsDefinition(name=TARGET_DIM)
 dataset_partitions = DynamicPartitionsDefinition(name=DATASET_DIM)

@@ -20,7 +20,7 @@ from dagster import (
 from assets.partitions import BY_DATASET, SAME, multi_keys, target_dataset_partitions
 from assets.versions import code_version
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation import (
+from mosaic_dag.evaluation.sweeps import (
     best_artifacts,
     best_rows,
     comparison_metadata,
@@ -32,13 +32,13 @@ from mosaic_dag.evaluation import (
     top_latents_markdown,
     write_results,
 )
-from mosaic_dag.features import build_pooled
-from mosaic_dag.figures import sources_figure
+from mosaic_dag.features.pooled import build_pooled
+from mosaic_dag.report.figures import sources_figure
 from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledHandle, TableHandle
-from mosaic_dag.interpret import interpret_probes
-from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
+from mosaic_dag.probes.interpret import interpret_probes
+from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import read_frame
-from mosaic_dag.report import figure_markdown
+from mosaic_dag.report.markdown import figure_markdown
 from mosaic_dag.storage import stable_hash
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource

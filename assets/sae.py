@@ -29,11 +29,11 @@ from assets.partitions import (
 )
 from assets.sae_quality import SAE_QUALITY_CHECK, sae_quality_result, stop_on_failure
 from assets.versions import code_version
-from mosaic_dag.codes import build_codes, build_sae, sae_config, training_partitions
+from mosaic_dag.sae.codes import build_codes, build_sae, sae_config, training_partitions
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import DatasetHandle, HiddenHandle, SaeHandle
-from mosaic_dag.models import model_dims
-from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
+from mosaic_dag.lm.models import model_dims
+from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
 from mosaic_dag.pipeline import models_dir
 from mosaic_dag.tracking import log_curve, split_sae_metrics
 from resources import ExperimentResource, MlflowResource, ModelResource
@@ -47,8 +47,8 @@ def _training_keys(cfg: ExperimentConfig | None) -> list[str] | None:
 
 
 def _curve_markdown(curve: list[dict[str, float]], name: str) -> str:
-    from mosaic_dag.figures import training_curve_figure
-    from mosaic_dag.report import figure_markdown
+    from mosaic_dag.report.figures import training_curve_figure
+    from mosaic_dag.report.markdown import figure_markdown
 
     return figure_markdown(lambda: training_curve_figure(curve, name), f"training curve of {name}")
 
@@ -71,7 +71,7 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
         curve = result.metrics.get("curve") or []
         log_curve(run, curve)
         if curve:
-            from mosaic_dag.figures import NoData, training_curve_figure
+            from mosaic_dag.report.figures import NoData, training_curve_figure
 
             try:
                 run.log_figure(training_curve_figure(curve, target.sae)[0], "sae/training_curve.png")

@@ -18,8 +18,8 @@ import scipy.sparse as sp
 
 def features(cache: Any, sae: Any) -> sp.csr_matrix:
     """Sum-pooled SAE codes, shard by shard, in text order."""
-    from mosaic_dag.pooling import pool_sparse
-    from mosaic_dag.sae import encode_sparse
+    from mosaic_dag.features.pooling import pool_sparse
+    from mosaic_dag.sae.core import encode_sparse
 
     pooled, rows = [], []
     for shard in cache.iter_shards():
@@ -64,7 +64,7 @@ def run(model_id: str, texts: list[str], labels: list[str], layer: int, sae_a: A
         if "m" not in model_box:
             m = loaded if loaded is not None else get_model(cfg, "m")
             if loaded is not None:  # same weights, this config's label
-                from mosaic_dag.models import LoadedModel
+                from mosaic_dag.lm.models import LoadedModel
 
                 m = LoadedModel("m", m.hf_name, m.model, m.tokenizer, m.fingerprint, m.device, m.dtype)
             model_box["m"] = m

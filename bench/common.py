@@ -97,7 +97,7 @@ def machine() -> dict[str, Any]:
 
 def cpu_kind() -> dict[str, Any]:
     """Which kind of CPU this is for mosaic: the same detection ``dtype: auto`` uses (``cpu_has_bf16``)."""
-    from mosaic_dag.models import cpu_has_bf16, dtype_name, resolve_dtype
+    from mosaic_dag.lm.models import cpu_has_bf16, dtype_name, resolve_dtype
 
     native = cpu_has_bf16()
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")

@@ -32,10 +32,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from mosaic_dag.config import ModelConfig
-    from mosaic_dag.extract import HiddenCache, extract_to_cache
-    from mosaic_dag.models import load_model
-    from mosaic_dag.pooling import pool_sparse
-    from mosaic_dag.sae import encode_sparse, load_sae
+    from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
+    from mosaic_dag.lm.models import load_model
+    from mosaic_dag.features.pooling import pool_sparse
+    from mosaic_dag.sae.core import encode_sparse, load_sae
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -36,7 +36,7 @@ from bench.common import (
     tweets,
     write_json,
 )
-from mosaic_dag.models import dtype_name
+from mosaic_dag.lm.models import dtype_name
 
 BUNDLED = "bundled:gemma-3-270m"
 TARGETS = {"speedup": 12.0, "roofline": 0.70, "forward_calls": 0, "rss_ratio": 1.3, "fit_65k_s": 10.0}
@@ -53,7 +53,7 @@ def synthetic_texts(n: int, seed: int = 0, min_words: int = 3, max_words: int = 
 
 def load(model_id: str, layer: int, dtype: str = "auto") -> Any:
     from mosaic_dag.config import ModelConfig
-    from mosaic_dag.models import load_model
+    from mosaic_dag.lm.models import load_model
     from mosaic_dag.pipeline import models_dir
 
     cfg = ModelConfig(name="gemma-3-270m" if model_id == BUNDLED else "m", id=model_id, layers=[layer], dtype=dtype,
@@ -71,9 +71,9 @@ def train_saes(loaded: Any, texts: list[str], layer: int, widths: tuple[int, ...
     """
     import numpy as np
 
-    from mosaic_dag.extract import HiddenCache, extract_to_cache
-    from mosaic_dag.sae import load_sae
-    from mosaic_dag.sae_training import train_sae
+    from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
+    from mosaic_dag.sae.core import load_sae
+    from mosaic_dag.sae.training import train_sae
 
     folder = workdir / "sae-train-acts"
     extract_to_cache(loaded, texts, [layer], {layer: folder}, max_length=max_length, batch_tokens=batch_tokens)

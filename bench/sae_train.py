@@ -40,7 +40,7 @@ def _trainer(acts: np.ndarray, width: int, k: int, batch: int, steps: int, stock
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from mosaic_dag.sae_training import _curve_trainer, _training_sae, activation_batches
+    from mosaic_dag.sae.training import _curve_trainer, _training_sae, activation_batches
 
     meta = {"model_name": "bench", "hook_name": "model.layers.6", "hf_hook_name": "model.layers.6.output",
             "hook_layer": 6, "prepend_bos": True, "dataset_path": None}
@@ -83,7 +83,7 @@ def measure(acts: np.ndarray, *, width: int, k: int, batches: list[int], threads
     """Per batch size and thread count: median step time of (a), and at ``stock_batch`` of (b), interleaved."""
     import torch
 
-    from mosaic_dag.sae_step import step_flops
+    from mosaic_dag.sae.step import step_flops
 
     d = acts.shape[1]
     rows: list[dict[str, Any]] = []
@@ -131,7 +131,7 @@ def measure(acts: np.ndarray, *, width: int, k: int, batches: list[int], threads
 
 def whole_training(acts: np.ndarray, *, width: int, k: int, batch: int, tokens: int, workdir: Path) -> dict[str, Any]:
     """``train_sae`` end to end (init, b_dec, steps, save, evaluation) on these activations."""
-    from mosaic_dag.sae_training import train_sae
+    from mosaic_dag.sae.training import train_sae
 
     t0 = time.perf_counter()
     res = train_sae(acts, hook_name="model.layers.6", model_name="bench", out_dir=workdir / "sae-train-whole",
@@ -145,7 +145,7 @@ def whole_training(acts: np.ndarray, *, width: int, k: int, batch: int, tokens: 
 def real_acts(model_id: str, texts: list[str], layer: int, workdir: Path, max_length: int = 128) -> np.ndarray:
     """Real-token activations of ``texts`` at ``layer``, through mosaic's hidden-state cache."""
     from bench.run import load
-    from mosaic_dag.extract import HiddenCache, extract_to_cache
+    from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
 
     loaded = load(model_id, layer, "auto")
     folder = workdir / "sae-train-cache"

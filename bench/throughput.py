@@ -31,7 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from bench.common import median
-from mosaic_dag.models import dtype_name
+from mosaic_dag.lm.models import dtype_name
 
 # --------------------------------------------------------------------------- FLOPs
 
@@ -40,7 +40,7 @@ def forward_flops(loaded: Any, layer: int | None, lengths: Sequence[int], lm_hea
     """Useful FLOPs of a forward through blocks 0..layer (all blocks when None) over texts of ``lengths``."""
     import torch
 
-    from mosaic_dag.models import decoder_layers
+    from mosaic_dag.lm.models import decoder_layers
 
     blocks = decoder_layers(loaded.model)
     used = blocks if layer is None else blocks[: layer + 1]
@@ -74,9 +74,9 @@ def sae_flops(d_in: int, d_sae: int, tokens: int) -> float:
 def mosaic_features(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: int,
                     batch_tokens: int, workdir: Path) -> tuple[sp.csr_matrix, dict[str, Any]]:
     """Pooled (sum) SAE features [n_texts, d_sae] in text order, streaming the cache shard by shard."""
-    from mosaic_dag.extract import HiddenCache, extract_to_cache
-    from mosaic_dag.pooling import pool_sparse
-    from mosaic_dag.sae import encode_sparse
+    from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
+    from mosaic_dag.features.pooling import pool_sparse
+    from mosaic_dag.sae.core import encode_sparse
 
     target = Path(workdir) / f"cache-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def seed_loop_features(loaded: Any, sae: Any, texts: Sequence[str], layer: int, 
     """
     import torch
 
-    from mosaic_dag.extract import special_ids
+    from mosaic_dag.lm.extract import special_ids
 
     tok, model = loaded.tokenizer, loaded.model
     specials = torch.as_tensor(special_ids(tok))
@@ -187,7 +187,7 @@ def run(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: 
     default), also used for the float32 option of (a) and the accuracy comparison. The SAE stays
     float32 in every run (its encoder loses too much in bf16: inputs with large norms cancel).
     """
-    from mosaic_dag.extract import tokenize
+    from mosaic_dag.lm.extract import tokenize
 
     own_tmp = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="mosaic-bench-")) if own_tmp else Path(workdir)
@@ -294,7 +294,7 @@ def _fp32_option(loaded: Any, loaded_fp32: Any, sae: Any, texts: Sequence[str], 
                  batch_tokens: int, repeats: int, workdir: Path, Xa: sp.csr_matrix, fwd: dict[str, float],
                  enc: float, seed_tps: float) -> dict[str, Any]:
     """(a) again with ``dtype: float32``, and how far the default dtype's activations and features are from it."""
-    from mosaic_dag.extract import HiddenCache, extract_to_cache
+    from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
 
     mosaic_features(loaded_fp32, sae, texts[: max(1, len(texts) // 8)], layer, max_length=max_length,
                     batch_tokens=batch_tokens, workdir=workdir)
@@ -326,7 +326,7 @@ def _fp32_option(loaded: Any, loaded_fp32: Any, sae: Any, texts: Sequence[str], 
 def _sweep(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, max_length: int, workdir: Path,
            values: Sequence[int]) -> list[dict[str, Any]]:
     """One timed pass of the forward alone per batch_tokens value (after the runs above, so warm)."""
-    from mosaic_dag.extract import extract_to_cache
+    from mosaic_dag.lm.extract import extract_to_cache
 
     out = []
     for bt in values:

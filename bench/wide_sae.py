@@ -54,9 +54,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from bench.common import count_densify
-    from mosaic_dag.pooling import pool_sparse
-    from mosaic_dag.probes import fit_ksparse, fit_logistic
-    from mosaic_dag.sae import encode_sparse, encode_stats
+    from mosaic_dag.features.pooling import pool_sparse
+    from mosaic_dag.probes.core import fit_ksparse, fit_logistic
+    from mosaic_dag.sae.core import encode_sparse, encode_stats
 
     import scipy.sparse as sp
 
@@ -122,7 +122,7 @@ def texts_acts(n: int, synthetic: bool, model_id: str, workdir: Path) -> tuple[n
         return rng.standard_normal((int(offsets[-1]), 640)).astype(np.float32), offsets, real, "synthetic Gaussian"
     from bench.common import tweets
     from bench.run import load
-    from mosaic_dag.extract import HiddenCache, extract_to_cache
+    from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
 
     loaded = load(model_id, 6, "auto")
     folder = workdir / "wide-cache"

@@ -51,7 +51,7 @@ def check_models(cfg, source: str) -> None:  # type: ignore[no-untyped-def]
     """What can be checked about each model without weights or a download: its folder, config.json and
     block count (so a layer out of range fails here, before any compute, naming the key)."""
     from mosaic_dag.errors import ConfigError
-    from mosaic_dag.models import check_remote_code, known_blocks
+    from mosaic_dag.lm.models import check_remote_code, known_blocks
     from mosaic_dag.pipeline import models_dir
 
     for i, m in enumerate(cfg.models):
@@ -62,7 +62,7 @@ def check_models(cfg, source: str) -> None:  # type: ignore[no-untyped-def]
             raise ConfigError(f"{source}: models.{i}.layers: layers {bad} out of range for model {m.name!r} with {n} blocks; "
                               f"use 0..{n - 1} (resid_post of block L)")
 def _print_comparisons(cfg, table) -> None:  # type: ignore[no-untyped-def]
-    from mosaic_dag.analysis import comparisons_table
+    from mosaic_dag.evaluation.analysis import comparisons_table
 
     comp = comparisons_table(cfg, table)
     comp = comp[comp["scope"] != "partition"]
@@ -76,7 +76,7 @@ def _print_comparisons(cfg, table) -> None:  # type: ignore[no-untyped-def]
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mosaic_dag.config import load_config
-    from mosaic_dag.evaluation import best_rows, results_table
+    from mosaic_dag.evaluation.sweeps import best_rows, results_table
     from mosaic_dag.runner import run_experiment
     from mosaic_dag.tables import markdown_table
 
@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     from mosaic_dag.config import load_config
     from mosaic_dag.errors import MosaicError
-    from mosaic_dag.evaluation import results_table
+    from mosaic_dag.evaluation.sweeps import results_table
     from mosaic_dag.tables import markdown_table
 
     cfg = load_config(args.config)
@@ -121,9 +121,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """(Re)build the report from the stored results of the config's partitions; print the HTML page's path."""
-    from mosaic_dag.analysis import build_report
+    from mosaic_dag.evaluation.analysis import build_report
     from mosaic_dag.config import load_config
-    from mosaic_dag.evaluation import results_table
+    from mosaic_dag.evaluation.sweeps import results_table
 
     cfg = load_config(args.config)
     if results_table(cfg).empty:
@@ -146,7 +146,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from mosaic_dag.config import load_config
-    from mosaic_dag.partitions import dataset_keys, targets
+    from mosaic_dag.keys import dataset_keys, targets
 
     cfg = load_config(args.config)
     check_models(cfg, args.config or "demo.yaml")

@@ -68,7 +68,7 @@ class SaeConfig(_Strict):
         """Short name used in partition keys (e.g. gs2-16k-medium, local-btk4k)."""
         if self.name:
             return self.name
-        from mosaic_dag.sae import default_sae_name
+        from mosaic_dag.sae.core import default_sae_name
 
         return default_sae_name(self.source, self.release, self.sae_id, self.path, self.architecture, self.width)
 
@@ -180,8 +180,8 @@ class DatasetConfig(_Strict):
     # their labels mapped onto the task's common classes (label name -> common class)
     task: str | None = None
     task_classes: dict[str, str] | None = None
-    # images (mosaic_dag.images): bundled:digits, a folder with one sub-folder per class, or a table whose
-    # image_field holds a path or the image bytes; the prompt and the tokens that count (mosaic_dag.vlm)
+    # images (mosaic_dag.data.images): bundled:digits, a folder with one sub-folder per class, or a table whose
+    # image_field holds a path or the image bytes; the prompt and the tokens that count (mosaic_dag.lm.vlm)
     modality: Literal["text", "image"] = "text"
     image_field: str = "image"
     prompt_template: str = "{image}"

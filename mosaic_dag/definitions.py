@@ -30,7 +30,7 @@ from assets import analysis, datasets, hidden_states, interventions, judge, prob
 from assets.partitions import dataset_partitions, target_partitions
 from mosaic_dag.config import ExperimentConfig, load_config
 from mosaic_dag.errors import MosaicError
-from mosaic_dag.partitions import Target, dataset_keys, targets
+from mosaic_dag.keys import TargetKey, dataset_keys, targets
 from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 from resources.experiment import CONFIG_ENV
 from resources.handles import HandleIOManager
@@ -115,10 +115,10 @@ def _width(sae_id: str) -> int:
 
 
 def registry_targets(cfg: ExperimentConfig, registry_path: Path | None = None,
-                     max_width: int = MAX_REGISTRY_WIDTH) -> list[Target]:
+                     max_width: int = MAX_REGISTRY_WIDTH) -> list[TargetKey]:
     """Targets for registry SAEs that fit a configured model and layer (resid_post, width <= max_width)."""
-    from mosaic_dag.sae import default_sae_name
-    from mosaic_dag.sae_registry import matching_saes, read_registry
+    from mosaic_dag.sae.core import default_sae_name
+    from mosaic_dag.sae.registry import matching_saes, read_registry
 
     registry = read_registry(registry_path)  # read from disk each call: a pip upgrade must be seen
     by_id = {m.id: m for m in cfg.models}
@@ -127,7 +127,7 @@ def registry_targets(cfg: ExperimentConfig, registry_path: Path | None = None,
     for e in entries:
         if _width(e.sae_id) > max_width:
             continue
-        t = Target(by_id[e.configured_model].name, e.layer, default_sae_name("registry", e.release, e.sae_id))
+        t = TargetKey(by_id[e.configured_model].name, e.layer, default_sae_name("registry", e.release, e.sae_id))
         found[t.key] = t
     return [found[k] for k in sorted(found)]
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from mosaic_dag import datasets as ds
+from mosaic_dag.data import datasets as ds
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.errors import DatasetError
-from mosaic_dag.extract import ExtractionStats, HiddenCache, cache_key, check_layers, extract_to_cache
+from mosaic_dag.lm.extract import ExtractionStats, HiddenCache, cache_key, check_layers, extract_to_cache
 from mosaic_dag.handles import DatasetHandle, HiddenHandle, UpstreamMissing
-from mosaic_dag.models import LoadedModel, default_batch_tokens, fingerprint, load_model
+from mosaic_dag.lm.models import LoadedModel, default_batch_tokens, fingerprint, load_model
 from mosaic_dag.storage import stable_hash, write_parquet
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ def behaviour_model(cfg: ExperimentConfig, name: str) -> LoadedModel:
 
 
 def with_behaviour_labels(cfg: ExperimentConfig, dataset: str, language: str, raw: pd.DataFrame) -> pd.DataFrame:
-    """Add a ``__behaviour`` column: what the target model did on each text (see mosaic_dag.behaviour)."""
-    from mosaic_dag.behaviour import KeywordJudge, ModelJudge, behaviour_labels
+    """Add a ``__behaviour`` column: what the target model did on each text (see mosaic_dag.data.behaviour)."""
+    from mosaic_dag.data.behaviour import KeywordJudge, ModelJudge, behaviour_labels
 
     dcfg = cfg.dataset(dataset)
     b = dcfg.behaviour
@@ -188,8 +188,7 @@ def build_hidden_states(
     verified when ``verify``) are not recomputed, and a model whose layers are all cached is not even
     loaded. ``preflight(model)`` runs before that model's load or forward pass (the SAE/model check).
     """
-    from mosaic_dag import vlm
-
+    from mosaic_dag.lm import vlm
     frame = read_frame(data)
     dataset, _, language = data.key.partition(".")
     dcfg = cfg.dataset(dataset)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mosaic_dag.config import ExperimentConfig, load_config
-from mosaic_dag.partitions import DATASET_DIM, TARGET_DIM, dataset_keys, targets
+from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, dataset_keys, targets
 
 PROGRESS_ENV = "MOSAIC_PROGRESS"
 

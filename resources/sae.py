@@ -4,10 +4,10 @@ from typing import Any
 
 from dagster import ConfigurableResource
 
-from mosaic_dag.codes import load_target_sae, sae_spec
+from mosaic_dag.sae.codes import load_target_sae, sae_spec
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import SaeHandle
-from mosaic_dag.partitions import Target
+from mosaic_dag.keys import TargetKey
 
 
 class SaeResource(ConfigurableResource):
@@ -15,10 +15,10 @@ class SaeResource(ConfigurableResource):
 
     device: str = "cpu"
 
-    def spec(self, cfg: ExperimentConfig, target: Target, handle: SaeHandle | None = None) -> Any:
+    def spec(self, cfg: ExperimentConfig, target: TargetKey, handle: SaeHandle | None = None) -> Any:
         """The sae-lens source of a target (registry release/id, or a folder)."""
         return sae_spec(cfg, target, handle.path if handle is not None and handle.origin == "train" else None)
 
-    def load(self, cfg: ExperimentConfig, target: Target, handle: SaeHandle | None = None) -> Any:
+    def load(self, cfg: ExperimentConfig, target: TargetKey, handle: SaeHandle | None = None) -> Any:
         """The target's SAE, loaded once per process (registry: ``SAE.from_pretrained``)."""
         return load_target_sae(cfg, target, handle)

@@ -63,8 +63,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture
 def clean():
     """No model or SAE held over from another test (they are cached per process)."""
-    from mosaic_dag.codes import forget_saes
-    from mosaic_dag.models import forget_loaded
+    from mosaic_dag.sae.codes import forget_saes
+    from mosaic_dag.lm.models import forget_loaded
 
     forget_loaded()
     forget_saes()

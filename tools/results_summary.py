@@ -12,9 +12,9 @@ import sys
 
 import pandas as pd
 
-from mosaic_dag.analysis import comparisons_table
+from mosaic_dag.evaluation.analysis import comparisons_table
 from mosaic_dag.config import load_config
-from mosaic_dag.evaluation import best_rows, results_table
+from mosaic_dag.evaluation.sweeps import best_rows, results_table
 
 
 def _probe(row: pd.Series) -> str:

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from mosaic_dag.cli import main
-from mosaic_dag.extract import HiddenCache
-from mosaic_dag.models import forget_loaded
+from mosaic_dag.lm.extract import HiddenCache
+from mosaic_dag.lm.models import forget_loaded
 from tests.support.models import fast_config
 from tests.support.runs import (
     assert_no_dataset_artifact,
@@ -245,7 +245,7 @@ def test_bad_sae_fails_hidden_states_before_any_forward(case: ModelCase, tmp_pat
 
 
 def test_sae_mismatch_library_check_names_both_sides():
-    from mosaic_dag.sae import SaeInfo, SaeMismatchError, check_compatible
+    from mosaic_dag.sae.core import SaeInfo, SaeMismatchError, check_compatible
 
     info = SaeInfo(d_in=2304, d_sae=16384, architecture="jumprelu", hook_name="blocks.12.hook_resid_post", layer=12,
                    site="resid_post", model_name="gemma-2-2b", signed=False)
@@ -367,8 +367,7 @@ def test_disk_full_while_writing_the_dataset_leaves_nothing(tmp_path: Path, tiny
 def test_disk_full_while_writing_the_hidden_cache_leaves_nothing(tmp_path: Path, tiny_model_dir: Path, home: Path,
                                                                 capsys: pytest.CaptureFixture[str],
                                                                 monkeypatch: pytest.MonkeyPatch):
-    from mosaic_dag import extract
-
+    from mosaic_dag.lm import extract
     config = fast_config(tmp_path, tiny_model_dir, layers=[0, 2])
     calls = []
 

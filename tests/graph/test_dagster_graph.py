@@ -9,7 +9,7 @@ import yaml
 from dagster import AssetKey, DagsterInstance
 
 from mosaic_dag.cli import main
-from mosaic_dag.models import forget_loaded
+from mosaic_dag.lm.models import forget_loaded
 from mosaic_dag.runner import run_experiment
 from tests.support.models import tiny_config
 

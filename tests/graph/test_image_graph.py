@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
-from mosaic_dag.analysis import conditions_table, transfer_matrices
+from mosaic_dag.evaluation.analysis import conditions_table, transfer_matrices
 from mosaic_dag.cli import main
 from mosaic_dag.config import load_config
-from mosaic_dag.evaluation import results_table
-from mosaic_dag.extract import HiddenCache
+from mosaic_dag.evaluation.sweeps import results_table
+from mosaic_dag.lm.extract import HiddenCache
 from mosaic_dag.pipeline import build_hidden_states, dataset_handle, hidden_cache, read_dataset
 from tests.support.vlm import build_tiny_vlm
 

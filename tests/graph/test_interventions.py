@@ -8,15 +8,15 @@ import scipy.sparse as sp
 import torch
 import yaml
 
-from mosaic_dag.interventions import (
+from mosaic_dag.evaluation.interventions import (
     LatentChoice,
     latent_intervention,
     model_reliance,
     probe_flips,
     reliance_table,
 )
-from mosaic_dag.probes import fit_logistic
-from mosaic_dag.transfer import _predict
+from mosaic_dag.probes.core import fit_logistic
+from mosaic_dag.evaluation.transfer import _predict
 from tests.support.models import tiny_config
 
 PLANTED, INERT, NOISE = 0, 1, 2
@@ -61,7 +61,7 @@ def test_planted_latent_moves_the_model_and_an_inert_one_moves_nothing(tiny_mode
 
 
 def test_intervention_skips_bos_and_padding(tiny_model_dir: Path):
-    from mosaic_dag.extract import special_ids
+    from mosaic_dag.lm.extract import special_ids
 
     loaded, sae = _Loaded(tiny_model_dir), planted_sae()
     tok = loaded.tokenizer
@@ -93,7 +93,7 @@ def test_planted_latent_flips_the_probe_and_an_inert_one_never_does():
 
 def test_interventions_in_the_graph(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
     from mosaic_dag.config import load_config
-    from mosaic_dag.evaluation import results_table
+    from mosaic_dag.evaluation.sweeps import results_table
     from mosaic_dag.runner import run_experiment
 
     path = tiny_config(tmp_path, tiny_model_dir, layers=[1])

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mosaic_dag.cli import main
-from mosaic_dag.models import forget_loaded
+from mosaic_dag.lm.models import forget_loaded
 from tests.support.runs import error_line
 from tests.support.models import fast_config
 from tests.support.runs import mosaic_env
@@ -81,7 +81,7 @@ def test_report_without_results_is_one_line(tmp_path: Path, tiny_model_dir: Path
 def test_results_into_a_closed_pipe_stops_quietly(tmp_path: Path, tiny_model_dir: Path):
     """`mosaic results | head`: the reader is gone before mosaic writes; no BrokenPipeError traceback."""
     config = fast_config(tmp_path, tiny_model_dir, layers=[0])
-    from mosaic_dag.evaluation import RESULT_COLUMNS
+    from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS
 
     results = tmp_path / "data" / "results" / "tiny.L0.s16"
     results.mkdir(parents=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from mosaic_dag.sae import (
+from mosaic_dag.sae.core import (
     CHECKSUM_FILENAME,
     EncodeStats,
     SaeCodesError,

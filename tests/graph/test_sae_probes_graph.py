@@ -8,12 +8,12 @@ import scipy.sparse as sp
 import yaml
 
 from mosaic_dag.cli import main
-from mosaic_dag.codes import CodesStore, forget_saes, load_target_sae
+from mosaic_dag.sae.codes import CodesStore, forget_saes, load_target_sae
 from mosaic_dag.handles import SaeHandle
 from mosaic_dag.config import load_config
-from mosaic_dag.evaluation import RESULT_COLUMNS, results_table
-from mosaic_dag.extract import HiddenCache
-from mosaic_dag.partitions import parse_target
+from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS, results_table
+from mosaic_dag.lm.extract import HiddenCache
+from mosaic_dag.keys import parse_target
 from mosaic_dag.runner import run_experiment
 from tests.support.models import TINY_SAE, tiny_config
 from tests.support.sae import make_sae
@@ -54,8 +54,8 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
         assert row["val_macro_f1"] == same["val_macro_f1"].max()
     sae_row = chosen[chosen["features"] == "sae"].iloc[0]
     assert sae_row["vs_hidden"].split(":")[0] in {"SAE better", "no difference", "SAE worse"}
-    from mosaic_dag.analysis import comparisons_table
-    from mosaic_dag.evaluation import predictions_file
+    from mosaic_dag.evaluation.analysis import comparisons_table
+    from mosaic_dag.evaluation.sweeps import predictions_file
 
     preds = pd.read_parquet(predictions_file(cfg, parse_target("tiny.L1.btk"), "toy", "en"))
     assert len(preds) == int(table["n_test"].iloc[0]) and set(in_lang["probe"]) <= set(preds.columns)

@@ -9,7 +9,7 @@ import yaml
 
 from mosaic_dag.config import load_config, parse_config
 from mosaic_dag.errors import ConfigError
-from mosaic_dag.transfer import Split, common_labels, offdiag_mean, tfidf_transfer_matrix, transfer_matrix
+from mosaic_dag.evaluation.transfer import Split, common_labels, offdiag_mean, tfidf_transfer_matrix, transfer_matrix
 from tests.support.models import SHARED_DATA, TINY_SAE, WORDS
 
 CLASSES = ["not_offensive", "offensive"]
@@ -97,7 +97,7 @@ def test_example_config_on_shared_data():
     path = Path(__file__).resolve().parents[2] / "examples" / "tasks_offensive_harmful.yaml"
     if not (SHARED_DATA / "refusal_harmful_harmless").exists():
         pytest.skip(f"{SHARED_DATA} is absent: the example's datasets live there")
-    from mosaic_dag.datasets import load_dataset
+    from mosaic_dag.data.datasets import load_dataset
 
     cfg = load_config(path)
     assert cfg.tasks == {"offensive": ["davidson", "demo_toxicity"], "harmful_request": ["jailbreak", "refusal"]}
@@ -118,7 +118,7 @@ def _csv(path: Path, good_name: str, bad_name: str, offset: int) -> Path:
 
 
 def test_task_transfer_in_the_graph(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
-    from mosaic_dag.analysis import transfer_matrices
+    from mosaic_dag.evaluation.analysis import transfer_matrices
     from mosaic_dag.runner import run_experiment
 
     a, b = _csv(tmp_path / "a.csv", "ok", "toxic", 0), _csv(tmp_path / "b.csv", "neither", "offensive", 11)

@@ -11,7 +11,7 @@ import yaml
 from dagster import AssetKey, DagsterInstance
 
 from mosaic_dag.config import load_config
-from mosaic_dag.models import forget_loaded
+from mosaic_dag.lm.models import forget_loaded
 from mosaic_dag.provenance import config_hash, resolved_yaml
 from mosaic_dag.runner import run_experiment
 from tests.support.models import tiny_config

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mosaic_dag.config import load_config
-from mosaic_dag.extract import HiddenCache, extract_to_cache
-from mosaic_dag.fused import _onednn, fused_blocks
-from mosaic_dag.models import decoder_layers
+from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
+from mosaic_dag.lm.fused import _onednn, fused_blocks
+from mosaic_dag.lm.models import decoder_layers
 from mosaic_dag.pipeline import get_model
 from mosaic_dag.runner import run_experiment
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 def _bundled(dtype: str):
     from mosaic_dag.config import BUNDLED_MODEL, ModelConfig
-    from mosaic_dag.models import load_model
+    from mosaic_dag.lm.models import load_model
     from mosaic_dag.pipeline import models_dir
 
     return load_model(ModelConfig(name="gemma-3-270m", id=BUNDLED_MODEL, layers=[6], dtype=dtype), models_dir(None))
@@ -88,7 +88,7 @@ def test_demo_caches_hidden_states_then_hits(tmp_path: Path, monkeypatch: pytest
     assert all(s.metadata["texts"] == 120 for s in hidden)
     # the demo goes end to end: a locally trained SAE, sparse codes, and all three feature sources
     from mosaic_dag.config import load_config
-    from mosaic_dag.evaluation import results_table
+    from mosaic_dag.evaluation.sweeps import results_table
 
     table = results_table(load_config(None))
     assert set(table["features"]) == {"sae", "hidden", "tfidf"}

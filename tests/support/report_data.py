@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from mosaic_dag.evaluation import ProbeRun, ProbeSpec
-from mosaic_dag.probes import fit_logistic, fit_tree
+from mosaic_dag.evaluation.sweeps import ProbeRun, ProbeSpec
+from mosaic_dag.probes.core import fit_logistic, fit_tree
 
 
 def results() -> pd.DataFrame:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mosaic_dag.cli import main
-from mosaic_dag.models import forget_loaded
+from mosaic_dag.lm.models import forget_loaded
 from tests.support.models import WORDS, fast_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mosaic_dag import storage
-from mosaic_dag.extract import HiddenCache
+from mosaic_dag.lm.extract import HiddenCache
 from mosaic_dag.storage import atomic_dir
 from tests.support.models import fast_config
 from tests.support.runs import temp_leftovers

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_dag.extract import HiddenCache
-from mosaic_dag.models import forget_loaded
+from mosaic_dag.lm.extract import HiddenCache
+from mosaic_dag.lm.models import forget_loaded
 from mosaic_dag.storage import sweep_temp
 from tests.support.runs import (
     TEXTS_PER_DATASET,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mosaic_dag.report import write_report
+from mosaic_dag.report.markdown import write_report
 from tests.support.browser import broken_images, headless_chromium
 from tests.support.report_data import curves, planted_codes, planted_runs, results
 
@@ -15,7 +15,7 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 def test_html_report_in_headless_chromium(tmp_path: Path) -> None:
-    from mosaic_dag.interpret import interpret_partition
+    from mosaic_dag.probes.interpret import interpret_partition
 
     X, y, frame = planted_codes()
     interp = interpret_partition("gemma.L6.btk tox.en", planted_runs(X, y), lambda _k: X, frame, {0: "fine", 1: "toxic"},

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mosaic_dag.behaviour import (
+from mosaic_dag.data.behaviour import (
     BEHAVIOUR_COLUMNS,
     KeywordJudge,
     ModelJudge,
@@ -22,7 +22,7 @@ from mosaic_dag.behaviour import (
     multiple_choice_labels,
     option_logprobs,
 )
-from mosaic_dag.probes import fit_logistic
+from mosaic_dag.probes.core import fit_logistic
 from tests.support.models import WORDS
 
 

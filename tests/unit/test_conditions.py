@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from mosaic_dag import conditions
-from mosaic_dag.conditions import (
+from mosaic_dag.evaluation import conditions
+from mosaic_dag.evaluation.conditions import (
     CURVE_COLUMNS,
     condition_curves,
     imbalance,
     label_noise,
     subsample_train,
 )
-from mosaic_dag.probes import fit_logistic, fit_tree
+from mosaic_dag.probes.core import fit_logistic, fit_tree
 
 
 def _y(counts: dict[int, int], seed: int = 0) -> np.ndarray:

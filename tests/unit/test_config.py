@@ -4,7 +4,7 @@ import pytest
 
 from mosaic_dag.config import load_config, parse_config
 from mosaic_dag.errors import ConfigError
-from mosaic_dag.partitions import dataset_keys, parse_dataset, parse_target, targets
+from mosaic_dag.keys import dataset_keys, parse_dataset, parse_target, targets
 
 BASE = {"models": [{"name": "m", "layers": [6]}], "datasets": [{"name": "d", "path": "x.csv"}]}
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mosaic_dag import datasets as ds
+from mosaic_dag.data import datasets as ds
 from mosaic_dag.config import DatasetConfig, SplitConfig
 from mosaic_dag.errors import DatasetError
 from tests.support.models import SHARED_DATA

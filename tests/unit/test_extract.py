@@ -8,8 +8,8 @@ import torch
 
 from mosaic_dag.config import ModelConfig
 from mosaic_dag.errors import ModelError
-from mosaic_dag.extract import HiddenCache, extract_to_cache, forward_layers, make_batches, tokenize
-from mosaic_dag.models import decoder_layers, default_batch_tokens, fingerprint, forget_loaded, load_model, resolve_dtype
+from mosaic_dag.lm.extract import HiddenCache, extract_to_cache, forward_layers, make_batches, tokenize
+from mosaic_dag.lm.models import decoder_layers, default_batch_tokens, fingerprint, forget_loaded, load_model, resolve_dtype
 
 TEXTS = [
     "hello world",
@@ -82,8 +82,7 @@ def test_bfloat16_cache_is_the_same_hook_point_within_bf16_rounding(tiny_model_d
 
 
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path):
-    from mosaic_dag import models
-
+    from mosaic_dag.lm import models
     assert resolve_dtype("float32", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu") == torch.bfloat16
@@ -169,8 +168,7 @@ def test_corrupt_shard_is_detected(tiny, tmp_path: Path):
 
 
 def test_capped_onednn_isa_means_no_native_bf16(monkeypatch: pytest.MonkeyPatch):
-    from mosaic_dag import models
-
+    from mosaic_dag.lm import models
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core")
     models.cpu_has_bf16.cache_clear()
     try:

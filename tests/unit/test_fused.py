@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from mosaic_dag.config import ModelConfig
-from mosaic_dag.extract import (
+from mosaic_dag.lm.extract import (
     HiddenCache,
     extract_to_cache,
     forward_layers,
     make_batches,
     tokenize,
 )
-from mosaic_dag.fused import (
+from mosaic_dag.lm.fused import (
     _causal_attention,
     _causal_rows_only,
     _fused_attention,
@@ -24,7 +24,7 @@ from mosaic_dag.fused import (
     _onednn,
     fused_blocks,
 )
-from mosaic_dag.models import decoder_layers, forget_loaded, load_model
+from mosaic_dag.lm.models import decoder_layers, forget_loaded, load_model
 
 TEXTS = ["hello world", "you are a stupid idiot and i hate your post", "thank you my friend", "bonjour",
          "we love this great idea and the lovely day here with you"]
@@ -133,8 +133,7 @@ def test_only_gemma_style_rms_norms_are_replaced():
 
 def test_each_weight_is_packed_once_per_extraction(pair, monkeypatch: pytest.MonkeyPatch):
     """The fused MLP reuses the gate/up weights the packed linears already packed (no second copy)."""
-    from mosaic_dag import fused
-
+    from mosaic_dag.lm import fused
     l16, _ = pair
     if _onednn() is None:
         pytest.skip("torch here has no oneDNN packed linear")
@@ -181,8 +180,7 @@ def test_fused_attention_takes_only_causal_right_padded_masks():
 
 def test_fused_attention_runs_where_it_applies_and_defers_elsewhere(pair, monkeypatch: pytest.MonkeyPatch):
     """Real tokens agree with the stock forward; a batch longer than the sliding window goes to it."""
-    from mosaic_dag import fused
-
+    from mosaic_dag.lm import fused
     l16, _ = pair
     blocks = decoder_layers(l16.model)
     full, sliding = blocks[1].self_attn, blocks[0].self_attn  # the tiny model: sliding window 8
@@ -275,8 +273,7 @@ def test_a_replacement_that_does_not_fit_the_installed_forward_is_not_installed(
     """A forward whose signature moved (as a transformers release may do) keeps the stock forward, logged once."""
     from transformers.models.gemma3 import modeling_gemma3
 
-    from mosaic_dag import fused
-
+    from mosaic_dag.lm import fused
     l16, _ = pair
     stock = modeling_gemma3.Gemma3Attention.forward
 
@@ -285,7 +282,7 @@ def test_a_replacement_that_does_not_fit_the_installed_forward_is_not_installed(
 
     monkeypatch.setattr(modeling_gemma3.Gemma3Attention, "forward", moved)
     fused._reported.clear()
-    with caplog.at_level("WARNING", logger="mosaic_dag.fused"):
+    with caplog.at_level("WARNING", logger="mosaic_dag.lm.fused"):
         for _ in range(2):
             with fused_blocks(l16, 2, 64) as n:
                 assert n.attentions == 0
@@ -296,15 +293,14 @@ def test_a_replacement_that_does_not_fit_the_installed_forward_is_not_installed(
 def test_blocks_that_disagree_with_the_stock_forward_get_no_replacement(pair, tmp_path: Path, monkeypatch, caplog):
     """The whole-block probe: a replacement that passed its own check but is wrong in the model removes every
     replacement, and extraction then writes exactly the stock forward's activations."""
-    from mosaic_dag import fused
-
+    from mosaic_dag.lm import fused
     l16, _ = pair
     extract_to_cache(l16, TEXTS, [2], {2: tmp_path / "before"}, max_length=32, batch_tokens=24)
     real_norm_rotate = fused._norm_rotate
     monkeypatch.setattr(fused, "_attention_passes", lambda *a, **k: True)
     monkeypatch.setattr(fused, "_norm_rotate", lambda *a: real_norm_rotate(*a) * 3.0)  # a wrong attention
     fused._reported.clear()
-    with caplog.at_level("WARNING", logger="mosaic_dag.fused"), fused_blocks(l16, 2, 64) as n:
+    with caplog.at_level("WARNING", logger="mosaic_dag.lm.fused"), fused_blocks(l16, 2, 64) as n:
         assert n.total == 0 and _replaced(l16.model) == 0
     if _onednn() is not None:
         assert any("probe batch differs" in r.getMessage() for r in caplog.records)

@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mosaic_dag.cli import main  # noqa: E402
-from mosaic_dag.extract import HiddenCache  # noqa: E402
-from mosaic_dag.models import forget_loaded  # noqa: E402
+from mosaic_dag.lm.extract import HiddenCache  # noqa: E402
+from mosaic_dag.lm.models import forget_loaded  # noqa: E402
 from tests.support.models import WORDS
 from tests.support.models import FAST_CLASSIFICATION, FAST_SAE
 

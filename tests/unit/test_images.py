@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from mosaic_dag.config import parse_config
-from mosaic_dag.datasets import COLUMNS, load_dataset
+from mosaic_dag.data.datasets import COLUMNS, load_dataset
 from mosaic_dag.errors import ConfigError, DatasetError
-from mosaic_dag.images import decode_png
+from mosaic_dag.data.images import decode_png
 from mosaic_dag.pipeline import build_dataset, dataset_file
 
 
@@ -190,7 +190,7 @@ def test_bad_images_fail_with_one_line_and_no_partial_artifact(value, expect: st
 
 
 def test_zero_size_image_is_refused():
-    from mosaic_dag.images import to_png
+    from mosaic_dag.data.images import to_png
 
     with pytest.raises(DatasetError, match="row 3: image has zero size"):
         to_png(np.zeros((0, 4), dtype=np.uint8), "row 3")
@@ -240,7 +240,7 @@ def test_bad_image_through_mosaic_run_one_line_same_on_dagster_step(value, expec
 @pytest.mark.parametrize("name", ["digits_gemma3_4b.yaml", "digits_paligemma2.yaml"])
 def test_real_model_image_examples_validate(name: str):
     from mosaic_dag.config import load_config
-    from mosaic_dag.partitions import dataset_keys
+    from mosaic_dag.keys import dataset_keys
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / name)
     assert [k.key for k in dataset_keys(cfg)] == ["digits.image", "digits.en"]

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 
-from mosaic_dag.features import feature_name
-from mosaic_dag.interpret import interpret_partition, tree_figure
+from mosaic_dag.features.pooled import feature_name
+from mosaic_dag.probes.interpret import interpret_partition, tree_figure
 from tests.support.report_data import planted_codes, planted_runs
 
 

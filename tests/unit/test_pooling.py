@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from mosaic_dag.pooling import POOLINGS, binarize, pool_dense, pool_sparse
+from mosaic_dag.features.pooling import POOLINGS, binarize, pool_dense, pool_sparse
 from tests.support.sparse import forbid_densify, random_csr
 
 HUGE = 1e6

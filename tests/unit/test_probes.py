@@ -15,8 +15,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.tree import DecisionTreeClassifier
 
-from mosaic_dag import probes
-from mosaic_dag.probes import (
+from mosaic_dag.probes import core as probes
+from mosaic_dag.probes.core import (
     Metrics,
     ProbeResult,
     evaluate,
@@ -334,7 +334,7 @@ def test_probe_checks_and_best_artifacts(tmp_path) -> None:
     """What the probes asset reports: its checks' inputs and the best probe per source's files."""
     import pandas as pd
 
-    from mosaic_dag.evaluation import PartitionResults, ProbeRun, ProbeSpec, best_artifacts, probe_checks
+    from mosaic_dag.evaluation.sweeps import PartitionResults, ProbeRun, ProbeSpec, best_artifacts, probe_checks
 
     X, y = _planted(300, seed=11, n_classes=2)
     parts = _split(X, y)

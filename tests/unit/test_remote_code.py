@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_dag import models
+from mosaic_dag.lm import models
 from mosaic_dag.config import ModelConfig
 from mosaic_dag.errors import ModelError
 
@@ -47,7 +47,7 @@ def test_trusted_code_runs_after_one_warning(tmp_path: Path, caplog: pytest.LogC
     folder = _custom_model(tmp_path / "custom")
     cfg = ModelConfig(name="cm", id=str(folder), layers=[0], trust_remote_code=True)
     models._warned_remote.discard(str(folder))
-    with caplog.at_level(logging.WARNING, logger="mosaic_dag.models"):
+    with caplog.at_level(logging.WARNING, logger="mosaic_dag.lm.models"):
         assert models.model_dims(cfg, tmp_path)[1:] == (8, 2)  # its configuration_custom.py ran
         models.model_dims(cfg, tmp_path)
     warnings = [r.getMessage() for r in caplog.records if "trust_remote_code is on" in r.getMessage()]

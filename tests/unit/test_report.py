@@ -16,8 +16,8 @@ from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from mosaic_dag import figures as F
-from mosaic_dag.report import (
+from mosaic_dag.report import figures as F
+from mosaic_dag.report.markdown import (
     plot_binarization,
     plot_conditions,
     plot_layers,

@@ -1,4 +1,4 @@
-"""mosaic_dag.sae: sparse encoding equals sae-lens's encode, compatibility checks, codes I/O, registry loading."""
+"""mosaic_dag.sae.core: sparse encoding equals sae-lens's encode, compatibility checks, codes I/O, registry loading."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.support.sae import (
 )
 
 from mosaic_dag.errors import CacheError
-from mosaic_dag.sae import (
+from mosaic_dag.sae.core import (
     SaeCodesError,
     SaeInfo,
     SaeLoadError,
@@ -456,7 +456,7 @@ def test_load_codes_corrupt_file_raises_cache_error(tmp_path: Path) -> None:
 
 def test_grouped_topk_equals_torch_topk() -> None:
     """Same values and latents as torch.topk, including rows whose top k crowd into one group."""
-    from mosaic_dag.sae import grouped_topk
+    from mosaic_dag.sae.core import grouped_topk
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 2048, generator=g)

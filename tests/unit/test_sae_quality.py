@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mosaic_dag.config import ModelConfig
-from mosaic_dag.models import load_model
-from mosaic_dag.sae_quality import SaeFloors, check_quality, measure_quality
+from mosaic_dag.lm.models import load_model
+from mosaic_dag.sae.quality import SaeFloors, check_quality, measure_quality
 from tests.support.models import WORDS
 from tests.support.sae import make_sae
 

@@ -1,4 +1,4 @@
-"""mosaic_dag.sae_registry: reading sae-lens's registry from disk and picking SAEs for our models/layers."""
+"""mosaic_dag.sae.registry: reading sae-lens's registry from disk and picking SAEs for our models/layers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mosaic_dag.sae_registry import (
+from mosaic_dag.sae.registry import (
     matching_saes,
     model_key,
     models_match,
@@ -142,7 +142,7 @@ def test_packaged_registry_has_gemma_scope_2_for_gemma_3_270m() -> None:
 def test_registry_module_does_not_import_torch_or_sae_lens() -> None:
     """The sensor ticks often; reading the registry must stay a cheap file read."""
     code = (
-        "import sys; from mosaic_dag.sae_registry import read_registry; read_registry(); "
+        "import sys; from mosaic_dag.sae.registry import read_registry; read_registry(); "
         "bad = [m for m in ('torch', 'sae_lens') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=120)

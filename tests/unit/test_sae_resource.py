@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from tests.support.sae import GS2_D_MODEL, FakeHubSae
 
-from mosaic_dag.codes import check_target, forget_saes
+from mosaic_dag.sae.codes import check_target, forget_saes
 from mosaic_dag.config import parse_config
-from mosaic_dag.partitions import Target, targets
-from mosaic_dag.sae import SaeMismatchError
+from mosaic_dag.keys import TargetKey, targets
+from mosaic_dag.sae.core import SaeMismatchError
 from resources import SaeResource
 
 
@@ -31,5 +31,5 @@ def test_registry_sae_through_the_resource(fake_gemma_scope_2: FakeHubSae, tmp_p
     info = check_target(cfg, target, "google/gemma-3-270m", GS2_D_MODEL)
     assert info.neuronpedia_id == "gemma-3-270m/5-gemmascope-2-res-16k"
     with pytest.raises(SaeMismatchError, match="sae 'gs2-16k-medium': sae layer=5"):
-        check_target(cfg, Target("gemma-3-270m", 6, target.sae), "google/gemma-3-270m", GS2_D_MODEL)
+        check_target(cfg, TargetKey("gemma-3-270m", 6, target.sae), "google/gemma-3-270m", GS2_D_MODEL)
     forget_saes()

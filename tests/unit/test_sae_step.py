@@ -1,4 +1,4 @@
-"""mosaic_dag.sae_step: the sparse TopK-family training step computes sae-lens's loss and gradients."""
+"""mosaic_dag.sae.step: the sparse TopK-family training step computes sae-lens's loss and gradients."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from tests.support.sae import low_rank_acts
 from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 
-from mosaic_dag.sae_step import (
+from mosaic_dag.sae.step import (
     SparseBatchTopKTrainingSAE,
     SparseTopKTrainingSAE,
     batch_topk_indices,
     sparse_step_ok,
     uses_sparse_step,
 )
-from mosaic_dag.sae_training import train_sae
+from mosaic_dag.sae.training import train_sae
 
 D, W, B = 48, 384, 200
 

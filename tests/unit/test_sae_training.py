@@ -1,4 +1,4 @@
-"""mosaic_dag.sae_training: sae-lens's trainer fed from an activation array, saved in sae-lens format."""
+"""mosaic_dag.sae.training: sae-lens's trainer fed from an activation array, saved in sae-lens format."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from tests.support.sae import D_IN, low_rank_acts
 from safetensors.torch import load_file
 
-from mosaic_dag.sae import check_compatible, load_sae, sae_info
-from mosaic_dag.sae_training import METRICS_FILENAME, SaeTrainingError, read_training_metrics, train_sae
+from mosaic_dag.sae.core import check_compatible, load_sae, sae_info
+from mosaic_dag.sae.training import METRICS_FILENAME, SaeTrainingError, read_training_metrics, train_sae
 
 HOOK = "model.layers.6"
 MODEL = "google/gemma-3-270m"

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from mosaic_dag.comparisons import overall, paired_bootstrap, paired_comparison, verdict
-from mosaic_dag.evaluation import (
+from mosaic_dag.evaluation.comparisons import overall, paired_bootstrap, paired_comparison, verdict
+from mosaic_dag.evaluation.sweeps import (
     PartitionResults,
     ProbeRun,
     ProbeSpec,
@@ -23,8 +23,8 @@ from mosaic_dag.evaluation import (
     partition_comparisons,
     probe_checks,
 )
-from mosaic_dag.probes import fit_logistic, fit_tree
-from mosaic_dag.report import plot_sources, write_report
+from mosaic_dag.probes.core import fit_logistic, fit_tree
+from mosaic_dag.report.markdown import plot_sources, write_report
 
 
 def _row(features: str, classifier: str, val: float, test: float, layer: int = 6, **extra) -> dict:
@@ -77,7 +77,7 @@ def test_test_best_worst_on_validation_is_never_reported_best(tmp_path: Path) ->
 
 
 def test_plot_uses_validation_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mosaic_dag.figures as figures
+    import mosaic_dag.report.figures as figures
 
     seen = []
     real = figures.best
@@ -159,6 +159,6 @@ def test_ties_keep_the_partitions_own_pick_across_tables() -> None:
     ]))
     table.loc[1, "selected"] = True  # what run_probes marked (mean/logistic comes first in the config)
     assert best_rows(table).iloc[0]["probe"] == "sae/mean/logistic"
-    from mosaic_dag.report import summary_table as _summary
+    from mosaic_dag.report.markdown import summary_table as _summary
 
     assert _summary(table).iloc[0]["macro_f1"] == 0.60

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from mosaic_dag.probes import ProbeResult, load_model, save_model, top_latents
-from mosaic_dag.tfidf import fit_tfidf
+from mosaic_dag.probes.core import ProbeResult, load_model, save_model, top_latents
+from mosaic_dag.features.tfidf import fit_tfidf
 
 POS = ["great", "lovely", "wonderful", "excellent", "superb"]
 NEG = ["awful", "terrible", "horrible", "dreadful", "poor"]

@@ -11,8 +11,8 @@ import pytest
 import scipy.sparse as sp
 from matplotlib.image import imread
 
-from mosaic_dag.probes import fit_ksparse, fit_logistic
-from mosaic_dag.transfer import (
+from mosaic_dag.probes.core import fit_ksparse, fit_logistic
+from mosaic_dag.evaluation.transfer import (
     LONG_COLUMNS,
     Split,
     heatmap_png,

@@ -15,11 +15,11 @@ import torch
 
 from mosaic_dag.config import ModelConfig
 from mosaic_dag.errors import ModelError
-from mosaic_dag.extract import HiddenCache
-from mosaic_dag.images import _digits, decode_png, to_png
-from mosaic_dag.models import decoder_layers, load_model
-from mosaic_dag.pooling import pool_dense
-from mosaic_dag.vlm import extract_images_to_cache, processor_inputs, prompt_text
+from mosaic_dag.lm.extract import HiddenCache
+from mosaic_dag.data.images import _digits, decode_png, to_png
+from mosaic_dag.lm.models import decoder_layers, load_model
+from mosaic_dag.features.pooling import pool_dense
+from mosaic_dag.lm.vlm import extract_images_to_cache, processor_inputs, prompt_text
 from tests.support.vlm import build_tiny_paligemma, build_tiny_vlm
 
 PROMPTS = {"gemma3": "{image} a handwritten digit", "paligemma": "{image}caption en"}
@@ -155,8 +155,8 @@ def test_text_model_cannot_read_images(tiny_model_dir: Path, tmp_path: Path, cle
 
 
 def test_paligemma_language_model_is_what_its_saes_must_match():
-    from mosaic_dag.sae_registry import models_match
-    from mosaic_dag.vlm import sae_model_name
+    from mosaic_dag.sae.registry import models_match
+    from mosaic_dag.lm.vlm import sae_model_name
 
     assert models_match(sae_model_name("google/paligemma2-3b-pt-224"), "gemma-2-2b")
     assert sae_model_name("google/paligemma2-10b-pt-448") == "google/gemma-2-9b"
@@ -167,7 +167,7 @@ def test_paligemma_language_model_is_what_its_saes_must_match():
 @pytest.mark.integration
 def test_real_gemma3_tokenizer_image_tokens_mask_and_parity(tmp_path: Path, clean):
     """The bundled model's tokenizer is Gemma 3's: the processor's output tokenizes into the real ids."""
-    from mosaic_dag.models import bundled_snapshot
+    from mosaic_dag.lm.models import bundled_snapshot
     from mosaic_dag.pipeline import models_dir
 
     folder = build_tiny_vlm(tmp_path / "vlm-real-tok", tokenizer_from=bundled_snapshot(models_dir(None)))
@@ -205,7 +205,7 @@ def test_prompt_and_token_selection_are_part_of_the_cache_key():
     import pandas as pd
 
     from mosaic_dag.config import parse_config
-    from mosaic_dag.vlm import partition_hash
+    from mosaic_dag.lm.vlm import partition_hash
 
     def dcfg(**fields):
         cfg = parse_config({"models": [{"name": "m", "layers": [0]}],

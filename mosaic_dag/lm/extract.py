@@ -26,8 +26,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from mosaic_dag.errors import CacheError, ModelError
-from mosaic_dag.fused import fused_blocks
-from mosaic_dag.models import LoadedModel, decoder_layers
+from mosaic_dag.lm.fused import fused_blocks
+from mosaic_dag.lm.models import LoadedModel, decoder_layers
 from mosaic_dag.storage import atomic_dir, file_sha256, stable_hash
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mosaic_dag.comparisons import Paired, paired_comparison
+from mosaic_dag.evaluation.comparisons import Paired, paired_comparison
 from mosaic_dag.errors import ConfigError
 
 __all__ = ["JudgeRun", "class_options", "feature_cost", "judge_texts", "pick_shots", "shot_prefix"]
@@ -89,7 +89,7 @@ def judge_texts(model: Any, tokenizer: Any, texts: Sequence[str], template: str,
                 options: Sequence[str], *, prefix: str = "", batch_size: int = 8,
                 max_length: int | None = None) -> JudgeRun:
     """The judge's class for each text (ties: the first class), with its cost on these texts."""
-    from mosaic_dag.behaviour import option_logprobs
+    from mosaic_dag.data.behaviour import option_logprobs
 
     prompts = [prefix + template.replace("{text}", t) for t in texts]
     start = time.perf_counter()
@@ -108,7 +108,7 @@ def feature_cost(loaded: Any, layer: int, sae: Any, texts: Sequence[str], *, max
     one sparse dot product, is left out)."""
     import torch
 
-    from mosaic_dag.extract import forward_layers, make_batches, special_ids, tokenize
+    from mosaic_dag.lm.extract import forward_layers, make_batches, special_ids, tokenize
 
     tok = loaded.tokenizer
     ids, _ = tokenize(tok, texts, max_length)
@@ -157,7 +157,7 @@ def cost_line(cost: Mapping[str, float]) -> str:
 def selected_sae(results: pd.DataFrame, predictions: pd.DataFrame | None) -> tuple[str, np.ndarray] | None:
     """The validation-selected SAE probe of one partition (``evaluation.best_rows``) and its test
     predictions in ``predictions``' row order; None when the partition has no SAE probe."""
-    from mosaic_dag.evaluation import best_rows
+    from mosaic_dag.evaluation.sweeps import best_rows
 
     sae = results[(results["features"] == "sae") & (results["train_language"] == results["test_language"])]
     if sae.empty or predictions is None:
@@ -174,8 +174,8 @@ def judge_partition(cfg: Any, target: Any, dataset: str, language: str, frame: p
 
     ``results``/``predictions``: the probes step's rows and per-row test predictions of this
     partition (the same test ids, checked)."""
-    from mosaic_dag.evaluation import RESULT_COLUMNS, SplitRows, _typed, describe, label_names
-    from mosaic_dag.probes import evaluate
+    from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS, SplitRows, _typed, describe, label_names
+    from mosaic_dag.probes.core import evaluate
 
     jc, cls = cfg.judge, cfg.classification
     rows = SplitRows.of(frame)
@@ -190,7 +190,7 @@ def judge_partition(cfg: Any, target: Any, dataset: str, language: str, frame: p
     y_test = rows.y(rows.test)
     m = evaluate(y_test, run.pred, run.proba, classes, cls.seed, n_train=len(shots), n_boot=cls.bootstrap)
     mc = cfg.model(target.model)
-    from mosaic_dag.models import default_batch_tokens
+    from mosaic_dag.lm.models import default_batch_tokens
 
     f_sec, f_tok = feature_cost(loaded if jc.model in (None, target.model) else _target_model(cfg, target), target.layer,
                                 sae, test_texts, max_length=mc.max_length,

@@ -41,7 +41,7 @@ class LoadedModel:
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
-    processor: Any = None  # vision-language models: builds image + prompt inputs (mosaic_dag.vlm)
+    processor: Any = None  # vision-language models: builds image + prompt inputs (mosaic_dag.lm.vlm)
 
     @property
     def n_layers(self) -> int:
@@ -320,8 +320,7 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
             kwargs["revision"] = cfg.revision
         processor = None
         try:
-            from mosaic_dag import vlm
-
+            from mosaic_dag.lm import vlm
             if vlm.is_vlm(src, kwargs):
                 model, tokenizer, processor = vlm.load_vlm(src, dtype, kwargs)
             else:

@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from mosaic_dag.errors import CacheError, MosaicError
-from mosaic_dag.sae_registry import (
+from mosaic_dag.sae.registry import (
     Site,
     models_match,
     parse_layer,

@@ -103,7 +103,7 @@ def _digits() -> pd.DataFrame:
 
 def _class_folders(folder: Path) -> pd.DataFrame | None:
     """``<class>/<image>`` or ``<split>/<class>/<image>``; None when the folder is not laid out so."""
-    from mosaic_dag.datasets import _SPLIT_ALIASES
+    from mosaic_dag.data.datasets import _SPLIT_ALIASES
 
     subs = sorted(p for p in folder.iterdir() if p.is_dir())
     if not subs:
@@ -121,8 +121,7 @@ def _class_folders(folder: Path) -> pd.DataFrame | None:
 
 def read_images(cfg: DatasetConfig, base: Path | None = None) -> tuple[pd.DataFrame, str, Path | None]:
     """Raw rows (undecoded image values + raw labels), the image column, and the folder paths resolve against."""
-    from mosaic_dag import datasets as ds
-
+    from mosaic_dag.data import datasets as ds
     base = base or Path.cwd()
     if cfg.path == "bundled:digits":
         df = _digits()
@@ -148,8 +147,7 @@ def _image_text(png: bytes) -> str:
 
 def load_image_dataset(cfg: DatasetConfig, language: str, split_cfg: SplitConfig, base: Path | None = None) -> pd.DataFrame:
     """One partition of an image dataset: ``image`` (the images) or the descriptions' language (texts)."""
-    from mosaic_dag import datasets as ds
-
+    from mosaic_dag.data import datasets as ds
     raw, column, root = read_images(cfg, base)
     if cfg.label_field not in raw.columns:
         cols = [c for c in raw.columns if not str(c).startswith("__")][:12]
@@ -183,8 +181,7 @@ def describe(raw: pd.DataFrame, cfg: DatasetConfig, language: str, split_cfg: Sp
     ``label_name`` is the class as ``names`` writes it in that language (default: the class name itself);
     the rows keep the image partition's ``label_name`` so both partitions share one label space.
     """
-    from mosaic_dag import datasets as ds
-
+    from mosaic_dag.data import datasets as ds
     desc = cfg.description(language)
     assert desc is not None
     values = raw[cfg.label_field]

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mosaic_dag.models import LoadedModel, decoder_layers
+from mosaic_dag.lm.models import LoadedModel, decoder_layers
 
 log = logging.getLogger(__name__)
 _reported: set[str] = set()

@@ -16,8 +16,8 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from mosaic_dag.config import DatasetConfig, SplitConfig
-from mosaic_dag.demo_data import LABEL_NAMES as DEMO_LABEL_NAMES
-from mosaic_dag.demo_data import demo_dataset
+from mosaic_dag.data.demo import LABEL_NAMES as DEMO_LABEL_NAMES
+from mosaic_dag.data.demo import demo_dataset
 from mosaic_dag.errors import DatasetError
 from mosaic_dag.storage import stable_hash
 
@@ -435,7 +435,7 @@ def check_no_leakage(df: pd.DataFrame, cfg: DatasetConfig, language: str) -> Non
 def load_dataset(cfg: DatasetConfig, language: str, split_cfg: SplitConfig, base: Path | None = None) -> pd.DataFrame:
     """Read + normalise one (dataset, language) partition."""
     if cfg.modality == "image":
-        from mosaic_dag.images import load_image_dataset
+        from mosaic_dag.data.images import load_image_dataset
 
         return load_image_dataset(cfg, language, split_cfg, base)
     return normalise(read_source(cfg, base, language), cfg, language, split_cfg)

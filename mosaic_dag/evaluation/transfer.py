@@ -22,9 +22,9 @@ import numpy.typing as npt
 import pandas as pd
 import scipy.sparse as sp
 
-from mosaic_dag.probes import DEFAULT_CS, Matrix, ProbeResult, evaluate, fit_logistic
+from mosaic_dag.probes.core import DEFAULT_CS, Matrix, ProbeResult, evaluate, fit_logistic
 from mosaic_dag.storage import atomic_path
-from mosaic_dag.tfidf import fit_tfidf
+from mosaic_dag.features.tfidf import fit_tfidf
 
 __all__ = [
     "LONG_COLUMNS",

@@ -1,7 +1,7 @@
 """Probe sweeps over every (features, pooling, threshold, classifier) and the tidy results table.
 
 SAE, hidden-state and TF-IDF probes of one partition are scored on the SAME test rows (same ids);
-hyper-parameters are chosen on train/validation only (see mosaic_dag.probes).
+hyper-parameters are chosen on train/validation only (see mosaic_dag.probes.core).
 
 Selection rule: the configuration reported as "best" for a feature source — within a partition and
 across layers, SAEs, poolings, thresholds, top-n, classifiers and k — is the one with the highest
@@ -22,15 +22,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mosaic_dag.comparisons import Paired, paired_comparison
+from mosaic_dag.evaluation.comparisons import Paired, paired_comparison
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.errors import MosaicError
-from mosaic_dag.features import PooledResult, feature_name, load_matrix
+from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
 from mosaic_dag.handles import DatasetHandle, PooledHandle
-from mosaic_dag.partitions import Target, dataset_keys, targets
+from mosaic_dag.keys import TargetKey, dataset_keys, targets
 from mosaic_dag.pipeline import read_frame
-from mosaic_dag.pooling import binarize
-from mosaic_dag.probes import (
+from mosaic_dag.features.pooling import binarize
+from mosaic_dag.probes.core import (
     ProbeResult,
     fit_ksparse,
     fit_logistic,
@@ -41,7 +41,7 @@ from mosaic_dag.probes import (
 )
 from mosaic_dag.storage import write_parquet
 from mosaic_dag.tables import markdown_table
-from mosaic_dag.tfidf import fit_tfidf
+from mosaic_dag.features.tfidf import fit_tfidf
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _fit(spec: ProbeSpec, X: Any, rows: SplitRows, seed: int, n_boot: int, langu
 
 
 def run_probes(
-    cfg: ExperimentConfig, target: Target, pooled_handle: PooledHandle, data: DatasetHandle,
+    cfg: ExperimentConfig, target: TargetKey, pooled_handle: PooledHandle, data: DatasetHandle,
     mlflow_run_id: str = "", progress: Callable[[int, int], None] | None = None,
 ) -> PartitionResults:
     """Fit every configured probe on one (target, dataset) partition; identical test rows for all."""
@@ -164,7 +164,7 @@ def run_probes(
     dataset, _, language = data.key.partition(".")
     rows = SplitRows.of(frame)
     cls = cfg.classification
-    from mosaic_dag.images import is_image_frame
+    from mosaic_dag.data.images import is_image_frame
 
     # TF-IDF reads words: an image partition has none, so it has no TF-IDF rows (README: images)
     specs = [s for s in probe_specs(cfg) if not (s.features == "tfidf" and is_image_frame(frame))]
@@ -418,15 +418,15 @@ def probe_checks(results: PartitionResults) -> ProbeChecks:
                        distinct_test_sets=len(test_ids))
 
 
-def results_file(cfg: ExperimentConfig, target: Target, dataset: str, language: str) -> Path:
+def results_file(cfg: ExperimentConfig, target: TargetKey, dataset: str, language: str) -> Path:
     return cfg.data_path / "results" / target.key / f"{dataset}.{language}.parquet"
 
 
-def predictions_file(cfg: ExperimentConfig, target: Target, dataset: str, language: str) -> Path:
+def predictions_file(cfg: ExperimentConfig, target: TargetKey, dataset: str, language: str) -> Path:
     return cfg.data_path / "predictions" / target.key / f"{dataset}.{language}.parquet"
 
 
-def write_results(cfg: ExperimentConfig, target: Target, dataset: str, language: str, table: pd.DataFrame,
+def write_results(cfg: ExperimentConfig, target: TargetKey, dataset: str, language: str, table: pd.DataFrame,
                   predictions: pd.DataFrame | None = None) -> Path:
     """The partition's results rows (and, when given, its per-row test predictions, written first)."""
     if predictions is not None:
@@ -453,7 +453,7 @@ def iter_result_files(cfg: ExperimentConfig, *, every: bool = False) -> Iterator
             path = results_file(cfg, target, dkey.dataset, dkey.language)
             if path.exists():
                 yield path
-            judged = path.with_name(f"judge.{path.name}")  # the judge baseline's row (mosaic_dag.judge)
+            judged = path.with_name(f"judge.{path.name}")  # the judge baseline's row (mosaic_dag.evaluation.judge)
             if cfg.judge.enabled and judged.exists():
                 yield judged
         if cfg.transfer.enabled:

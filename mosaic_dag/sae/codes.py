@@ -21,9 +21,9 @@ import numpy as np
 
 from mosaic_dag.config import ExperimentConfig, SaeConfig
 from mosaic_dag.errors import ConfigError
-from mosaic_dag.extract import HiddenCache
+from mosaic_dag.lm.extract import HiddenCache
 from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, SaeHandle, UpstreamMissing
-from mosaic_dag.partitions import Target, dataset_keys
+from mosaic_dag.keys import TargetKey, dataset_keys
 from mosaic_dag.pipeline import hidden_cache, model_fingerprint, read_frame
 from mosaic_dag.storage import atomic_dir, stable_hash
 
@@ -32,14 +32,14 @@ _SAES: dict[str, Any] = {}
 _LOCK = threading.Lock()
 
 
-def sae_config(cfg: ExperimentConfig, target: Target) -> SaeConfig:
+def sae_config(cfg: ExperimentConfig, target: TargetKey) -> SaeConfig:
     """The config's SAE for this target, or a registry SAE that the release sensor added by key."""
     mcfg = cfg.model(target.model)
     for sae in mcfg.saes:
         if sae.label == target.sae:
             return sae
-    from mosaic_dag.sae import default_sae_name
-    from mosaic_dag.sae_registry import matching_saes, read_registry
+    from mosaic_dag.sae.core import default_sae_name
+    from mosaic_dag.sae.registry import matching_saes, read_registry
 
     for entry in matching_saes(read_registry(), [mcfg.id], {mcfg.id: [target.layer]}):
         if default_sae_name("registry", entry.release, entry.sae_id) == target.sae:
@@ -63,9 +63,9 @@ def training_identity(hidden: HiddenHandle, data: DatasetHandle, model: str, lay
     return stable_hash([hidden.cache(model, layer).name, data.splits_hash])
 
 
-def trained_dir(cfg: ExperimentConfig, target: Target, training: list[str]) -> Path:
+def trained_dir(cfg: ExperimentConfig, target: TargetKey, training: list[str]) -> Path:
     """Folder of a locally trained SAE: keyed by model weights, layer, SAE settings and training data."""
-    from mosaic_dag.sae_training import RECIPE_VERSION
+    from mosaic_dag.sae.training import RECIPE_VERSION
 
     scfg = sae_config(cfg, target)
     key = stable_hash({"model": model_fingerprint(cfg, target.model), "layer": target.layer,
@@ -74,9 +74,9 @@ def trained_dir(cfg: ExperimentConfig, target: Target, training: list[str]) -> P
     return cfg.data_path / "saes" / target.model / f"L{target.layer}" / f"{target.sae}-{key}"
 
 
-def sae_spec(cfg: ExperimentConfig, target: Target, trained: Path | str | None = None) -> Any:
+def sae_spec(cfg: ExperimentConfig, target: TargetKey, trained: Path | str | None = None) -> Any:
     """The SaeSpec to load this target's SAE (a trained one points at its folder, ``trained``)."""
-    from mosaic_dag.sae import SaeSpec
+    from mosaic_dag.sae.core import SaeSpec
 
     scfg = sae_config(cfg, target)
     if scfg.source == "train":
@@ -97,9 +97,9 @@ def spec_identity(spec: Any) -> str:
     return f"local:{spec.path}@{stable_hash(stamp)}"
 
 
-def load_target_sae(cfg: ExperimentConfig, target: Target, handle: SaeHandle | None = None) -> Any:
+def load_target_sae(cfg: ExperimentConfig, target: TargetKey, handle: SaeHandle | None = None) -> Any:
     """Load (or reuse from this process) the target's SAE; a trained one from its handle's folder."""
-    from mosaic_dag.sae import load_sae
+    from mosaic_dag.sae.core import load_sae
 
     spec = sae_spec(cfg, target, handle.path if handle is not None and handle.origin == "train" else None)
     ident = spec_identity(spec)
@@ -114,11 +114,11 @@ def forget_saes() -> None:
         _SAES.clear()
 
 
-def registry_hint(cfg: ExperimentConfig, target: Target) -> str | None:
+def registry_hint(cfg: ExperimentConfig, target: TargetKey) -> str | None:
     scfg = sae_config(cfg, target)
     if scfg.source != "registry":
         return None
-    from mosaic_dag.sae_registry import read_registry
+    from mosaic_dag.sae.registry import read_registry
 
     for entry in read_registry().get(scfg.release, {}).get("saes", []):
         if entry.get("id") == scfg.sae_id:
@@ -126,19 +126,19 @@ def registry_hint(cfg: ExperimentConfig, target: Target) -> str | None:
     return scfg.sae_id
 
 
-def check_target(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
+def check_target(cfg: ExperimentConfig, target: TargetKey, hf_name: str, d_model: int,
                  handle: SaeHandle | None = None) -> Any:
     """Fail fast (before any forward pass) when the SAE cannot read this model's layer.
 
     A local SAE not trained yet is compatible by construction (it will be trained on this layer)."""
-    from mosaic_dag.sae import SaeMismatchError, check_compatible, sae_info
+    from mosaic_dag.sae.core import SaeMismatchError, check_compatible, sae_info
 
     scfg = sae_config(cfg, target)
     if scfg.source == "train" and handle is None:
         return None
     info = sae_info(load_target_sae(cfg, target, handle), hint=registry_hint(cfg, target))
     try:
-        from mosaic_dag.vlm import sae_model_name
+        from mosaic_dag.lm.vlm import sae_model_name
 
         check_compatible(info, sae_model_name(hf_name), d_model, target.layer)  # PaliGemma: its Gemma text model
     except SaeMismatchError as err:
@@ -158,7 +158,7 @@ class SaeResult:
     mismatch: str | None = None  # why the SAE cannot read this model's layer (a blocking check fails)
 
 
-def _train_tokens(target: Target, training: Mapping[str, tuple[HiddenHandle, DatasetHandle]], limit: int,
+def _train_tokens(target: TargetKey, training: Mapping[str, tuple[HiddenHandle, DatasetHandle]], limit: int,
                   seed: int, split_name: str = "train", exclude: set[str] | None = None) -> np.ndarray:
     """Real-token activations of one split's texts (TRAIN to train on) from the training partitions' caches.
 
@@ -187,14 +187,14 @@ def _train_tokens(target: Target, training: Mapping[str, tuple[HiddenHandle, Dat
     return acts
 
 
-def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
+def build_sae(cfg: ExperimentConfig, target: TargetKey, hf_name: str, d_model: int,
               hidden: Mapping[str, HiddenHandle | None], data: Mapping[str, DatasetHandle | None]) -> SaeResult:
     """Resolve the target's SAE: train it here on its training partitions (or reuse), else load and check it.
 
     ``hidden``/``data``: the upstream handles by dataset partition key (None where not materialized);
     only a local SAE reads them, and only those of its ``training_partitions``."""
-    from mosaic_dag.sae import SaeMismatchError, check_compatible, discard_if_corrupt, sae_info
-    from mosaic_dag.sae_training import read_training_metrics, train_sae
+    from mosaic_dag.sae.core import SaeMismatchError, check_compatible, discard_if_corrupt, sae_info
+    from mosaic_dag.sae.training import read_training_metrics, train_sae
 
     scfg = sae_config(cfg, target)
     if scfg.source != "train":
@@ -204,7 +204,7 @@ def build_sae(cfg: ExperimentConfig, target: Target, hf_name: str, d_model: int,
                            release=scfg.release, sae_id=scfg.sae_id, width=int(info.d_sae),
                            architecture=str(info.architecture))
         try:
-            from mosaic_dag.vlm import sae_model_name
+            from mosaic_dag.lm.vlm import sae_model_name
 
             check_compatible(info, sae_model_name(hf_name), d_model, target.layer)  # PaliGemma: its text model
             mismatch = None
@@ -279,23 +279,23 @@ class CodesStore:
                    for s in man["shards"])
 
     def iter_shards(self) -> Any:
-        from mosaic_dag.sae import load_codes
+        from mosaic_dag.sae.core import load_codes
 
         for s in self.manifest()["shards"]:
             yield load_codes(self.path / s["file"])
 
 
-def codes_dir(cfg: ExperimentConfig, target: Target, hidden: HiddenCache, sae: SaeHandle) -> Path:
+def codes_dir(cfg: ExperimentConfig, target: TargetKey, hidden: HiddenCache, sae: SaeHandle) -> Path:
     key = stable_hash({"hidden": hidden.path.name, "sae": sae.identity})
     return cfg.data_path / "codes" / target.model / f"L{target.layer}" / target.sae / key
 
 
 def build_codes(
-    cfg: ExperimentConfig, target: Target, sae_handle: SaeHandle, hidden_handle: HiddenHandle,
+    cfg: ExperimentConfig, target: TargetKey, sae_handle: SaeHandle, hidden_handle: HiddenHandle,
     progress: Callable[[int, int], None] | None = None,
 ) -> CodesResult:
     """Encode one dataset partition's cached hidden states, shard by shard, into sparse codes."""
-    from mosaic_dag.sae import check_reconstruction, discard_if_corrupt, encode_sparse, encode_stats, sae_info, save_codes
+    from mosaic_dag.sae.core import check_reconstruction, discard_if_corrupt, encode_sparse, encode_stats, sae_info, save_codes
 
     hidden = hidden_cache(hidden_handle, target.model, target.layer)
     hman = hidden.manifest()

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from mosaic_dag.codes import CodesStore
+from mosaic_dag.sae.codes import CodesStore
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.extract import HiddenCache
+from mosaic_dag.lm.extract import HiddenCache
 from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledHandle, UpstreamMissing
-from mosaic_dag.partitions import Target
+from mosaic_dag.keys import TargetKey
 from mosaic_dag.pipeline import hidden_cache
-from mosaic_dag.pooling import pool_dense, pool_sparse
+from mosaic_dag.features.pooling import pool_dense, pool_sparse
 from mosaic_dag.storage import atomic_dir, atomic_path, stable_hash
 
 DENSE_POOLINGS = ("sum", "mean", "max", "last")
@@ -106,7 +106,7 @@ def _poolings(cfg: ExperimentConfig) -> list[tuple[str, int | None]]:
     return out
 
 
-def build_pooled(cfg: ExperimentConfig, target: Target, codes_handle: CodesHandle,
+def build_pooled(cfg: ExperimentConfig, target: TargetKey, codes_handle: CodesHandle,
                  hidden_handle: HiddenHandle) -> PooledResult:
     """Pool SAE codes and hidden states over real tokens only, for every configured pooling."""
     hidden = hidden_cache(hidden_handle, target.model, target.layer)

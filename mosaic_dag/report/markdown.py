@@ -2,7 +2,7 @@
 
 Every plot function takes a tidy DataFrame and returns a ``Plot``: the files it wrote, or the
 reason it wrote nothing (missing columns, no rows with a score). A figure is never written
-without data. Figures come from ``mosaic_dag.figures`` (one per question, faceted by task,
+without data. Figures come from ``mosaic_dag.report.figures`` (one per question, faceted by task,
 one colour per feature source); every file is written atomically, ``index.html`` before
 ``index.md``, and ``index.md`` last, so a reader never sees a link to a missing file.
 
@@ -22,8 +22,8 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from mosaic_dag import figures as F
-from mosaic_dag.html_report import html_page
+from mosaic_dag.report import figures as F
+from mosaic_dag.report.html import html_page
 from mosaic_dag.storage import atomic_path
 from mosaic_dag.tables import markdown_table
 
@@ -108,7 +108,7 @@ def figure_markdown(build: Callable[[], tuple[Figure, int]], alt: str, dpi: int 
 def embedded_markdown(index: Path) -> str:
     """``index.md`` with its relative image links replaced by ``data:`` URIs, so it renders where the files are not
     served (Dagster's metadata view, MLflow's markdown preview)."""
-    from mosaic_dag.html_report import data_uri
+    from mosaic_dag.report.html import data_uri
 
     def embed(m: re.Match[str]) -> str:
         path = index.parent / m.group(2)

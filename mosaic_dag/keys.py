@@ -16,7 +16,7 @@ DATASET_DIM = "dataset"
 
 
 @dataclass(frozen=True)
-class Target:
+class TargetKey:
     model: str
     layer: int
     sae: str
@@ -36,11 +36,11 @@ class DatasetKey:
         return f"{self.dataset}.{self.language}"
 
 
-def parse_target(key: str) -> Target:
+def parse_target(key: str) -> TargetKey:
     parts = key.split(".")
     if len(parts) != 3 or not parts[1].startswith("L") or not parts[1][1:].isdigit():
         raise ConfigError(f"target partition {key!r} is not '<model>.L<layer>.<sae>'")
-    return Target(parts[0], int(parts[1][1:]), parts[2])
+    return TargetKey(parts[0], int(parts[1][1:]), parts[2])
 
 
 def parse_dataset(key: str) -> DatasetKey:
@@ -50,8 +50,8 @@ def parse_dataset(key: str) -> DatasetKey:
     return DatasetKey(name, language)
 
 
-def targets(cfg: ExperimentConfig) -> list[Target]:
-    return [Target(m.name, layer, sae.label) for m in cfg.models for layer in m.layers for sae in m.saes]
+def targets(cfg: ExperimentConfig) -> list[TargetKey]:
+    return [TargetKey(m.name, layer, sae.label) for m in cfg.models for layer in m.layers for sae in m.saes]
 
 
 def dataset_keys(cfg: ExperimentConfig) -> list[DatasetKey]:

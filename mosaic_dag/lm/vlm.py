@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mosaic_dag.errors import ModelError
-from mosaic_dag.models import LoadedModel
+from mosaic_dag.lm.models import LoadedModel
 
 IMAGE_PLACEHOLDER = "{image}"
 # The text model each PaliGemma's language model starts from: SAEs trained on that model (Gemma Scope)
@@ -121,7 +121,7 @@ def processor_inputs(loaded: LoadedModel, images: Sequence[Any], prompt: str) ->
 def image_batches(loaded: LoadedModel, pngs: Sequence[bytes], prompt: str, batch_tokens: int,
                   max_length: int) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """(row positions, processor inputs) per batch of about ``batch_tokens`` tokens."""
-    from mosaic_dag.images import decode_png
+    from mosaic_dag.data.images import decode_png
 
     if not pngs:
         return
@@ -158,7 +158,7 @@ def extract_images_to_cache(
     """
     import json
 
-    from mosaic_dag.extract import CACHE_VERSION, ExtractionStats, _ShardWriter, check_layers, forward_layers, special_ids
+    from mosaic_dag.lm.extract import CACHE_VERSION, ExtractionStats, _ShardWriter, check_layers, forward_layers, special_ids
     from mosaic_dag.storage import atomic_dir
 
     layers = sorted(set(layers))
@@ -211,7 +211,7 @@ def extract_images_to_cache(
 
 def partition_hash(dataset_cfg: Any, frame: Any, content_hash: str) -> str:
     """Cache identity of a partition: its rows, plus for images the prompt and the token selection."""
-    from mosaic_dag.images import is_image_frame
+    from mosaic_dag.data.images import is_image_frame
     from mosaic_dag.storage import stable_hash
 
     if not is_image_frame(frame):

@@ -7,7 +7,7 @@ clean values, as they do for every other step of mosaic. The next-token cross-en
 target tokens gives ``ce_increase = ce_sae - ce_clean`` and the standard
 ``loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)`` (1 = as good as clean, 0 = no better
 than deleting the layer's output). Explained variance, dead fraction and L0 come from
-``mosaic_dag.sae.encode_stats`` on the same real tokens unless the caller passes stats measured on
+``mosaic_dag.sae.core.encode_stats`` on the same real tokens unless the caller passes stats measured on
 more data (the codes asset has them for every token of a partition).
 
 ``check_quality`` compares a measurement with configured floors and returns pass/fail with one line
@@ -85,7 +85,7 @@ def check_quality(q: SaeQuality, floors: SaeFloors, name: str = "sae") -> Qualit
 
 
 def _decoder_block(model: Any, layer: int) -> Any:
-    from mosaic_dag.models import decoder_layers
+    from mosaic_dag.lm.models import decoder_layers
 
     return decoder_layers(model)[layer]
 
@@ -119,8 +119,8 @@ def measure_quality(
     """
     import torch
 
-    from mosaic_dag.extract import make_batches, special_ids, tokenize
-    from mosaic_dag.sae import encode_stats
+    from mosaic_dag.lm.extract import make_batches, special_ids, tokenize
+    from mosaic_dag.sae.core import encode_stats
 
     if not texts:
         raise ValueError("texts: need at least one text to measure an SAE on")
@@ -207,7 +207,7 @@ def partition_quality(cfg: Any, target: Any, dataset: str, language: str, loaded
     """
     import json
 
-    from mosaic_dag.sae import EncodeStats
+    from mosaic_dag.sae.core import EncodeStats
     from mosaic_dag.storage import stable_hash, write_json
 
     n_texts = cfg.sae_quality.texts

@@ -4,7 +4,7 @@ sae-lens's ``SAETrainer`` takes any iterator of activation batches (its ``DataPr
 feed it shuffled rows of the residual-stream array of the TRAIN texts instead of running a
 TransformerLens model through ``ActivationsStore``. This is the same route sae-lens uses for its
 synthetic-data training. The result is saved with ``save_inference_model`` so
-``SAE.load_from_disk(out_dir)`` (and ``mosaic_dag.sae.load_sae``) read it back, with metadata
+``SAE.load_from_disk(out_dir)`` (and ``mosaic_dag.sae.core.load_sae``) read it back, with metadata
 (``model_name``, ``hook_name``, ``hf_hook_name``, ``hook_layer``) that ``sae_info`` and
 ``check_compatible`` understand.
 """
@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mosaic_dag.errors import MosaicError
-from mosaic_dag.sae_registry import parse_layer
+from mosaic_dag.sae.registry import parse_layer
 from mosaic_dag.storage import atomic_dir
 
 __all__ = [
@@ -97,7 +97,7 @@ def _curve_trainer(base: Any, every: int) -> Any:
             import torch
             from sae_lens.saes.sae import TrainStepInput
 
-            from mosaic_dag.sae_step import uses_sparse_step
+            from mosaic_dag.sae.step import uses_sparse_step
 
             if not uses_sparse_step(sae):
                 return super()._train_step(sae, sae_in)
@@ -191,7 +191,7 @@ def _training_sae(
     )
     from sae_lens.saes.sae import SAEMetadata
 
-    from mosaic_dag.sae_step import SparseBatchTopKTrainingSAE, SparseTopKTrainingSAE
+    from mosaic_dag.sae.step import SparseBatchTopKTrainingSAE, SparseTopKTrainingSAE
 
     common: dict[str, Any] = {
         "d_in": d_in,
@@ -274,7 +274,7 @@ def train_sae(
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from mosaic_dag.sae import encode_stats, write_checksums
+    from mosaic_dag.sae.core import encode_stats, write_checksums
 
     t0 = time.perf_counter()
     if not isinstance(acts, np.ndarray):

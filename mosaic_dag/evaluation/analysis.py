@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation import RESULT_COLUMNS, SplitRows, _typed, read_results_file, results_table
-from mosaic_dag.features import PooledResult, feature_name, load_matrix
+from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS, SplitRows, _typed, read_results_file, results_table
+from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
 from mosaic_dag.handles import DatasetHandle, PooledHandle
-from mosaic_dag.partitions import Target, dataset_keys, targets
+from mosaic_dag.keys import TargetKey, dataset_keys, targets
 from mosaic_dag.pipeline import read_frame
-from mosaic_dag.pooling import binarize
+from mosaic_dag.features.pooling import binarize
 from mosaic_dag.storage import write_parquet
 
 
@@ -54,12 +54,12 @@ def _feature_matrix(cfg: ExperimentConfig, pooled: PooledResult, source: str) ->
     return X, pooling, top_n
 
 
-def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str, pooled: dict[str, PooledHandle],
+def build_transfer(cfg: ExperimentConfig, target: TargetKey, dataset: str, pooled: dict[str, PooledHandle],
                    data: dict[str, DatasetHandle]) -> TransferOutcome:
     """Train on each language, test on every language: SAE, hidden and TF-IDF matrices.
 
     ``pooled`` and ``data``: the upstream handles of this dataset's partitions, by language."""
-    from mosaic_dag.transfer import Split, tfidf_transfer_matrix, transfer_matrix
+    from mosaic_dag.evaluation.transfer import Split, tfidf_transfer_matrix, transfer_matrix
 
     languages = cfg.dataset_languages(dataset)
     seed, n_boot = cfg.classification.seed, cfg.classification.bootstrap
@@ -81,7 +81,7 @@ def build_transfer(cfg: ExperimentConfig, target: Target, dataset: str, pooled: 
         records.append(res.long.assign(features=source, pooling=pooling, top_n=top_n,
                                        threshold=cfg.transfer.threshold if source == "sae" else math.nan,
                                        val_macro_f1=_val_scores(res)))
-    from mosaic_dag.images import is_image_frame
+    from mosaic_dag.data.images import is_image_frame
 
     if not any(is_image_frame(f) for f in frames.values()):  # TF-IDF has no words to read in an image
         texts = {}
@@ -130,14 +130,14 @@ class TaskOutcome:
     cells_path: Path | None = None
 
 
-def build_task_transfer(cfg: ExperimentConfig, target: Target, task: str, pooled: dict[str, PooledHandle],
+def build_task_transfer(cfg: ExperimentConfig, target: TargetKey, task: str, pooled: dict[str, PooledHandle],
                         data: dict[str, DatasetHandle]) -> TaskOutcome:
     """Train on each dataset partition of ``task``, test on every one: SAE, hidden and TF-IDF.
 
     Labels go through each dataset's ``task_classes`` onto the task's common classes first, so every
     partition speaks one label space; features and settings are the cross-lingual ones (``transfer:``).
     ``pooled``/``data``: the upstream handles by dataset key."""
-    from mosaic_dag.transfer import Split, common_labels, tfidf_transfer_matrix, transfer_matrix
+    from mosaic_dag.evaluation.transfer import Split, common_labels, tfidf_transfer_matrix, transfer_matrix
 
     keys = task_partitions(cfg, task)
     classes = task_classes(cfg, task)
@@ -181,7 +181,7 @@ def build_task_transfer(cfg: ExperimentConfig, target: Target, task: str, pooled
     return out
 
 
-def write_task_transfer(cfg: ExperimentConfig, target: Target, outcome: TaskOutcome) -> TaskOutcome:
+def write_task_transfer(cfg: ExperimentConfig, target: TargetKey, outcome: TaskOutcome) -> TaskOutcome:
     """Matrices next to the cross-lingual ones (``transfer-matrix.task-<task>.<features>``: the report draws
     them as heatmaps); the cells with their intervals under ``<data_dir>/tasks/<target>/<task>.parquet``."""
     folder = cfg.data_path / "results" / target.key
@@ -199,7 +199,7 @@ def _val_scores(res: Any) -> Any:
     return res.long["train_language"].map(lambda lang: res.probes[lang].val_macro_f1 if lang in res.probes else math.nan)
 
 
-def write_transfer(cfg: ExperimentConfig, target: Target, outcome: TransferOutcome, mlflow_run_id: str) -> Path:
+def write_transfer(cfg: ExperimentConfig, target: TargetKey, outcome: TransferOutcome, mlflow_run_id: str) -> Path:
     folder = cfg.data_path / "results" / target.key
     rows = outcome.rows.assign(mlflow_run_id=mlflow_run_id) if outcome.rows is not None else pd.DataFrame()
     path = folder / f"transfer.{outcome.dataset}.parquet"
@@ -230,11 +230,11 @@ def transfer_matrices(cfg: ExperimentConfig, files: list[Path] | None = None) ->
     return out
 
 
-def build_conditions(cfg: ExperimentConfig, target: Target, pooled_handle: PooledHandle,
+def build_conditions(cfg: ExperimentConfig, target: TargetKey, pooled_handle: PooledHandle,
                      data: DatasetHandle) -> pd.DataFrame:
     """Hard-condition curves for SAE, hidden and TF-IDF features on one partition (same test rows)."""
-    from mosaic_dag.conditions import condition_curves
-    from mosaic_dag.tfidf import make_vectorizer
+    from mosaic_dag.evaluation.conditions import condition_curves
+    from mosaic_dag.features.tfidf import make_vectorizer
 
     cc = cfg.conditions
     dataset, _, language = data.key.partition(".")
@@ -243,7 +243,7 @@ def build_conditions(cfg: ExperimentConfig, target: Target, pooled_handle: Poole
     pooled = PooledResult.of(pooled_handle)
     seed, n_boot = cfg.classification.seed, cfg.classification.bootstrap
     parts = []
-    from mosaic_dag.images import is_image_frame
+    from mosaic_dag.data.images import is_image_frame
 
     for source in ("sae", "hidden") + (() if is_image_frame(frame) else ("tfidf",)):
         if source == "tfidf":
@@ -266,7 +266,7 @@ def build_conditions(cfg: ExperimentConfig, target: Target, pooled_handle: Poole
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def conditions_file(cfg: ExperimentConfig, target: Target, dataset: str, language: str) -> Path:
+def conditions_file(cfg: ExperimentConfig, target: TargetKey, dataset: str, language: str) -> Path:
     return cfg.data_path / "conditions" / target.key / f"{dataset}.{language}.parquet"
 
 
@@ -283,7 +283,7 @@ def conditions_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> 
 def majority_baselines(cfg: ExperimentConfig) -> dict[str, float]:
     """Majority-class test macro-F1 per 'dataset.language' whose dataset file is on disk (drawn in the figures)."""
     from mosaic_dag.pipeline import dataset_file
-    from mosaic_dag.probes import majority_baseline_f1
+    from mosaic_dag.probes.core import majority_baseline_f1
 
     out = {}
     for d in dataset_keys(cfg):
@@ -305,7 +305,7 @@ def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, trans
                  conditions: list[Path] | None = None, interventions: list[Path] | None = None) -> Any:
     """``<data_dir>/report/index.{html,md}`` + figures from the given result files (default: every one on disk)."""
     from mosaic_dag.provenance import provenance
-    from mosaic_dag.report import write_report
+    from mosaic_dag.report.markdown import write_report
 
     table = results_table(cfg, None if results is None else [p for p in results if Path(p).exists()])
     curves = conditions_table(cfg, conditions)
@@ -350,12 +350,12 @@ def interpretation_files(cfg: ExperimentConfig) -> list[Path]:
 
 def _predictions_for(cfg: ExperimentConfig, row: pd.Series) -> pd.DataFrame | None:
     """The stored test predictions holding ``row``'s probe (hidden/TF-IDF rows: any SAE target of its layer)."""
-    from mosaic_dag.evaluation import predictions_file
+    from mosaic_dag.evaluation.sweeps import predictions_file
 
     root = cfg.data_path / "predictions"
     name = f"{'judge.' if row['features'] == 'judge' else ''}{row['dataset']}.{row['language']}.parquet"
     if row["sae"]:  # judge rows have no SAE: their file is found like the hidden/TF-IDF ones
-        target = Target(str(row["model"]), int(row["layer"]), str(row["sae"]))
+        target = TargetKey(str(row["model"]), int(row["layer"]), str(row["sae"]))
         files = [predictions_file(cfg, target, str(row["dataset"]), str(row["language"]))]
     else:
         files = sorted(root.glob(f"{row['model']}.L{int(row['layer'])}.*/{name}")) if root.exists() else []
@@ -368,7 +368,7 @@ def _predictions_for(cfg: ExperimentConfig, row: pd.Series) -> pd.DataFrame | No
 
 
 def _pair(cfg: ExperimentConfig, sae_row: pd.Series, other_row: pd.Series) -> Any:
-    from mosaic_dag.comparisons import paired_comparison
+    from mosaic_dag.evaluation.comparisons import paired_comparison
 
     a, b = _predictions_for(cfg, sae_row), _predictions_for(cfg, other_row)
     if a is None or b is None:
@@ -388,8 +388,8 @@ def comparisons_table(cfg: ExperimentConfig, results: pd.DataFrame | None = None
     ``partition`` (one model/layer/SAE × dataset.language), ``task`` (dataset.language, selected
     across layers and SAEs) and ``overall`` (mean over tasks).
     """
-    from mosaic_dag.comparisons import COMPARISON_COLUMNS, comparison_frame, overall
-    from mosaic_dag.evaluation import best_rows
+    from mosaic_dag.evaluation.comparisons import COMPARISON_COLUMNS, comparison_frame, overall
+    from mosaic_dag.evaluation.sweeps import best_rows
 
     table = results_table(cfg) if results is None else results
     if table.empty or "val_macro_f1" not in table.columns:

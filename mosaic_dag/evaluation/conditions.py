@@ -15,7 +15,7 @@ import numpy.typing as npt
 import pandas as pd
 import scipy.sparse as sp
 
-from mosaic_dag.probes import Matrix, ProbeResult, fit_logistic
+from mosaic_dag.probes.core import Matrix, ProbeResult, fit_logistic
 
 __all__ = [
     "CURVE_COLUMNS",

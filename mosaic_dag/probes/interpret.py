@@ -59,7 +59,7 @@ class Interpretation:
         return "\n".join(lines)
 
     def html(self) -> str:
-        from mosaic_dag.html_report import html_table
+        from mosaic_dag.report.html import html_table
 
         shown = self.latents.assign(neuronpedia=self.latents["neuronpedia"].map(
             lambda u: f"<a href='{html.escape(u)}'>Neuronpedia</a>" if u else ""))
@@ -142,7 +142,7 @@ def tree_figure(result: Any, names: Mapping[int, str], label: str) -> Any:
     """The tree probe drawn by sklearn's ``plot_tree``, latent ids as feature names (depth capped at 4)."""
     from sklearn.tree import plot_tree
 
-    from mosaic_dag.figures import new_figure
+    from mosaic_dag.report.figures import new_figure
 
     est = result.model.steps[-1][1] if hasattr(result.model, "steps") else result.model
     n_features = int(getattr(est, "n_features_in_", 0))
@@ -158,8 +158,8 @@ def tree_figure(result: Any, names: Mapping[int, str], label: str) -> Any:
 
 def _token_activations(codes_dir: Path, latent: int, rows: set[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per wanted text row: (token ids of its real tokens, the latent's activation on each)."""
-    from mosaic_dag.codes import CodesStore
-    from mosaic_dag.extract import HiddenCache
+    from mosaic_dag.sae.codes import CodesStore
+    from mosaic_dag.lm.extract import HiddenCache
 
     store = CodesStore(codes_dir)
     values: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -198,8 +198,8 @@ def interpret_partition(
 ) -> Interpretation | None:
     """Interpretation of the validation-selected SAE probe among ``runs``; ``X_by_name(feature_name)`` gives the
     matrix a probe was fitted on (binarized when its spec says so). None when there is no SAE probe."""
-    from mosaic_dag.evaluation import SplitRows, best_run
-    from mosaic_dag.probes import top_latents
+    from mosaic_dag.evaluation.sweeps import SplitRows, best_run
+    from mosaic_dag.probes.core import top_latents
 
     run = best_run(list(runs), "sae")
     if run is None:
@@ -252,7 +252,7 @@ def interpret_partition(
 
 
 def _matrix_key(spec: Any) -> str:
-    from mosaic_dag.features import feature_name
+    from mosaic_dag.features.pooled import feature_name
 
     return json.dumps([feature_name(spec.features, spec.pooling or "", spec.top_n), spec.threshold])
 
@@ -260,7 +260,7 @@ def _matrix_key(spec: Any) -> str:
 def _decoder(cfg: Any, model: str) -> Callable[[int], str] | None:
     """Token id -> text, from the model's tokenizer (the loaded model's when this process has one)."""
     try:
-        from mosaic_dag.models import load_tokenizer
+        from mosaic_dag.lm.models import load_tokenizer
         from mosaic_dag.pipeline import models_dir
 
         tok = load_tokenizer(cfg.model(model), models_dir(cfg))
@@ -273,8 +273,8 @@ def _decoder(cfg: Any, model: str) -> Callable[[int], str] | None:
 def interpret_probes(cfg: Any, target: Any, results: Any, frame: pd.DataFrame, pooled_handle: Any,
                      names: Mapping[int, str], partition: str) -> Interpretation | None:
     """``interpret_partition`` wired to a partition's stored matrices, codes and the model's tokenizer."""
-    from mosaic_dag.features import PooledResult, load_matrix
-    from mosaic_dag.pooling import binarize
+    from mosaic_dag.features.pooled import PooledResult, load_matrix
+    from mosaic_dag.features.pooling import binarize
 
     pooled = PooledResult.of(pooled_handle)
     cache: dict[str, Any] = {}

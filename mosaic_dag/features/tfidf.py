@@ -13,7 +13,7 @@ import numpy.typing as npt
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.pipeline import Pipeline
 
-from mosaic_dag.probes import ProbeResult, fit_logistic
+from mosaic_dag.probes.core import ProbeResult, fit_logistic
 
 ANALYZERS: tuple[str, ...] = ("word", "char")
 

@@ -9,7 +9,7 @@ Rules shared by every probe:
 Validation score (``ProbeResult.val_macro_f1``), one rule for every probe: the mean macro-F1 over
 the stratified K folds of train+validation (shuffled with the probe's seed, so every probe of a
 partition sees the same folds) at the hyper-parameters the probe chose. It never touches test rows
-and is what "best configuration" is chosen by everywhere (``mosaic_dag.evaluation``).
+and is what "best configuration" is chosen by everywhere (``mosaic_dag.evaluation.sweeps``).
 """
 
 from __future__ import annotations

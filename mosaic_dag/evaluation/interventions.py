@@ -63,7 +63,7 @@ def latent_intervention(model: Any, sae: Any, layer: int, latent: int | None, sc
     Yields counters: how many real tokens the latent fired on, of how many."""
     import torch
 
-    from mosaic_dag.models import decoder_layers
+    from mosaic_dag.lm.models import decoder_layers
 
     block = decoder_layers(model)[layer]
     state: dict[str, Any] = {"ids": None}
@@ -113,7 +113,7 @@ def _last_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], max
     """log-softmax of the next-token logits at each prompt's last real token [prompts, vocab]."""
     import torch
 
-    from mosaic_dag.behaviour import _final_hidden, _head_logits
+    from mosaic_dag.data.behaviour import _final_hidden, _head_logits
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -143,8 +143,8 @@ def model_reliance(loaded: Any, sae: Any, layer: int, prompts: Sequence[str], la
     ``options`` given (behaviour labels): the mean absolute change of the log-probability of the
     option the clean model chose, metric ``abs_delta_logprob``; else the mean KL(clean ‖ intervened)
     of the next-token distribution at the last real token, metric ``kl_last_token``."""
-    from mosaic_dag.behaviour import option_logprobs
-    from mosaic_dag.extract import special_ids
+    from mosaic_dag.data.behaviour import option_logprobs
+    from mosaic_dag.lm.extract import special_ids
 
     model, tok = loaded.model, loaded.tokenizer
     specials = special_ids(tok).tolist()
@@ -202,7 +202,7 @@ def reliance_table(choices: Sequence[LatentChoice], flips: Mapping[int, float], 
 
 
 def _probe_spec(row: pd.Series) -> Any:
-    from mosaic_dag.evaluation import ProbeSpec
+    from mosaic_dag.evaluation.sweeps import ProbeSpec
 
     def opt(v: Any) -> Any:
         return None if v is None or (isinstance(v, float) and math.isnan(v)) or pd.isna(v) else v
@@ -215,7 +215,7 @@ def _probe_spec(row: pd.Series) -> Any:
 
 def _choices(result: Any, names: Mapping[int, str], top: int) -> list[LatentChoice]:
     """Top latents per class of a linear probe; a tree's by importance (class: the one whose train mean is higher)."""
-    from mosaic_dag.probes import top_latents
+    from mosaic_dag.probes.core import top_latents
 
     try:
         per_class = top_latents(result, top=top)
@@ -242,17 +242,17 @@ def build_interventions(cfg: Any, target: Any, pooled_handle: Any, data: Any, re
 
     The probe is fitted again with its selected settings (same rows, same seed; ``refit_matches``
     says whether its test predictions equal the probes step's)."""
-    from mosaic_dag.evaluation import SplitRows, _fit, best_rows, label_names
-    from mosaic_dag.features import PooledResult, feature_name, load_matrix
+    from mosaic_dag.evaluation.sweeps import SplitRows, _fit, best_rows, label_names
+    from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
     from mosaic_dag.pipeline import read_frame
-    from mosaic_dag.pooling import binarize
-    from mosaic_dag.transfer import _predict
+    from mosaic_dag.features.pooling import binarize
+    from mosaic_dag.evaluation.transfer import _predict
 
     ic, cls = cfg.interventions, cfg.classification
     frame = read_frame(data)
     dataset, _, language = data.key.partition(".")
     rows = SplitRows.of(frame)
-    from mosaic_dag.images import is_image_frame
+    from mosaic_dag.data.images import is_image_frame
 
     sae_rows = results[(results["features"] == "sae") & (results["train_language"] == results["test_language"])]
     if sae_rows.empty or is_image_frame(frame):  # an image row's forward needs its pixels: not intervened on here

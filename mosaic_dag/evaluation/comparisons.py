@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from mosaic_dag.probes import resampled_macro_f1
+from mosaic_dag.probes.core import resampled_macro_f1
 
 __all__ = ["COMPARISON_COLUMNS", "Paired", "overall", "paired_bootstrap", "paired_comparison", "verdict"]
 

@@ -1,0 +1,1 @@
+"""Reading datasets into the common columns, splitting them, images, behaviour labels."""

@@ -1,0 +1,1 @@
+"""Sweeps, selection on validation, paired comparisons, transfer, conditions, judge, interventions."""

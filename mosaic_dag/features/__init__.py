@@ -1,0 +1,1 @@
+"""From codes and hidden states to one row per text: pooling, binarization, TF-IDF."""

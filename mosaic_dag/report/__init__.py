@@ -1,0 +1,1 @@
+"""Figures, the Markdown report and the self-contained HTML page."""

@@ -1,0 +1,1 @@
+"""Sparse autoencoders: spec, loading, compatibility, encoding, codes on disk, training, registry, health."""
