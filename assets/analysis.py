@@ -17,11 +17,11 @@ from mosaic_dag.evaluation.analysis import (
     build_conditions,
     build_report,
     build_transfer,
-    conditions_file,
     multilingual_datasets,
     write_transfer,
 )
 from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.paths import conditions_file
 from mosaic_dag.report.figures import conditions_figure, transfer_figure
 from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle
 from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, dataset_keys, parse_dataset, parse_target, targets

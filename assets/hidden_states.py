@@ -21,7 +21,8 @@ from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import DatasetHandle
 from mosaic_dag.lm.models import model_dims
 from mosaic_dag.keys import targets
-from mosaic_dag.pipeline import build_hidden_states, hidden_cache, models_dir
+from mosaic_dag.paths import models_dir
+from mosaic_dag.pipeline import build_hidden_states, hidden_cache
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource
 from resources.mlflow import run_metadata
@@ -52,7 +53,7 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
                 step = done * 10 // total + 1
 
         def preflight(name: str) -> None:
-            hf_name, d_model, _ = model_dims(cfg.model(name), models_dir(cfg))
+            hf_name, d_model, _ = model_dims(cfg.model(name), models_dir())
             for target in targets(cfg):
                 if target.model == name:
                     check_target(cfg, target, hf_name, d_model)

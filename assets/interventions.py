@@ -45,8 +45,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                       data: DatasetHandle, sae_handle: SaeHandle):  # type: ignore[no-untyped-def]
         import pandas as pd
 
-        from mosaic_dag.evaluation.sweeps import predictions_file
-        from mosaic_dag.evaluation.interventions import build_interventions, interventions_file
+        from mosaic_dag.evaluation.interventions import build_interventions
+        from mosaic_dag.paths import interventions_file, predictions_file
 
         cfg = experiment.load()
         keys = multi_keys(context)

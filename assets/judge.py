@@ -49,8 +49,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
               sae_handle: SaeHandle):  # type: ignore[no-untyped-def]
         import pandas as pd
 
-        from mosaic_dag.evaluation.sweeps import predictions_file
-        from mosaic_dag.evaluation.judge import judge_files, judge_partition
+        from mosaic_dag.evaluation.judge import judge_partition
+        from mosaic_dag.paths import judge_files, predictions_file
         from mosaic_dag.pipeline import read_frame
 
         cfg = experiment.load()

@@ -34,7 +34,7 @@ from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import DatasetHandle, HiddenHandle, SaeHandle
 from mosaic_dag.lm.models import model_dims
 from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
-from mosaic_dag.pipeline import models_dir
+from mosaic_dag.paths import models_dir
 from mosaic_dag.tracking import log_curve, split_sae_metrics
 from resources import ExperimentResource, MlflowResource, ModelResource
 from resources.mlflow import run_metadata
@@ -58,7 +58,7 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
     cfg = experiment.load()
     target = parse_target(context.partition_key)
     scfg = sae_config(cfg, target)
-    hf_name, d_model, _ = model_dims(cfg.model(target.model), models_dir(cfg))
+    hf_name, d_model, _ = model_dims(cfg.model(target.model), models_dir())
     with mlflow.run(context, cfg) as run:
         result = build_sae(cfg, target, hf_name, d_model, hidden, data)
         params, metrics = split_sae_metrics(result.metrics)

@@ -54,11 +54,11 @@ def synthetic_texts(n: int, seed: int = 0, min_words: int = 3, max_words: int = 
 def load(model_id: str, layer: int, dtype: str = "auto") -> Any:
     from mosaic_dag.config import ModelConfig
     from mosaic_dag.lm.models import load_model
-    from mosaic_dag.pipeline import models_dir
+    from mosaic_dag.paths import models_dir
 
     cfg = ModelConfig(name="gemma-3-270m" if model_id == BUNDLED else "m", id=model_id, layers=[layer], dtype=dtype,
                       device="cpu")
-    return load_model(cfg, models_dir(None))  # type: ignore[arg-type]  # models_dir only reads $MOSAIC_CACHE
+    return load_model(cfg, models_dir())
 
 
 def train_saes(loaded: Any, texts: list[str], layer: int, widths: tuple[int, ...], *, max_length: int,

@@ -52,11 +52,11 @@ def check_models(cfg, source: str) -> None:  # type: ignore[no-untyped-def]
     block count (so a layer out of range fails here, before any compute, naming the key)."""
     from mosaic_dag.errors import ConfigError
     from mosaic_dag.lm.models import check_remote_code, known_blocks
-    from mosaic_dag.pipeline import models_dir
+    from mosaic_dag.paths import models_dir
 
     for i, m in enumerate(cfg.models):
         check_remote_code(m)
-        n = known_blocks(m, models_dir(cfg))
+        n = known_blocks(m, models_dir())
         bad = [layer for layer in m.layers if n is not None and layer >= n]
         if bad:
             raise ConfigError(f"{source}: models.{i}.layers: layers {bad} out of range for model {m.name!r} with {n} blocks; "

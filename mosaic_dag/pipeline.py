@@ -11,7 +11,6 @@ inputs from the config and the partition key alone:
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,22 +21,13 @@ import pandas as pd
 from mosaic_dag.data import datasets as ds
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.errors import DatasetError
-from mosaic_dag.lm.extract import ExtractionStats, HiddenCache, cache_key, check_layers, extract_to_cache
+from mosaic_dag.lm.extract import ExtractionStats, HiddenCache, check_layers, extract_to_cache
+from mosaic_dag.paths import dataset_file, hidden_dir, hidden_key, models_dir
 from mosaic_dag.handles import DatasetHandle, HiddenHandle, UpstreamMissing
 from mosaic_dag.lm.models import LoadedModel, default_batch_tokens, fingerprint, load_model
 from mosaic_dag.storage import stable_hash, write_parquet
 
 log = logging.getLogger(__name__)
-
-
-def models_dir(cfg: ExperimentConfig) -> Path:
-    """Converted model snapshots are shared by every experiment on this machine ($MOSAIC_CACHE)."""
-    root = os.environ.get("MOSAIC_CACHE") or Path.home() / ".cache" / "mosaic"
-    return Path(root) / "models"
-
-
-def dataset_file(cfg: ExperimentConfig, dataset: str, language: str) -> Path:
-    return cfg.data_path / "datasets" / dataset / f"{language}.parquet"
 
 
 @dataclass
@@ -53,7 +43,7 @@ def behaviour_model(cfg: ExperimentConfig, name: str) -> LoadedModel:
 
     known = {m.name: m for m in cfg.models}
     mcfg = known.get(name) or ModelConfig(name="behaviour-target", id=name, layers=[0])
-    return load_model(mcfg, models_dir(cfg))
+    return load_model(mcfg, models_dir())
 
 
 def with_behaviour_labels(cfg: ExperimentConfig, dataset: str, language: str, raw: pd.DataFrame) -> pd.DataFrame:
@@ -138,12 +128,6 @@ def read_frame(data: DatasetHandle) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def hidden_dir(cfg: ExperimentConfig, model: str, layer: int, fingerprint: str, dataset_hash: str) -> Path:
-    mcfg = cfg.model(model)
-    key = cache_key(fingerprint, layer, dataset_hash, mcfg.max_length)
-    return cfg.data_path / "hidden" / model / f"L{layer}" / key
-
-
 @dataclass
 class ModelExtraction:
     """What one model's pass did for a dataset partition."""
@@ -169,7 +153,7 @@ class HiddenResult:
 
 
 def get_model(cfg: ExperimentConfig, model: str) -> LoadedModel:
-    return load_model(cfg.model(model), models_dir(cfg))
+    return load_model(cfg.model(model), models_dir())
 
 
 def build_hidden_states(
@@ -197,7 +181,7 @@ def build_hidden_states(
     done: list[ModelExtraction] = []
     for mcfg in cfg.models:
         fingerprint = model_fingerprint(cfg, mcfg.name)
-        folders = {layer: hidden_dir(cfg, mcfg.name, layer, fingerprint, rows_hash) for layer in mcfg.layers}
+        folders = {layer: hidden_dir(cfg, mcfg.name, layer, hidden_key(fingerprint, layer, rows_hash, mcfg.max_length)) for layer in mcfg.layers}
         caches |= {f"{mcfg.name}.L{layer}": str(folder) for layer, folder in folders.items()}
         todo = {layer: f for layer, f in folders.items() if not HiddenCache(f).is_valid(deep=verify)}
         if not todo:
@@ -212,7 +196,7 @@ def build_hidden_states(
         loaded = loader(mcfg.name) if loader else get_model(cfg, mcfg.name)
         check_layers(loaded, mcfg.layers)
         if loaded.fingerprint != fingerprint:  # the weights on disk moved under the config's name
-            todo = {layer: hidden_dir(cfg, mcfg.name, layer, loaded.fingerprint, rows_hash) for layer in todo}
+            todo = {layer: hidden_dir(cfg, mcfg.name, layer, hidden_key(loaded.fingerprint, layer, rows_hash, mcfg.max_length)) for layer in todo}
             caches |= {f"{mcfg.name}.L{layer}": str(folder) for layer, folder in todo.items()}
         extra = {"dataset": dataset, "language": language, "dataset_hash": data.content_hash,
                  "ids_head": frame["id"].head(3).tolist()}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mosaic_dag.paths import report_dir
 from mosaic_dag.config import ExperimentConfig, load_config
 from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, dataset_keys, targets
 
@@ -251,5 +252,5 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
                     show(run)
             if errors:
                 raise MosaicError(errors[0])
-    summary.report = cfg.data_path / "report" / "index.html"
+    summary.report = report_dir(cfg) / "index.html"
     return summary

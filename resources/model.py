@@ -6,11 +6,11 @@ from dagster import ConfigurableResource
 
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.lm.models import LoadedModel, load_model
-from mosaic_dag.pipeline import models_dir
+from mosaic_dag.paths import models_dir
 
 
 class ModelResource(ConfigurableResource):
     """Loads Hugging Face ids, local folders or the bundled Gemma 3 270M (see mosaic_dag.lm.models)."""
 
     def get(self, cfg: ExperimentConfig, model: str) -> LoadedModel:
-        return load_model(cfg.model(model), models_dir(cfg))
+        return load_model(cfg.model(model), models_dir())

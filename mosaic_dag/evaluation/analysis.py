@@ -20,6 +20,8 @@ from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS, SplitRows, _typed, read_results_file, results_table
 from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
 from mosaic_dag.handles import DatasetHandle, PooledHandle
+from mosaic_dag.paths import (conditions_file, interpretation_file, predictions_file, predictions_root, report_dir,
+                              results_root, task_cells_file, transfer_file, transfer_matrix_file)
 from mosaic_dag.keys import TargetKey, dataset_keys, targets
 from mosaic_dag.pipeline import read_frame
 from mosaic_dag.features.pooling import binarize
@@ -184,12 +186,11 @@ def build_task_transfer(cfg: ExperimentConfig, target: TargetKey, task: str, poo
 def write_task_transfer(cfg: ExperimentConfig, target: TargetKey, outcome: TaskOutcome) -> TaskOutcome:
     """Matrices next to the cross-lingual ones (``transfer-matrix.task-<task>.<features>``: the report draws
     them as heatmaps); the cells with their intervals under ``<data_dir>/tasks/<target>/<task>.parquet``."""
-    folder = cfg.data_path / "results" / target.key
     for source, matrix in outcome.matrices.items():
-        path = folder / f"transfer-matrix.task-{outcome.task}.{source}.parquet"
+        path = transfer_matrix_file(cfg, target, f"task-{outcome.task}", source)
         write_parquet(path, matrix.reset_index(names="train_language"))
         outcome.matrix_paths.append(path)
-    outcome.cells_path = cfg.data_path / "tasks" / target.key / f"{outcome.task}.parquet"
+    outcome.cells_path = task_cells_file(cfg, target, outcome.task)
     write_parquet(outcome.cells_path, outcome.cells if outcome.cells is not None else pd.DataFrame())
     return outcome
 
@@ -200,12 +201,11 @@ def _val_scores(res: Any) -> Any:
 
 
 def write_transfer(cfg: ExperimentConfig, target: TargetKey, outcome: TransferOutcome, mlflow_run_id: str) -> Path:
-    folder = cfg.data_path / "results" / target.key
     rows = outcome.rows.assign(mlflow_run_id=mlflow_run_id) if outcome.rows is not None else pd.DataFrame()
-    path = folder / f"transfer.{outcome.dataset}.parquet"
+    path = transfer_file(cfg, target, outcome.dataset)
     write_parquet(path, rows)
     for source, matrix in outcome.matrices.items():
-        mpath = folder / f"transfer-matrix.{outcome.dataset}.{source}.parquet"
+        mpath = transfer_matrix_file(cfg, target, outcome.dataset, source)
         write_parquet(mpath, matrix.reset_index(names="train_language"))
         outcome.matrix_paths.append(mpath)
     outcome.results_path = path
@@ -216,7 +216,7 @@ def transfer_matrices(cfg: ExperimentConfig, files: list[Path] | None = None) ->
     """Transfer matrices named '<target> <dataset> <features>': ``files`` (what the report's inputs
     name), else the saved matrices of the config's own targets and datasets (not an earlier config's)."""
     out: dict[str, pd.DataFrame] = {}
-    root = cfg.data_path / "results"
+    root = results_root(cfg)
     if files is None:
         if not cfg.transfer.enabled or not root.exists():
             return out
@@ -264,10 +264,6 @@ def build_conditions(cfg: ExperimentConfig, target: TargetKey, pooled_handle: Po
         parts.append(curves.assign(features=source, pooling=pooling, model=target.model, layer=target.layer,
                                    sae=target.sae if source == "sae" else "", dataset=dataset, language=language))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-
-
-def conditions_file(cfg: ExperimentConfig, target: TargetKey, dataset: str, language: str) -> Path:
-    return cfg.data_path / "conditions" / target.key / f"{dataset}.{language}.parquet"
 
 
 def conditions_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> pd.DataFrame:
@@ -336,7 +332,7 @@ def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, trans
                 ) if fragments else ""
     if fragments:
         extra += "\nLatent interpretation (top latents, firing texts, decision trees): see index.html.\n"
-    return write_report(cfg.data_path / "report", table, matrices or None,
+    return write_report(report_dir(cfg), table, matrices or None,
                         curves if len(curves) else None, extra_md=extra, comparisons=comparisons,
                         title=f"MOSAIC report: {cfg.name}", baselines=majority_baselines(cfg),
                         sae_labels=sae_labels(cfg), provenance=provenance(cfg), sections_html=sections)
@@ -344,15 +340,12 @@ def build_report(cfg: ExperimentConfig, results: list[Path] | None = None, trans
 
 def interpretation_files(cfg: ExperimentConfig) -> list[Path]:
     """The latent-interpretation fragments the probes asset wrote for the config's own partitions."""
-    root = cfg.data_path / "results"
-    files = [root / t.key / f"{d.dataset}.{d.language}.interpretation.html" for t in targets(cfg) for d in dataset_keys(cfg)]
+    files = [interpretation_file(cfg, t, d.dataset, d.language) for t in targets(cfg) for d in dataset_keys(cfg)]
     return [f for f in files if f.is_file()]
 
 def _predictions_for(cfg: ExperimentConfig, row: pd.Series) -> pd.DataFrame | None:
     """The stored test predictions holding ``row``'s probe (hidden/TF-IDF rows: any SAE target of its layer)."""
-    from mosaic_dag.evaluation.sweeps import predictions_file
-
-    root = cfg.data_path / "predictions"
+    root = predictions_root(cfg)
     name = f"{'judge.' if row['features'] == 'judge' else ''}{row['dataset']}.{row['language']}.parquet"
     if row["sae"]:  # judge rows have no SAE: their file is found like the hidden/TF-IDF ones
         target = TargetKey(str(row["model"]), int(row["layer"]), str(row["sae"]))

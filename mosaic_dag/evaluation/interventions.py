@@ -283,6 +283,3 @@ def build_interventions(cfg: Any, target: Any, pooled_handle: Any, data: Any, re
                          probe=str(row["probe"]), scale=ic.scale, n_test=int(rows.test.size), n_texts=len(texts))
     return InterventionOutcome(table, str(row["probe"]), matches, metric)
 
-
-def interventions_file(cfg: Any, target: Any, dataset: str, language: str) -> Any:
-    return cfg.data_path / "interventions" / target.key / f"{dataset}.{language}.parquet"

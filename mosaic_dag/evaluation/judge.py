@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -225,8 +224,3 @@ def _target_model(cfg: Any, target: Any) -> Any:
 
     return get_model(cfg, target.model)
 
-
-def judge_files(cfg: Any, target: Any, dataset: str, language: str) -> tuple[Path, Path]:
-    """(results rows, test predictions) of one partition's judge."""
-    name = f"judge.{dataset}.{language}.parquet"
-    return cfg.data_path / "results" / target.key / name, cfg.data_path / "predictions" / target.key / name

@@ -27,6 +27,7 @@ from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.errors import MosaicError
 from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
 from mosaic_dag.handles import DatasetHandle, PooledHandle
+from mosaic_dag.paths import predictions_file, results_file, results_root
 from mosaic_dag.keys import TargetKey, dataset_keys, targets
 from mosaic_dag.pipeline import read_frame
 from mosaic_dag.features.pooling import binarize
@@ -418,14 +419,6 @@ def probe_checks(results: PartitionResults) -> ProbeChecks:
                        distinct_test_sets=len(test_ids))
 
 
-def results_file(cfg: ExperimentConfig, target: TargetKey, dataset: str, language: str) -> Path:
-    return cfg.data_path / "results" / target.key / f"{dataset}.{language}.parquet"
-
-
-def predictions_file(cfg: ExperimentConfig, target: TargetKey, dataset: str, language: str) -> Path:
-    return cfg.data_path / "predictions" / target.key / f"{dataset}.{language}.parquet"
-
-
 def write_results(cfg: ExperimentConfig, target: TargetKey, dataset: str, language: str, table: pd.DataFrame,
                   predictions: pd.DataFrame | None = None) -> Path:
     """The partition's results rows (and, when given, its per-row test predictions, written first)."""
@@ -442,7 +435,7 @@ def iter_result_files(cfg: ExperimentConfig, *, every: bool = False) -> Iterator
     ``every=True`` lists every results file under the data folder instead, including those of
     earlier configs (other layers, models, datasets) that share it.
     """
-    root = cfg.data_path / "results"
+    root = results_root(cfg)
     if not root.exists():
         return
     if every:

@@ -21,10 +21,11 @@ from mosaic_dag.sae.codes import CodesStore
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.lm.extract import HiddenCache
 from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledHandle, UpstreamMissing
+from mosaic_dag.paths import pooled_dir
 from mosaic_dag.keys import TargetKey
 from mosaic_dag.pipeline import hidden_cache
 from mosaic_dag.features.pooling import pool_dense, pool_sparse
-from mosaic_dag.storage import atomic_dir, atomic_path, stable_hash
+from mosaic_dag.storage import atomic_dir, atomic_path
 
 DENSE_POOLINGS = ("sum", "mean", "max", "last")
 
@@ -118,11 +119,10 @@ def build_pooled(cfg: ExperimentConfig, target: TargetKey, codes_handle: CodesHa
     dataset, _, language = data.key.partition(".")
     poolings = _poolings(cfg)
     n = int(hidden.manifest()["texts"])
-    base = cfg.data_path / "pooled" / target.model / f"L{target.layer}"
     part = f"{dataset}.{language}"
-    sae_out = base / target.sae / part / stable_hash({"codes": codes.path.name, "p": poolings})
+    sae_out = pooled_dir(cfg, target, target.sae, part, {"codes": codes.path.name, "p": poolings})
     hid_pool = [(p, None) for p, _ in poolings if p in DENSE_POOLINGS]
-    hid_out = base / "hidden" / part / stable_hash({"hidden": hidden.path.name, "p": hid_pool})
+    hid_out = pooled_dir(cfg, target, "hidden", part, {"hidden": hidden.path.name, "p": hid_pool})
     files = {feature_name("sae", p, k): sae_out / f"{feature_name('sae', p, k)}.npz" for p, k in poolings}
     files |= {feature_name("hidden", p, None): hid_out / f"{feature_name('hidden', p, None)}.npz" for p, _ in hid_pool}
     if all(f.exists() for f in files.values()):

@@ -28,10 +28,10 @@ from safetensors.numpy import load_file, save_file
 from mosaic_dag.errors import CacheError, ModelError
 from mosaic_dag.lm.fused import fused_blocks
 from mosaic_dag.lm.models import LoadedModel, decoder_layers
-from mosaic_dag.storage import atomic_dir, file_sha256, stable_hash
+from mosaic_dag.paths import HIDDEN_CACHE_VERSION
+from mosaic_dag.storage import atomic_dir, file_sha256
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
 FP16_MAX = 65000.0
 
 
@@ -170,11 +170,6 @@ def special_ids(tokenizer: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- cache
-
-
-def cache_key(fingerprint: str, layer: int, dataset_hash: str, max_length: int) -> str:
-    return stable_hash({"v": CACHE_VERSION, "model": fingerprint, "layer": layer,
-                        "dataset": dataset_hash, "max_length": max_length})
 
 
 class HiddenCache:
@@ -363,7 +358,7 @@ def extract_to_cache(
         for layer in layers:
             writers[layer].flush()
             manifest = {
-                "version": CACHE_VERSION, "model": loaded.name, "hf_name": loaded.hf_name,
+                "version": HIDDEN_CACHE_VERSION, "model": loaded.name, "hf_name": loaded.hf_name,
                 "fingerprint": loaded.fingerprint, "layer": layer, "hook": f"model.layers.{layer} (resid_post)",
                 "d_model": loaded.d_model, "max_length": max_length, "texts": stats.texts,
                 "tokens": stats.tokens, "real_tokens": stats.real_tokens, "shards": writers[layer].shards,

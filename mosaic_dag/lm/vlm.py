@@ -158,7 +158,8 @@ def extract_images_to_cache(
     """
     import json
 
-    from mosaic_dag.lm.extract import CACHE_VERSION, ExtractionStats, _ShardWriter, check_layers, forward_layers, special_ids
+    from mosaic_dag.paths import HIDDEN_CACHE_VERSION
+    from mosaic_dag.lm.extract import ExtractionStats, _ShardWriter, check_layers, forward_layers, special_ids
     from mosaic_dag.storage import atomic_dir
 
     layers = sorted(set(layers))
@@ -198,7 +199,7 @@ def extract_images_to_cache(
         for layer in layers:
             writers[layer].flush()
             manifest = {
-                "version": CACHE_VERSION, "model": loaded.name, "hf_name": loaded.hf_name, "fingerprint": loaded.fingerprint,
+                "version": HIDDEN_CACHE_VERSION, "model": loaded.name, "hf_name": loaded.hf_name, "fingerprint": loaded.fingerprint,
                 "layer": layer, "hook": f"language_model.layers.{layer} (resid_post)", "d_model": loaded.d_model,
                 "max_length": max_length, "texts": stats.texts, "tokens": stats.tokens,
                 "real_tokens": stats.real_tokens, "image_tokens": image_tokens, "modality": "image",

@@ -261,9 +261,9 @@ def _decoder(cfg: Any, model: str) -> Callable[[int], str] | None:
     """Token id -> text, from the model's tokenizer (the loaded model's when this process has one)."""
     try:
         from mosaic_dag.lm.models import load_tokenizer
-        from mosaic_dag.pipeline import models_dir
+        from mosaic_dag.paths import models_dir
 
-        tok = load_tokenizer(cfg.model(model), models_dir(cfg))
+        tok = load_tokenizer(cfg.model(model), models_dir())
     except Exception as err:  # noqa: BLE001 - without a tokenizer the texts show unhighlighted
         log.warning("model %s: no tokenizer for highlighting (%s)", model, err)
         return None

@@ -21,8 +21,8 @@ import numpy as np
 
 from mosaic_dag.config import ExperimentConfig, SaeConfig
 from mosaic_dag.errors import ConfigError
-from mosaic_dag.lm.extract import HiddenCache
 from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, SaeHandle, UpstreamMissing
+from mosaic_dag.paths import codes_dir, trained_sae_dir
 from mosaic_dag.keys import TargetKey, dataset_keys
 from mosaic_dag.pipeline import hidden_cache, model_fingerprint, read_frame
 from mosaic_dag.storage import atomic_dir, stable_hash
@@ -68,10 +68,10 @@ def trained_dir(cfg: ExperimentConfig, target: TargetKey, training: list[str]) -
     from mosaic_dag.sae.training import RECIPE_VERSION
 
     scfg = sae_config(cfg, target)
-    key = stable_hash({"model": model_fingerprint(cfg, target.model), "layer": target.layer,
-                       "sae": scfg.model_dump(exclude={"train_on"}), "data": sorted(training), "recipe": RECIPE_VERSION,
-                       "max_length": cfg.model(target.model).max_length})
-    return cfg.data_path / "saes" / target.model / f"L{target.layer}" / f"{target.sae}-{key}"
+    identity = {"model": model_fingerprint(cfg, target.model), "layer": target.layer,
+                "sae": scfg.model_dump(exclude={"train_on"}), "data": sorted(training), "recipe": RECIPE_VERSION,
+                "max_length": cfg.model(target.model).max_length}
+    return trained_sae_dir(cfg, target, identity)
 
 
 def sae_spec(cfg: ExperimentConfig, target: TargetKey, trained: Path | str | None = None) -> Any:
@@ -285,11 +285,6 @@ class CodesStore:
             yield load_codes(self.path / s["file"])
 
 
-def codes_dir(cfg: ExperimentConfig, target: TargetKey, hidden: HiddenCache, sae: SaeHandle) -> Path:
-    key = stable_hash({"hidden": hidden.path.name, "sae": sae.identity})
-    return cfg.data_path / "codes" / target.model / f"L{target.layer}" / target.sae / key
-
-
 def build_codes(
     cfg: ExperimentConfig, target: TargetKey, sae_handle: SaeHandle, hidden_handle: HiddenHandle,
     progress: Callable[[int, int], None] | None = None,
@@ -306,7 +301,7 @@ def build_codes(
         raise UpstreamMissing(f"sae {target.key!r}: the trained SAE at {sae_handle.path} failed its checksums and "
                               "was removed; re-materialize the 'sae' asset for it")
     check_target(cfg, target, hman["hf_name"], hman["d_model"], handle=sae_handle)
-    out = CodesStore(codes_dir(cfg, target, hidden, sae_handle))
+    out = CodesStore(codes_dir(cfg, target, hidden.path.name, sae_handle.identity))
     if out.is_valid():
         return CodesResult(out.path, True, out.manifest(), _codes_handle(out.path, hidden_handle, sae_handle))
     sae = load_target_sae(cfg, target, sae_handle)

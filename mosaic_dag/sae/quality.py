@@ -208,11 +208,12 @@ def partition_quality(cfg: Any, target: Any, dataset: str, language: str, loaded
     import json
 
     from mosaic_dag.sae.core import EncodeStats
-    from mosaic_dag.storage import stable_hash, write_json
+    from mosaic_dag.paths import quality_file
+    from mosaic_dag.storage import write_json
 
     n_texts = cfg.sae_quality.texts
-    key = stable_hash({"sae": manifest["sae_identity"], "hidden": manifest["hidden_cache"], "texts": n_texts})
-    path = cfg.data_path / "quality" / target.key / f"{dataset}.{language}-{key}.json"
+    identity = {"sae": manifest["sae_identity"], "hidden": manifest["hidden_cache"], "texts": n_texts}
+    path = quality_file(cfg, target, dataset, language, identity)
     if path.is_file():
         return SaeQuality(**json.loads(path.read_text()))
     texts = frame.loc[frame["split"].isin(["train", "validation"]), "text"].astype(str).tolist()[:n_texts]

@@ -55,7 +55,7 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
     sae_row = chosen[chosen["features"] == "sae"].iloc[0]
     assert sae_row["vs_hidden"].split(":")[0] in {"SAE better", "no difference", "SAE worse"}
     from mosaic_dag.evaluation.analysis import comparisons_table
-    from mosaic_dag.evaluation.sweeps import predictions_file
+    from mosaic_dag.paths import predictions_file
 
     preds = pd.read_parquet(predictions_file(cfg, parse_target("tiny.L1.btk"), "toy", "en"))
     assert len(preds) == int(table["n_test"].iloc[0]) and set(in_lang["probe"]) <= set(preds.columns)

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.integration
 def _bundled(dtype: str):
     from mosaic_dag.config import BUNDLED_MODEL, ModelConfig
     from mosaic_dag.lm.models import load_model
-    from mosaic_dag.pipeline import models_dir
+    from mosaic_dag.paths import models_dir
 
-    return load_model(ModelConfig(name="gemma-3-270m", id=BUNDLED_MODEL, layers=[6], dtype=dtype), models_dir(None))
+    return load_model(ModelConfig(name="gemma-3-270m", id=BUNDLED_MODEL, layers=[6], dtype=dtype), models_dir())
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from mosaic_dag.config import parse_config
 from mosaic_dag.data.datasets import COLUMNS, load_dataset
 from mosaic_dag.errors import ConfigError, DatasetError
 from mosaic_dag.data.images import decode_png
-from mosaic_dag.pipeline import build_dataset, dataset_file
+from mosaic_dag.paths import dataset_file
+from mosaic_dag.pipeline import build_dataset
 
 
 

@@ -168,9 +168,9 @@ def test_paligemma_language_model_is_what_its_saes_must_match():
 def test_real_gemma3_tokenizer_image_tokens_mask_and_parity(tmp_path: Path, clean):
     """The bundled model's tokenizer is Gemma 3's: the processor's output tokenizes into the real ids."""
     from mosaic_dag.lm.models import bundled_snapshot
-    from mosaic_dag.pipeline import models_dir
+    from mosaic_dag.paths import models_dir
 
-    folder = build_tiny_vlm(tmp_path / "vlm-real-tok", tokenizer_from=bundled_snapshot(models_dir(None)))
+    folder = build_tiny_vlm(tmp_path / "vlm-real-tok", tokenizer_from=bundled_snapshot(models_dir()))
     loaded = _load(folder, tmp_path)
     tok = loaded.tokenizer
     assert tok.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>", "<image_soft_token>"]) == [255999, 256000, 262144]
