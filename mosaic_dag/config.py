@@ -68,7 +68,7 @@ class SaeConfig(_Strict):
         """Short name used in partition keys (e.g. gs2-16k-medium, local-btk4k)."""
         if self.name:
             return self.name
-        from mosaic_dag.sae.core import default_sae_name
+        from mosaic_dag.sae.spec import default_sae_name
 
         return default_sae_name(self.source, self.release, self.sae_id, self.path, self.architecture, self.width)
 

@@ -4,7 +4,7 @@ from typing import Any
 
 from dagster import ConfigurableResource
 
-from mosaic_dag.sae.codes import load_target_sae, sae_spec
+from mosaic_dag.sae.resolve import load_target_sae, sae_spec
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import SaeHandle
 from mosaic_dag.keys import TargetKey
