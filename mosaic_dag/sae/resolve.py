@@ -64,7 +64,7 @@ def trained_dir(cfg: ExperimentConfig, target: TargetKey, training: list[str]) -
     return trained_sae_dir(cfg, target, identity)
 
 
-def sae_spec(cfg: ExperimentConfig, target: TargetKey, trained: Path | str | None = None) -> Any:
+def sae_spec(cfg: ExperimentConfig, target: TargetKey, trained: Path | str | None = None) -> SaeSpec:
     """The SaeSpec to load this target's SAE (a trained one points at its folder, ``trained``)."""
     scfg = sae_config(cfg, target)
     if scfg.source == "train":
@@ -76,7 +76,7 @@ def sae_spec(cfg: ExperimentConfig, target: TargetKey, trained: Path | str | Non
     return SaeSpec(origin=scfg.source, release=scfg.release, sae_id=scfg.sae_id, path=path, name=target.sae)
 
 
-def spec_identity(spec: Any) -> str:
+def spec_identity(spec: SaeSpec) -> str:
     """Registry id, or the local folder plus its weights' size and time: what the codes are keyed on."""
     if spec.origin == "registry":
         return f"registry:{spec.release}/{spec.sae_id}"
