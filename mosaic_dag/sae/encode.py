@@ -33,6 +33,7 @@ _PACK_MAX_BYTES = 1 << 28  # the fused encoder packs (copies) its weight only be
 
 
 def check_acts(sae: SAE[Any], acts: np.ndarray, real_mask: np.ndarray | None) -> None:
+    """One clear error before any product when ``acts`` / ``real_mask`` do not fit the SAE (also used by stats)."""
     if acts.ndim != 2:
         raise SaeCodesError(f"acts must be 2-D [n_tokens, d_model], got shape {acts.shape}; flatten texts with offsets")
     if acts.shape[1] != int(sae.cfg.d_in):
