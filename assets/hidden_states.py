@@ -16,7 +16,7 @@ from dagster import (
 
 from assets.partitions import SAME, dataset_partitions
 from assets.versions import code_version
-from mosaic_dag.sae.codes import check_target
+from mosaic_dag.sae.resolve import check_target
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import DatasetHandle
 from mosaic_dag.lm.models import model_dims

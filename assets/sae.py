@@ -29,7 +29,9 @@ from assets.partitions import (
 )
 from assets.sae_quality import SAE_QUALITY_CHECK, sae_quality_result, stop_on_failure
 from assets.versions import code_version
-from mosaic_dag.sae.codes import build_codes, build_sae, sae_config, training_partitions
+from mosaic_dag.sae.build import build_sae
+from mosaic_dag.sae.codes import build_codes
+from mosaic_dag.sae.resolve import sae_config, training_partitions
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import DatasetHandle, HiddenHandle, SaeHandle
 from mosaic_dag.lm.models import model_dims
@@ -62,7 +64,7 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
     with mlflow.run(context, cfg) as run:
         result = build_sae(cfg, target, hf_name, d_model, hidden, data)
         params, metrics = split_sae_metrics(result.metrics)
-        run.log_params({"origin": scfg.source, "architecture": result.info.architecture, "width": result.info.d_sae,
+        run.log_params({"origin": scfg.source, "architecture": result.info.architecture, "width": result.info.width,
                         "release": scfg.release, "sae_id": scfg.sae_id, "hook": result.info.hook_name,
                         "cache_hit": result.cache_hit, "train_on": ",".join(training_partitions(cfg, scfg)),
                         **{f"config.{k}": v for k, v in scfg.model_dump().items() if k not in ("architecture", "width")},
@@ -87,12 +89,12 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
                     run.log_artifact(weights, "sae")
     handle = result.handle
     context.log.info(f"sae {target.sae}: {'reused' if result.cache_hit else 'trained'} "
-                     f"({result.info.architecture}, {result.info.d_sae} latents)")
+                     f"({result.info.architecture}, {result.info.width} latents)")
     yield Output(handle, data_version=DataVersion(handle.version), metadata={
         "origin": scfg.source,
         "path": MetadataValue.path(handle.path) if handle.path else MetadataValue.text(f"{scfg.release}/{scfg.sae_id}"),
         "architecture": result.info.architecture,
-        "width": result.info.d_sae,
+        "width": result.info.width,
         "hook": str(result.info.hook_name),
         "layer": int(target.layer),
         "cache_hit": result.cache_hit,
@@ -165,13 +167,13 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             stats = {"mean_l0": man["mean_l0"], "dead_fraction": man["dead_fraction"],
                      "explained_variance": man["explained_variance"], "codes_mb": man["bytes"] / 2**20,
                      "dense_fp16_mb": man["dense_fp16_bytes"] / 2**20}
-            run.log_params({"sae": target.sae, "width": man["width"], "dataset": data.key, "cache_hit": result.hit})
+            run.log_params({"sae": target.sae, "width": man["width"], "dataset": data.key, "cache_hit": result.cache_hit})
             run.log_metrics(stats)
         quality = sae_quality_result(cfg, target, data, man, model, sae, hidden)
         ev = float(man["explained_variance"])
         yield Output(result.handle, data_version=DataVersion(result.handle.version), metadata={
             "path": MetadataValue.path(str(result.path)),
-            "cache_hit": result.hit,
+            "cache_hit": result.cache_hit,
             "tokens": man["tokens"],
             "width": man["width"],
             "mean_l0": round(man["mean_l0"], 2),

@@ -3,7 +3,7 @@
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 
 from assets.partitions import target_dataset_partitions
-from mosaic_dag.sae.codes import load_target_sae
+from mosaic_dag.sae.resolve import load_target_sae
 from mosaic_dag.errors import MosaicError
 from mosaic_dag.pipeline import read_frame
 from mosaic_dag.sae.quality import check_quality, floors_of, partition_quality

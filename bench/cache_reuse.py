@@ -19,7 +19,7 @@ import scipy.sparse as sp
 def features(cache: Any, sae: Any) -> sp.csr_matrix:
     """Sum-pooled SAE codes, shard by shard, in text order."""
     from mosaic_dag.features.pooling import pool_sparse
-    from mosaic_dag.sae.core import encode_sparse
+    from mosaic_dag.sae.encode import encode_sparse
 
     pooled, rows = [], []
     for shard in cache.iter_shards():

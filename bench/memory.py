@@ -35,7 +35,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
     from mosaic_dag.lm.models import load_model
     from mosaic_dag.features.pooling import pool_sparse
-    from mosaic_dag.sae.core import encode_sparse, load_sae
+    from mosaic_dag.sae.encode import encode_sparse
+    from mosaic_dag.sae.loading import load_sae
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -72,7 +72,7 @@ def train_saes(loaded: Any, texts: list[str], layer: int, widths: tuple[int, ...
     import numpy as np
 
     from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
-    from mosaic_dag.sae.core import load_sae
+    from mosaic_dag.sae.loading import load_sae
     from mosaic_dag.sae.training import train_sae
 
     folder = workdir / "sae-train-acts"

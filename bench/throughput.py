@@ -76,7 +76,7 @@ def mosaic_features(loaded: Any, sae: Any, texts: Sequence[str], layer: int, *, 
     """Pooled (sum) SAE features [n_texts, d_sae] in text order, streaming the cache shard by shard."""
     from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
     from mosaic_dag.features.pooling import pool_sparse
-    from mosaic_dag.sae.core import encode_sparse
+    from mosaic_dag.sae.encode import encode_sparse
 
     target = Path(workdir) / f"cache-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mosaic_dag.errors import ConfigError
+from mosaic_dag.sae.spec import check_origin, default_sae_name  # no torch: spec imports pydantic only
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 BUNDLED_MODEL = "bundled:gemma-3-270m"
@@ -55,10 +56,7 @@ class SaeConfig(_Strict):
 
     @model_validator(mode="after")
     def _source_fields(self) -> "SaeConfig":
-        if self.source == "registry" and not (self.release and self.sae_id):
-            raise ValueError("source 'registry' needs both 'release' and 'sae_id'")
-        if self.source == "local" and not self.path:
-            raise ValueError("source 'local' needs 'path' (a folder saved by sae-lens)")
+        check_origin(self.source, self.release, self.sae_id, self.path)
         if self.name is not None:
             _check_key(self.name, "name")
         return self
@@ -68,8 +66,6 @@ class SaeConfig(_Strict):
         """Short name used in partition keys (e.g. gs2-16k-medium, local-btk4k)."""
         if self.name:
             return self.name
-        from mosaic_dag.sae.core import default_sae_name
-
         return default_sae_name(self.source, self.release, self.sae_id, self.path, self.architecture, self.width)
 
 

@@ -117,7 +117,7 @@ def _width(sae_id: str) -> int:
 def registry_targets(cfg: ExperimentConfig, registry_path: Path | None = None,
                      max_width: int = MAX_REGISTRY_WIDTH) -> list[TargetKey]:
     """Targets for registry SAEs that fit a configured model and layer (resid_post, width <= max_width)."""
-    from mosaic_dag.sae.core import default_sae_name
+    from mosaic_dag.sae.spec import default_sae_name
     from mosaic_dag.sae.registry import matching_saes, read_registry
 
     registry = read_registry(registry_path)  # read from disk each call: a pip upgrade must be seen

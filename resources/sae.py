@@ -1,13 +1,14 @@
-"""SAEs from every source behind one resource: sae-lens registry, a local sae-lens folder, or trained here."""
+"""SAEs of every origin behind one resource: sae-lens registry, a local sae-lens folder, or trained here."""
 
 from typing import Any
 
 from dagster import ConfigurableResource
 
-from mosaic_dag.sae.codes import load_target_sae, sae_spec
+from mosaic_dag.sae.resolve import load_target_sae, sae_spec
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import SaeHandle
 from mosaic_dag.keys import TargetKey
+from mosaic_dag.sae.spec import SaeSpec
 
 
 class SaeResource(ConfigurableResource):
@@ -15,8 +16,8 @@ class SaeResource(ConfigurableResource):
 
     device: str = "cpu"
 
-    def spec(self, cfg: ExperimentConfig, target: TargetKey, handle: SaeHandle | None = None) -> Any:
-        """The sae-lens source of a target (registry release/id, or a folder)."""
+    def spec(self, cfg: ExperimentConfig, target: TargetKey, handle: SaeHandle | None = None) -> SaeSpec:
+        """Where a target's SAE comes from (registry release/id, or a folder)."""
         return sae_spec(cfg, target, handle.path if handle is not None and handle.origin == "train" else None)
 
     def load(self, cfg: ExperimentConfig, target: TargetKey, handle: SaeHandle | None = None) -> Any:

@@ -1,1 +1,3 @@
-"""Sparse autoencoders: spec, loading, compatibility, encoding, codes on disk, training, registry, health."""
+"""Sparse autoencoders: spec, loading, compat, integrity, encode, stats, codes_io (one codes shard), training and
+step (sae-lens trainer, sparse TopK step), registry, quality; the steps: resolve (a target's SAE), build (build_sae),
+codes (build_codes)."""

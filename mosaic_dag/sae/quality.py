@@ -7,7 +7,7 @@ clean values, as they do for every other step of mosaic. The next-token cross-en
 target tokens gives ``ce_increase = ce_sae - ce_clean`` and the standard
 ``loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)`` (1 = as good as clean, 0 = no better
 than deleting the layer's output). Explained variance, dead fraction and L0 come from
-``mosaic_dag.sae.core.encode_stats`` on the same real tokens unless the caller passes stats measured on
+``mosaic_dag.sae.stats.encode_stats`` on the same real tokens unless the caller passes stats measured on
 more data (the codes asset has them for every token of a partition).
 
 ``check_quality`` compares a measurement with configured floors and returns pass/fail with one line
@@ -39,7 +39,7 @@ class SaeFloors:
 @dataclass(frozen=True)
 class SaeQuality:
     n_tokens: int
-    d_sae: int
+    width: int
     mean_l0: float
     dead_fraction: float
     explained_variance: float
@@ -120,7 +120,7 @@ def measure_quality(
     import torch
 
     from mosaic_dag.lm.extract import make_batches, special_ids, tokenize
-    from mosaic_dag.sae.core import encode_stats
+    from mosaic_dag.sae.stats import encode_stats
 
     if not texts:
         raise ValueError("texts: need at least one text to measure an SAE on")
@@ -177,7 +177,7 @@ def measure_quality(
     gap = ce["zero"] - ce["clean"]
     recovered = (ce["zero"] - ce["sae"]) / gap if gap > 0 else float("nan")
     return SaeQuality(
-        n_tokens=int(stats.n_tokens), d_sae=int(stats.d_sae), mean_l0=float(stats.mean_l0),
+        n_tokens=int(stats.n_tokens), width=int(stats.width), mean_l0=float(stats.mean_l0),
         dead_fraction=float(stats.dead_fraction), explained_variance=float(stats.explained_variance),
         ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero=ce["zero"], ce_increase=ce["sae"] - ce["clean"],
         loss_recovered=float(recovered), n_loss_tokens=n_targets,
@@ -186,7 +186,7 @@ def measure_quality(
 
 def with_stats(q: SaeQuality, stats: Any) -> SaeQuality:
     """``q`` with reconstruction/sparsity numbers replaced by ones measured on more tokens."""
-    return replace(q, n_tokens=int(stats.n_tokens), d_sae=int(stats.d_sae), mean_l0=float(stats.mean_l0),
+    return replace(q, n_tokens=int(stats.n_tokens), width=int(stats.width), mean_l0=float(stats.mean_l0),
                    dead_fraction=float(stats.dead_fraction), explained_variance=float(stats.explained_variance))
 
 
@@ -207,7 +207,7 @@ def partition_quality(cfg: Any, target: Any, dataset: str, language: str, loaded
     """
     import json
 
-    from mosaic_dag.sae.core import EncodeStats
+    from mosaic_dag.sae.stats import EncodeStats
     from mosaic_dag.paths import quality_file
     from mosaic_dag.storage import write_json
 
@@ -215,9 +215,12 @@ def partition_quality(cfg: Any, target: Any, dataset: str, language: str, loaded
     identity = {"sae": manifest["sae_identity"], "hidden": manifest["hidden_cache"], "texts": n_texts}
     path = quality_file(cfg, target, dataset, language, identity)
     if path.is_file():
-        return SaeQuality(**json.loads(path.read_text()))
+        stored = json.loads(path.read_text())
+        if "d_sae" in stored:  # written before the field was named width
+            stored["width"] = stored.pop("d_sae")
+        return SaeQuality(**stored)
     texts = frame.loc[frame["split"].isin(["train", "validation"]), "text"].astype(str).tolist()[:n_texts]
-    stats = EncodeStats(n_tokens=int(manifest["real_tokens"]), d_sae=int(manifest["width"]),
+    stats = EncodeStats(n_tokens=int(manifest["real_tokens"]), width=int(manifest["width"]),
                         mean_l0=float(manifest["mean_l0"]), dead_fraction=float(manifest["dead_fraction"]),
                         explained_variance=float(manifest["explained_variance"]))
     q = measure_quality(loaded, sae, target.layer, texts, max_length=cfg.model(target.model).max_length, stats=stats)

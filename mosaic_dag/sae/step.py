@@ -220,7 +220,7 @@ class SparseTopKTrainingSAE(_SparseStepMixin, TopKTrainingSAE):
     """sae-lens's TopK training SAE with the sparse step (k winners per token)."""
 
     def _winners(self, h: torch.Tensor) -> torch.Tensor:
-        from mosaic_dag.sae.core import grouped_topk
+        from mosaic_dag.sae.encode import grouped_topk
 
         ids = torch.sort(grouped_topk(h, int(self.cfg.k))[1], dim=1).values
         return (ids + torch.arange(h.shape[0], device=h.device)[:, None] * h.shape[1]).reshape(-1)

@@ -4,7 +4,7 @@ sae-lens's ``SAETrainer`` takes any iterator of activation batches (its ``DataPr
 feed it shuffled rows of the residual-stream array of the TRAIN texts instead of running a
 TransformerLens model through ``ActivationsStore``. This is the same route sae-lens uses for its
 synthetic-data training. The result is saved with ``save_inference_model`` so
-``SAE.load_from_disk(out_dir)`` (and ``mosaic_dag.sae.core.load_sae``) read it back, with metadata
+``SAE.load_from_disk(out_dir)`` (and ``mosaic_dag.sae.loading.load_sae``) read it back, with metadata
 (``model_name``, ``hook_name``, ``hf_hook_name``, ``hook_layer``) that ``sae_info`` and
 ``check_compatible`` understand.
 """
@@ -274,7 +274,8 @@ def train_sae(
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from mosaic_dag.sae.core import encode_stats, write_checksums
+    from mosaic_dag.sae.integrity import write_checksums
+    from mosaic_dag.sae.stats import encode_stats
 
     t0 = time.perf_counter()
     if not isinstance(acts, np.ndarray):

@@ -245,9 +245,10 @@ def test_bad_sae_fails_hidden_states_before_any_forward(case: ModelCase, tmp_pat
 
 
 def test_sae_mismatch_library_check_names_both_sides():
-    from mosaic_dag.sae.core import SaeInfo, SaeMismatchError, check_compatible
+    from mosaic_dag.sae.compat import SaeInfo, check_compatible
+    from mosaic_dag.sae.spec import SaeMismatchError
 
-    info = SaeInfo(d_in=2304, d_sae=16384, architecture="jumprelu", hook_name="blocks.12.hook_resid_post", layer=12,
+    info = SaeInfo(d_in=2304, width=16384, architecture="jumprelu", hook_name="blocks.12.hook_resid_post", layer=12,
                    site="resid_post", model_name="gemma-2-2b", signed=False)
     with pytest.raises(SaeMismatchError) as err:
         check_compatible(info, "google/gemma-3-270m", 640, 12)

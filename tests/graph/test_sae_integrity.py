@@ -16,15 +16,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from mosaic_dag.sae.core import (
-    CHECKSUM_FILENAME,
-    EncodeStats,
-    SaeCodesError,
-    SaeLoadError,
-    check_reconstruction,
-    load_sae,
-    verify_checksums,
-)
+from mosaic_dag.sae.integrity import CHECKSUM_FILENAME, check_reconstruction, verify_checksums
+from mosaic_dag.sae.loading import load_sae
+from mosaic_dag.sae.spec import SaeCodesError, SaeLoadError
+from mosaic_dag.sae.stats import EncodeStats
 from tests.support.sae import make_sae
 from tests.support.runs import error_line, run_cli, temp_leftovers
 from tests.support.models import fast_config
@@ -96,7 +91,7 @@ def test_a_truncated_sae_file_names_its_folder(tmp_path: Path):
 
 
 def test_reconstruction_check_thresholds():
-    stats = EncodeStats(n_tokens=10, d_sae=4, mean_l0=1.0, dead_fraction=0.0, explained_variance=0.3)
+    stats = EncodeStats(n_tokens=10, width=4, mean_l0=1.0, dead_fraction=0.0, explained_variance=0.3)
     fine = sp.csr_matrix(np.eye(4, dtype=np.float32))
     check_reconstruction("s", fine, stats)  # a sane SAE passes
     check_reconstruction("s", fine, EncodeStats(10, 4, 1.0, 0.0, -2.0))  # weak but plausible passes

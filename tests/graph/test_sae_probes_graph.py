@@ -8,7 +8,8 @@ import scipy.sparse as sp
 import yaml
 
 from mosaic_dag.cli import main
-from mosaic_dag.sae.codes import CodesStore, forget_saes, load_target_sae
+from mosaic_dag.sae.codes import CodesStore
+from mosaic_dag.sae.resolve import forget_saes, load_target_sae
 from mosaic_dag.handles import SaeHandle
 from mosaic_dag.config import load_config
 from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS, results_table

@@ -1,4 +1,4 @@
-"""mosaic_dag.sae.core: sparse encoding equals sae-lens's encode, compatibility checks, codes I/O, registry loading."""
+"""mosaic_dag.sae (spec, loading, compat, encode, stats, codes_io): sparse encoding equals sae-lens's encode, compatibility checks, codes I/O, registry loading."""
 
 from __future__ import annotations
 
@@ -22,20 +22,12 @@ from tests.support.sae import (
 )
 
 from mosaic_dag.errors import CacheError
-from mosaic_dag.sae.core import (
-    SaeCodesError,
-    SaeInfo,
-    SaeLoadError,
-    SaeMismatchError,
-    SaeSpec,
-    check_compatible,
-    encode_sparse,
-    encode_stats,
-    load_codes,
-    load_sae,
-    sae_info,
-    save_codes,
-)
+from mosaic_dag.sae.codes_io import read_codes, write_codes
+from mosaic_dag.sae.compat import SaeInfo, check_compatible, sae_info
+from mosaic_dag.sae.encode import encode_sparse
+from mosaic_dag.sae.loading import load_sae
+from mosaic_dag.sae.spec import SaeCodesError, SaeLoadError, SaeMismatchError, SaeSpec
+from mosaic_dag.sae.stats import encode_stats
 
 
 def _reference(sae: object, acts: np.ndarray) -> np.ndarray:
@@ -250,7 +242,7 @@ def test_encode_stats_match_direct_computation() -> None:
 def test_sae_info_reads_layer_from_hook_names(hook_name: str, layer: int, site: str | None) -> None:
     info = sae_info(make_sae("topk", hook_name=hook_name, model_name="google/gemma-3-270m"))
     assert (info.layer, info.site, info.hook_name) == (layer, site, hook_name)
-    assert (info.d_in, info.d_sae, info.width, info.architecture) == (D_IN, WIDTH, WIDTH, "topk")
+    assert (info.d_in, info.width, info.architecture) == (D_IN, WIDTH, "topk")
     assert info.model_name == "google/gemma-3-270m"
 
 
@@ -262,7 +254,7 @@ def test_sae_info_uses_registry_path_hint_when_metadata_is_thin() -> None:
 
 def _info(**kw: object) -> SaeInfo:
     base: dict[str, object] = dict(
-        d_in=640, d_sae=512, architecture="jumprelu", hook_name="blocks.6.hook_resid_post", layer=6,
+        d_in=640, width=512, architecture="jumprelu", hook_name="blocks.6.hook_resid_post", layer=6,
         site="resid_post", model_name="google/gemma-3-270m", signed=False,
     )
     base.update(kw)
@@ -313,33 +305,33 @@ def test_check_compatible_on_real_sae_objects() -> None:
 
 
 def test_sae_spec_default_names_and_validation() -> None:
-    assert SaeSpec(source="registry", release="gemma-scope-2-270m-pt-res", sae_id="layer_5_width_16k_l0_medium").name == "gs2-16k-medium"
-    assert SaeSpec(source="registry", release="gemma-scope-2-270m-pt-res-all", sae_id="layer_6_width_262k_l0_small").name == "gs2-all-262k-small"
-    assert SaeSpec(source="train", architecture="batchtopk", width=4096).name == "local-btk4k"
-    assert SaeSpec(source="local", path="/data/saes/my sae").name == "local-my-sae"
-    assert SaeSpec(source="local", path="/x", name="mine").name == "mine"
+    assert SaeSpec(origin="registry", release="gemma-scope-2-270m-pt-res", sae_id="layer_5_width_16k_l0_medium").name == "gs2-16k-medium"
+    assert SaeSpec(origin="registry", release="gemma-scope-2-270m-pt-res-all", sae_id="layer_6_width_262k_l0_small").name == "gs2-all-262k-small"
+    assert SaeSpec(origin="train", architecture="batchtopk", width=4096).name == "local-btk4k"
+    assert SaeSpec(origin="local", path="/data/saes/my sae").name == "local-my-sae"
+    assert SaeSpec(origin="local", path="/x", name="mine").name == "mine"
     with pytest.raises(ValueError, match="release"):
-        SaeSpec(source="registry", release="gemma-scope-2-270m-pt-res")
+        SaeSpec(origin="registry", release="gemma-scope-2-270m-pt-res")
     with pytest.raises(ValueError, match="path"):
-        SaeSpec(source="local")
+        SaeSpec(origin="local")
     with pytest.raises(SaeLoadError, match="needs both"):  # one line, not pydantic's multi-line dump
         load_sae(release="gemma-scope-2-270m-pt-res")
-    cfg_like = types.SimpleNamespace(source="local", path="/x/y", name=None, release=None, sae_id=None, width=16)
+    cfg_like = types.SimpleNamespace(origin="local", path="/x/y", name=None, release=None, sae_id=None, width=16)
     assert SaeSpec.model_validate(cfg_like, from_attributes=True).name == "local-y"
 
 
 def test_load_sae_local_folder_roundtrip(tmp_path: Path) -> None:
     sae = make_sae("topk", hook_name="model.layers.3", model_name="google/gemma-3-270m")
     sae.save_model(tmp_path / "sae")
-    loaded = load_sae(SaeSpec(source="local", path=str(tmp_path / "sae")))
+    loaded = load_sae(SaeSpec(origin="local", path=str(tmp_path / "sae")))
     for name, p in sae.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], p, rtol=0, atol=0)
     assert sae_info(loaded).layer == 3
     assert load_sae(path=tmp_path / "sae").cfg.d_sae == WIDTH
     with pytest.raises(SaeLoadError, match="cfg.json"):
-        load_sae(SaeSpec(source="local", path=str(tmp_path / "missing")))
+        load_sae(SaeSpec(origin="local", path=str(tmp_path / "missing")))
     with pytest.raises(SaeLoadError, match="train_sae"):
-        load_sae(SaeSpec(source="train", architecture="batchtopk", width=64))
+        load_sae(SaeSpec(origin="train", architecture="batchtopk", width=64))
 
 
 # ------------------------------------------------------------------------------------------
@@ -357,14 +349,14 @@ def test_load_sae_local_folder_roundtrip(tmp_path: Path) -> None:
 )
 def test_load_registry_sae_from_offline_cache(fake_gemma_scope_2: FakeHubSae) -> None:
     fake = fake_gemma_scope_2
-    sae = load_sae(SaeSpec(source="registry", release=fake.release, sae_id=fake.sae_id))
+    sae = load_sae(SaeSpec(origin="registry", release=fake.release, sae_id=fake.sae_id))
     expected = {"W_enc": "w_enc", "W_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
     state = sae.state_dict()
     for ours, theirs in expected.items():
         np.testing.assert_array_equal(state[ours].numpy(), fake.params[theirs])
 
     info = sae_info(sae)
-    assert (info.d_in, info.d_sae, info.architecture) == (GS2_D_MODEL, GS2_WIDTH, "jumprelu")
+    assert (info.d_in, info.width, info.architecture) == (GS2_D_MODEL, GS2_WIDTH, "jumprelu")
     assert (info.layer, info.site) == (fake.layer, "resid_post")
     assert info.model_name == "google/gemma-3-270m"
     if fake.sae_id == "layer_5_width_16k_l0_medium":
@@ -385,7 +377,7 @@ def test_load_registry_sae_offline_and_not_cached(tmp_path: Path, monkeypatch: p
     msg = str(err.value)
     assert "\n" not in msg
     assert "offline" in msg.lower() or "HF_HUB_OFFLINE" in msg
-    assert "source: train" in msg and "local" in msg
+    assert "origin: train" in msg and "local" in msg
 
 
 def test_load_registry_unknown_release_or_id() -> None:
@@ -411,9 +403,9 @@ def _codes_fixture() -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]
 
 def test_codes_npz_roundtrip_exact(tmp_path: Path) -> None:
     codes, offsets, real_mask, rows = _codes_fixture()
-    path = save_codes(tmp_path / "codes.npz", codes, offsets, real_mask, rows)
+    path = write_codes(tmp_path / "codes.npz", codes, offsets, real_mask, rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npz"]  # no temp files left over
-    back, off2, mask2, rows2 = load_codes(path)
+    back, off2, mask2, rows2 = read_codes(path)
     assert sp.isspmatrix_csr(back) and back.shape == codes.shape and back.dtype == codes.dtype
     np.testing.assert_array_equal(back.indptr, codes.indptr)
     np.testing.assert_array_equal(back.indices, codes.indices)
@@ -428,35 +420,35 @@ def test_codes_npz_roundtrip_exact(tmp_path: Path) -> None:
 
 def test_codes_roundtrip_keeps_values_float16_cannot_hold(tmp_path: Path) -> None:
     codes = sp.csr_matrix(np.array([[0.1, 0, 1e-9], [0, 70000.0, 0]], dtype=np.float64))
-    save_codes(tmp_path / "c.npz", codes, np.array([0, 2]), np.ones(2, bool), np.array([0]))
-    back = load_codes(tmp_path / "c.npz").codes
+    write_codes(tmp_path / "c.npz", codes, np.array([0, 2]), np.ones(2, bool), np.array([0]))
+    back = read_codes(tmp_path / "c.npz").codes
     np.testing.assert_array_equal(back.toarray(), codes.toarray())
 
 
-def test_save_codes_rejects_inconsistent_inputs(tmp_path: Path) -> None:
+def test_write_codes_rejects_inconsistent_inputs(tmp_path: Path) -> None:
     codes, offsets, real_mask, rows = _codes_fixture()
     with pytest.raises(SaeCodesError, match="offsets"):
-        save_codes(tmp_path / "c.npz", codes, offsets[:-1], real_mask, rows[:-1])
+        write_codes(tmp_path / "c.npz", codes, offsets[:-1], real_mask, rows[:-1])
     with pytest.raises(SaeCodesError, match="real_mask"):
-        save_codes(tmp_path / "c.npz", codes, offsets, real_mask[:-1], rows)
+        write_codes(tmp_path / "c.npz", codes, offsets, real_mask[:-1], rows)
     with pytest.raises(SaeCodesError, match="rows"):
-        save_codes(tmp_path / "c.npz", codes, offsets, real_mask, rows[:2])
+        write_codes(tmp_path / "c.npz", codes, offsets, real_mask, rows[:2])
     assert not (tmp_path / "c.npz").exists()
 
 
-def test_load_codes_corrupt_file_raises_cache_error(tmp_path: Path) -> None:
+def test_read_codes_corrupt_file_raises_cache_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip file")
     with pytest.raises(CacheError, match="recomputed"):
-        load_codes(bad)
+        read_codes(bad)
     np.savez(tmp_path / "partial.npz", data=np.zeros(3))
     with pytest.raises(CacheError, match="lacks"):
-        load_codes(tmp_path / "partial.npz")
+        read_codes(tmp_path / "partial.npz")
 
 
 def test_grouped_topk_equals_torch_topk() -> None:
     """Same values and latents as torch.topk, including rows whose top k crowd into one group."""
-    from mosaic_dag.sae.core import grouped_topk
+    from mosaic_dag.sae.encode import grouped_topk
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 2048, generator=g)

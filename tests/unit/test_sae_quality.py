@@ -82,3 +82,24 @@ def test_padding_does_not_change_the_losses(loaded) -> None:
         assert getattr(one, field) == pytest.approx(getattr(many, field), rel=1e-4), field
     # undefined (NaN), not a made-up number, where zero ablation does not hurt (this random layer)
     assert np.isnan(one.loss_recovered) == (one.ce_zero <= one.ce_clean)
+
+
+def test_cached_quality_written_as_d_sae_reads_back_as_width(tmp_path: Path) -> None:
+    """A measurement cached before ``d_sae`` was named ``width`` is still a cache hit, with no forward pass."""
+    import json
+    from types import SimpleNamespace
+
+    from mosaic_dag.keys import TargetKey
+    from mosaic_dag.paths import quality_file
+    from mosaic_dag.sae.quality import SaeQuality, partition_quality
+
+    cfg = SimpleNamespace(data_path=tmp_path, sae_quality=SimpleNamespace(texts=8))
+    target = TargetKey("tiny", 1, "btk")
+    manifest = {"sae_identity": "trained:x", "hidden_cache": "/h"}
+    path = quality_file(cfg, target, "d", "en", {"sae": "trained:x", "hidden": "/h", "texts": 8})  # type: ignore[arg-type]
+    old = {"n_tokens": 10, "d_sae": 128, "mean_l0": 3.0, "dead_fraction": 0.1, "explained_variance": 0.8,
+           "ce_clean": 1.0, "ce_sae": 1.2, "ce_zero": 2.0, "ce_increase": 0.2, "loss_recovered": 0.8, "n_loss_tokens": 9}
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(old))
+    q = partition_quality(cfg, target, "d", "en", None, manifest, None, None)  # no model, SAE or rows: cache only
+    assert isinstance(q, SaeQuality) and q.width == 128 and q.mean_l0 == 3.0 and q.n_loss_tokens == 9

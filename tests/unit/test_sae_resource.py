@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from tests.support.sae import GS2_D_MODEL, FakeHubSae
 
-from mosaic_dag.sae.codes import check_target, forget_saes
+from mosaic_dag.sae.resolve import check_target, forget_saes
 from mosaic_dag.config import parse_config
 from mosaic_dag.keys import TargetKey, targets
-from mosaic_dag.sae.core import SaeMismatchError
+from mosaic_dag.sae.spec import SaeMismatchError
 from resources import SaeResource
 
 

@@ -11,7 +11,8 @@ import torch
 from tests.support.sae import D_IN, low_rank_acts
 from safetensors.torch import load_file
 
-from mosaic_dag.sae.core import check_compatible, load_sae, sae_info
+from mosaic_dag.sae.compat import check_compatible, sae_info
+from mosaic_dag.sae.loading import load_sae
 from mosaic_dag.sae.training import METRICS_FILENAME, SaeTrainingError, read_training_metrics, train_sae
 
 HOOK = "model.layers.6"

@@ -12,10 +12,11 @@ import scipy.sparse as sp
 import torch
 from tests.support.sae import make_sae
 
-import mosaic_dag.sae.core as sae_mod
+import mosaic_dag.sae.encode as sae_mod
 from mosaic_dag.features.pooling import pool_sparse
 from mosaic_dag.probes.core import fit_ksparse, fit_logistic
-from mosaic_dag.sae.core import encode_sparse, encode_stats
+from mosaic_dag.sae.encode import encode_sparse
+from mosaic_dag.sae.stats import encode_stats
 
 WIDTH = 2000  # not a multiple of the tile: the last tile is narrower
 
