@@ -24,7 +24,8 @@ from mosaic_dag.errors import ConfigError
 from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, SaeHandle, UpstreamMissing
 from mosaic_dag.paths import codes_dir, trained_sae_dir
 from mosaic_dag.keys import TargetKey, dataset_keys
-from mosaic_dag.pipeline import hidden_cache, model_fingerprint, read_frame
+from mosaic_dag.data.step import read_frame
+from mosaic_dag.lm.hidden_states import hidden_cache, model_fingerprint
 from mosaic_dag.storage import atomic_dir, stable_hash
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,14 @@ def sae_config(cfg: ExperimentConfig, target: TargetKey) -> SaeConfig:
 
     for entry in matching_saes(read_registry(), [mcfg.id], {mcfg.id: [target.layer]}):
         if default_sae_name("registry", entry.release, entry.sae_id) == target.sae:
-            return SaeConfig(source="registry", release=entry.release, sae_id=entry.sae_id, name=target.sae)
+            return SaeConfig(origin="registry", release=entry.release, sae_id=entry.sae_id, name=target.sae)
     raise ConfigError(f"sae {target.sae!r} is not configured for model {target.model!r}; known: {[s.label for s in mcfg.saes]}")
 
 
 def training_partitions(cfg: ExperimentConfig, sae: SaeConfig) -> list[str]:
     """The dataset partitions whose TRAIN split trains a local SAE: ``train_on`` (dataset names or
     ``<dataset>.<language>`` keys), else every dataset partition of the config."""
-    if sae.source != "train":
+    if sae.origin != "train":
         return []
     every = [k.key for k in dataset_keys(cfg)]
     if not sae.train_on:
@@ -79,13 +80,13 @@ def sae_spec(cfg: ExperimentConfig, target: TargetKey, trained: Path | str | Non
     from mosaic_dag.sae.core import SaeSpec
 
     scfg = sae_config(cfg, target)
-    if scfg.source == "train":
+    if scfg.origin == "train":
         if trained is None:
             raise UpstreamMissing(f"sae {target.key!r} is trained here and not materialized yet; "
                                   "materialize the 'sae' asset for it first")
         return SaeSpec(source="local", path=str(trained), name=target.sae)
     path = str(cfg.resolve(scfg.path)) if scfg.path else None
-    return SaeSpec(source=scfg.source, release=scfg.release, sae_id=scfg.sae_id, path=path, name=target.sae)
+    return SaeSpec(source=scfg.origin, release=scfg.release, sae_id=scfg.sae_id, path=path, name=target.sae)
 
 
 def spec_identity(spec: Any) -> str:
@@ -116,7 +117,7 @@ def forget_saes() -> None:
 
 def registry_hint(cfg: ExperimentConfig, target: TargetKey) -> str | None:
     scfg = sae_config(cfg, target)
-    if scfg.source != "registry":
+    if scfg.origin != "registry":
         return None
     from mosaic_dag.sae.registry import read_registry
 
@@ -134,7 +135,7 @@ def check_target(cfg: ExperimentConfig, target: TargetKey, hf_name: str, d_model
     from mosaic_dag.sae.core import SaeMismatchError, check_compatible, sae_info
 
     scfg = sae_config(cfg, target)
-    if scfg.source == "train" and handle is None:
+    if scfg.origin == "train" and handle is None:
         return None
     info = sae_info(load_target_sae(cfg, target, handle), hint=registry_hint(cfg, target))
     try:
@@ -197,10 +198,10 @@ def build_sae(cfg: ExperimentConfig, target: TargetKey, hf_name: str, d_model: i
     from mosaic_dag.sae.training import read_training_metrics, train_sae
 
     scfg = sae_config(cfg, target)
-    if scfg.source != "train":
+    if scfg.origin != "train":
         info = sae_info(load_target_sae(cfg, target), hint=registry_hint(cfg, target))
         spec = sae_spec(cfg, target)
-        handle = SaeHandle(target=target.key, origin=scfg.source, identity=spec_identity(spec), path=spec.path,
+        handle = SaeHandle(target=target.key, origin=scfg.origin, identity=spec_identity(spec), path=spec.path,
                            release=scfg.release, sae_id=scfg.sae_id, width=int(info.d_sae),
                            architecture=str(info.architecture))
         try:
