@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from mosaic_dag.config import BUNDLED_MODEL, ModelConfig
+from mosaic_dag.config import BUNDLED_MODEL, ExperimentConfig, ModelConfig
 from mosaic_dag.errors import ModelError
+from mosaic_dag.paths import models_dir
 from mosaic_dag.storage import atomic_dir, stable_hash
 
 log = logging.getLogger(__name__)
@@ -333,6 +334,11 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
         loaded = LoadedModel(cfg.name, hf_name, model, tokenizer, fingerprint, device, dtype, processor)
         _LOADED[key] = loaded
         return loaded
+
+
+def load_named_model(cfg: ExperimentConfig, model: str) -> LoadedModel:
+    """The config's model called ``model``, its snapshots under the machine's model cache."""
+    return load_model(cfg.model(model), models_dir())
 
 
 def load_tokenizer(cfg: ModelConfig, cache_root: Path) -> Any:
