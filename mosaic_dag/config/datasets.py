@@ -10,7 +10,7 @@ from mosaic_dag.config.base import _check_key, _Strict
 
 
 class BehaviourConfig(_Strict):
-    """Labels from a TARGET model's behaviour on each text (the seed paper's cross-model setting)."""
+    """Labels from what a behaviour model does with each text (the seed paper's cross-model setting)."""
 
     model: str  # a model name from `models`, or any model id / local folder / bundled:gemma-3-270m
     task: Literal["generate", "choice"] = "generate"

@@ -309,9 +309,9 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
     key = (cfg.id, dtype_name(dtype), str(device))
     with _LOCK:
         if key in _LOADED:
-            hit = _LOADED[key]
-            return LoadedModel(cfg.name, hit.hf_name, hit.model, hit.tokenizer, hit.fingerprint, hit.device, hit.dtype,
-                               hit.processor)
+            held = _LOADED[key]
+            return LoadedModel(cfg.name, held.hf_name, held.model, held.tokenizer, held.fingerprint, held.device, held.dtype,
+                               held.processor)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         src, hf_name, fingerprint = _source(cfg, cache_root)
@@ -346,9 +346,9 @@ def load_tokenizer(cfg: ModelConfig, cache_root: Path) -> Any:
     from transformers import AutoTokenizer
 
     with _LOCK:
-        for hit in _LOADED.values():
-            if hit.name == cfg.name:
-                return hit.tokenizer
+        for held in _LOADED.values():
+            if held.name == cfg.name:
+                return held.tokenizer
     src, _, _ = _source(cfg, cache_root)
     kwargs: dict[str, Any] = {}
     if cfg.revision:
