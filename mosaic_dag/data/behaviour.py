@@ -3,7 +3,8 @@
 Two ways to label a text by what a model *does* with it:
 
 * multiple choice: score each answer option by its summed token log-probability after the
-  prompt; label 1 when the model's top option is the gold one (``multiple_choice_labels``);
+  prompt (``mosaic_dag.lm.scoring.option_logprobs``); label 1 when the model's top option is the gold
+  one (``multiple_choice_labels``);
 * free generation: greedy replies (``generate_replies``), judged by keyword regexes
   (``KeywordJudge``) or by a local judge model answering yes/no (``ModelJudge``).
 
