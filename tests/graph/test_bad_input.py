@@ -568,7 +568,7 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on():
     from mosaic_dag.config import ModelConfig
 
     assert ModelConfig(name="m", layers=[0]).trust_remote_code is False
-    models = (ROOT / "mosaic_dag" / "models.py").read_text()
+    models = (ROOT / "mosaic_dag" / "lm" / "models.py").read_text()
     assert "trust_remote_code=cfg.trust_remote_code" in models.replace('"trust_remote_code": ', "trust_remote_code=")
 
 
