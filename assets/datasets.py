@@ -17,9 +17,11 @@ from dagster import (
 from assets.partitions import dataset_partitions
 from assets.versions import code_version
 from mosaic_dag.data import datasets as ds
+from mosaic_dag.data.leakage import shared_texts
+from mosaic_dag.data.splits import SPLITS
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.keys import parse_dataset
-from mosaic_dag.pipeline import build_dataset, dataset_handle
+from mosaic_dag.data.step import build_dataset, dataset_handle
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource
 from resources.mlflow import run_metadata
@@ -56,14 +58,14 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
             handle = dataset_handle(result, key.key)
             frame = result.frame
             run.log_params({"dataset": key.dataset, "language": key.language, "content_hash": result.content_hash})
-            run.log_metrics({"texts": len(frame), **{f"texts_{s}": float((frame["split"] == s).sum()) for s in ds.SPLITS}})
+            run.log_metrics({"texts": len(frame), **{f"texts_{s}": float((frame["split"] == s).sum()) for s in SPLITS}})
         counts = ds.class_counts(frame)
-        shared = ds.shared_texts(frame)
+        shared = shared_texts(frame)
         empty = int((frame["text"].str.strip() == "").sum())
         labels = sorted(frame["label_name"].unique())
         missing = [f"{s}:{lab}" for s in ("train", "test") for lab in labels if counts.get(s, {}).get(lab, 0) == 0]
         table = "| split | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels) + "\n" + "\n".join(
-            f"| {s} | " + " | ".join(str(counts.get(s, {}).get(lab, 0)) for lab in labels) + " |" for s in ds.SPLITS
+            f"| {s} | " + " | ".join(str(counts.get(s, {}).get(lab, 0)) for lab in labels) + " |" for s in SPLITS
         )
         yield Output(
             handle,

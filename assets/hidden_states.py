@@ -22,7 +22,7 @@ from mosaic_dag.handles import DatasetHandle
 from mosaic_dag.lm.models import model_dims
 from mosaic_dag.keys import targets
 from mosaic_dag.paths import models_dir
-from mosaic_dag.pipeline import build_hidden_states, hidden_cache
+from mosaic_dag.lm.hidden_states import build_hidden_states, hidden_cache
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource
 from resources.mlflow import run_metadata
@@ -59,7 +59,7 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
                     check_target(cfg, target, hf_name, d_model)
 
         with mlflow.run(context, cfg) as run:
-            result = build_hidden_states(cfg, data, loader=lambda name: model.get(cfg, name), progress=progress,
+            result = build_hidden_states(cfg, data, loader=lambda name: model.load(cfg, name), progress=progress,
                                          show_bar=os.environ.get("MOSAIC_PROGRESS") == "1", preflight=preflight)
             rows = []
             for m in result.models:
@@ -69,7 +69,7 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
                                  "tokens": man["tokens"], "cache_hit": layer not in m.layers_computed,
                                  "disk_mb": round(sum(s["bytes"] for s in man["shards"]) / 2**20, 2)})
             stats = [m.stats for m in result.models if m.stats]
-            metrics = {"forward_calls": float(result.forward_calls), "cache_hit": float(result.hit),
+            metrics = {"forward_calls": float(result.forward_calls), "cache_hit": float(result.cache_hit),
                        "texts": float(rows[0]["texts"]) if rows else 0.0,
                        "tokens": float(rows[0]["tokens"]) if rows else 0.0}
             if stats:
@@ -77,7 +77,7 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
                             "tokens_per_s": sum(s.tokens for s in stats) / max(1e-9, sum(s.seconds for s in stats))}
             run.log_params({"dataset": data.key, "sites": ",".join(sorted(result.handle.caches))})
             run.log_metrics(metrics)
-        context.log.info(f"{'cache hit' if result.hit else 'computed'}: {len(rows)} caches for {data.key}")
+        context.log.info(f"{'cache hit' if result.cache_hit else 'computed'}: {len(rows)} caches for {data.key}")
         import pandas as pd
 
         return Output(
@@ -89,7 +89,7 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
                 "paths": MetadataValue.json(dict(sorted(result.handle.caches.items()))),
                 "texts": int(rows[0]["texts"]) if rows else 0,
                 "tokens": int(rows[0]["tokens"]) if rows else 0,
-                "cache_hit": result.hit,
+                "cache_hit": result.cache_hit,
                 "forward_calls": int(result.forward_calls),
                 "layers_computed": MetadataValue.json({m.model: m.layers_computed for m in result.models}),
                 "tokens_per_s": round(metrics.get("tokens_per_s", 0.0), 1),

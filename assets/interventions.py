@@ -58,7 +58,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         predictions = pd.read_parquet(pred_path) if pred_path.exists() else None
         with mlflow.run(context, cfg) as run:
             outcome = build_interventions(cfg, target, pooled, data, results, predictions,
-                                          model.get(cfg, target.model), sae.load(cfg, target, sae_handle))
+                                          model.load(cfg, target.model), sae.load(cfg, target, sae_handle))
             path = interventions_file(cfg, target, key.dataset, key.language)
             write_parquet(path, outcome.table)
             run.log_artifact(path, "interventions")

@@ -51,7 +51,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
 
         from mosaic_dag.evaluation.judge import judge_partition
         from mosaic_dag.paths import judge_files, predictions_file
-        from mosaic_dag.pipeline import read_frame
+        from mosaic_dag.data.step import read_frame
 
         cfg = experiment.load()
         keys = multi_keys(context)
@@ -64,7 +64,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         pred_path = predictions_file(cfg, target, key.dataset, key.language)
         predictions = pd.read_parquet(pred_path) if pred_path.exists() else None
         with mlflow.run(context, cfg) as run:
-            loaded = model.get(cfg, cfg.judge.model or target.model)
+            loaded = model.load(cfg, cfg.judge.model or target.model)
             outcome = judge_partition(cfg, target, key.dataset, key.language, read_frame(data), loaded,
                                       sae.load(cfg, target, sae_handle), results, predictions)
             row_path, pred_out = judge_files(cfg, target, key.dataset, key.language)

@@ -37,7 +37,7 @@ from mosaic_dag.report.figures import sources_figure
 from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledHandle, TableHandle
 from mosaic_dag.probes.interpret import interpret_probes
 from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
-from mosaic_dag.pipeline import read_frame
+from mosaic_dag.data.step import read_frame
 from mosaic_dag.report.markdown import figure_markdown
 from mosaic_dag.storage import stable_hash
 from mosaic_dag.tables import markdown_table

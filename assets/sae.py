@@ -64,7 +64,7 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
     with mlflow.run(context, cfg) as run:
         result = build_sae(cfg, target, hf_name, d_model, hidden, data)
         params, metrics = split_sae_metrics(result.metrics)
-        run.log_params({"origin": scfg.source, "architecture": result.info.architecture, "width": result.info.width,
+        run.log_params({"origin": scfg.origin, "architecture": result.info.architecture, "width": result.info.width,
                         "release": scfg.release, "sae_id": scfg.sae_id, "hook": result.info.hook_name,
                         "cache_hit": result.cache_hit, "train_on": ",".join(training_partitions(cfg, scfg)),
                         **{f"config.{k}": v for k, v in scfg.model_dump().items() if k not in ("architecture", "width")},
@@ -91,7 +91,7 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
     context.log.info(f"sae {target.sae}: {'reused' if result.cache_hit else 'trained'} "
                      f"({result.info.architecture}, {result.info.width} latents)")
     yield Output(handle, data_version=DataVersion(handle.version), metadata={
-        "origin": scfg.source,
+        "origin": scfg.origin,
         "path": MetadataValue.path(handle.path) if handle.path else MetadataValue.text(f"{scfg.release}/{scfg.sae_id}"),
         "architecture": result.info.architecture,
         "width": result.info.width,
@@ -131,7 +131,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         code_version=code_version("sae", cfg),
         automation_condition=AutomationCondition.eager(),
         description="The SAE of one model/layer/SAE target: trained here with sae-lens's trainer on the TRAIN "
-        "split of its `train_on` dataset partitions only (source: train), or loaded from the sae-lens registry / "
+        "split of its `train_on` dataset partitions only (origin: train), or loaded from the sae-lens registry / "
         "a local folder and checked against the model (d_in, layer, hook, model name) before any compute.",
     )
     if train_ins:

@@ -5,7 +5,7 @@ from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Metada
 from assets.partitions import target_dataset_partitions
 from mosaic_dag.sae.resolve import load_target_sae
 from mosaic_dag.errors import MosaicError
-from mosaic_dag.pipeline import read_frame
+from mosaic_dag.data.step import read_frame
 from mosaic_dag.sae.quality import check_quality, floors_of, partition_quality
 
 
@@ -25,7 +25,7 @@ def sae_quality_result(cfg, target, data, manifest, model, sae, hidden) -> Asset
     ``sae`` and ``hidden``: the step's own upstream handles (the SAE it encoded with, the rows it read)."""
     if not cfg.sae_quality.enabled:
         return AssetCheckResult(check_name="sae_quality", passed=True, metadata={"result": "disabled in the config"})
-    loaded = model.get(cfg, target.model)
+    loaded = model.load(cfg, target.model)
     quality = partition_quality(cfg, target, data.dataset, data.language, loaded, manifest,
                                 load_target_sae(cfg, target, sae), read_frame(hidden.data))
     outcome = check_quality(quality, floors_of(cfg), name=target.sae)

@@ -43,7 +43,9 @@ def run(model_id: str, texts: list[str], labels: list[str], layer: int, sae_a: A
         workdir: Path, max_length: int, batch_tokens: int, loaded: Any | None = None) -> dict[str, Any]:
     """``loaded``: an already loaded model for ``model_id`` (saves a load; the calls are counted the same)."""
     from mosaic_dag.config import parse_config
-    from mosaic_dag.pipeline import build_dataset, build_hidden_states, dataset_handle, get_model, hidden_cache
+    from mosaic_dag.data.step import build_dataset, dataset_handle
+    from mosaic_dag.lm.hidden_states import build_hidden_states, hidden_cache
+    from mosaic_dag.lm.models import load_named_model
 
     csv_path = write_dataset(Path(workdir) / "bench_texts.csv", texts, labels)
     cfg = parse_config({
@@ -62,7 +64,7 @@ def run(model_id: str, texts: list[str], labels: list[str], layer: int, sae_a: A
     def loader(_name: str = "m") -> Any:
         counts["model_loads"] += 1
         if "m" not in model_box:
-            m = loaded if loaded is not None else get_model(cfg, "m")
+            m = loaded if loaded is not None else load_named_model(cfg, "m")
             if loaded is not None:  # same weights, this config's label
                 from mosaic_dag.lm.models import LoadedModel
 
@@ -93,9 +95,9 @@ def run(model_id: str, texts: list[str], labels: list[str], layer: int, sae_a: A
     second_forwards = counts["base_forward"] - after_first["base_forward"] + counts["lm_forward"] - after_first["lm_forward"]
     return {
         "texts": len(texts),
-        "first": {"cache_hit": first.hit, "seconds": t1 - t0, "forward_calls": after_first["base_forward"],
+        "first": {"cache_hit": first.cache_hit, "seconds": t1 - t0, "forward_calls": after_first["base_forward"],
                   "model_loads": after_first["model_loads"], "d_sae": int(Xa.shape[1])},
-        "second": {"cache_hit": second.hit, "seconds": t3 - t1, "build_hidden_s": t2 - t1, "encode_pool_s": t3 - t2,
+        "second": {"cache_hit": second.cache_hit, "seconds": t3 - t1, "build_hidden_s": t2 - t1, "encode_pool_s": t3 - t2,
                    "forward_calls": second_forwards, "model_loads": counts["model_loads"] - after_first["model_loads"],
                    "d_sae": int(Xb.shape[1]), "rows": int(Xb.shape[0])},
     }

@@ -43,7 +43,7 @@ def config(rows: int, data_dir: Path, training_tokens: int, layers: tuple[int, .
         **({} if quality_floors else {"sae_quality": {"enabled": False}}),
         "data_dir": str(data_dir),
         "models": [{"name": "gemma-3-270m", "id": "bundled:gemma-3-270m", "layers": list(layers), "max_length": 64,
-                    "saes": [{"source": "train", "name": "local-btk4k", "architecture": "batchtopk", "width": 4096,
+                    "saes": [{"origin": "train", "name": "local-btk4k", "architecture": "batchtopk", "width": 4096,
                               "k": 32, "training_tokens": training_tokens}]}],
         "datasets": [{"name": "sentiment", "language": None, "max_rows": rows,
                       "label_names": {0: "negative", 1: "neutral", 2: "positive"},

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.lm.models import LoadedModel, load_model
-from mosaic_dag.paths import models_dir
+from mosaic_dag.lm.models import LoadedModel, load_named_model
 
 
 class ModelResource(ConfigurableResource):
     """Loads Hugging Face ids, local folders or the bundled Gemma 3 270M (see mosaic_dag.lm.models)."""
 
-    def get(self, cfg: ExperimentConfig, model: str) -> LoadedModel:
-        return load_model(cfg.model(model), models_dir())
+    def load(self, cfg: ExperimentConfig, model: str) -> LoadedModel:
+        return load_named_model(cfg, model)

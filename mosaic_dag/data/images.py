@@ -103,7 +103,7 @@ def _digits() -> pd.DataFrame:
 
 def _class_folders(folder: Path) -> pd.DataFrame | None:
     """``<class>/<image>`` or ``<split>/<class>/<image>``; None when the folder is not laid out so."""
-    from mosaic_dag.data.datasets import _SPLIT_ALIASES
+    from mosaic_dag.data.splits import _SPLIT_ALIASES
 
     subs = sorted(p for p in folder.iterdir() if p.is_dir())
     if not subs:
@@ -121,14 +121,14 @@ def _class_folders(folder: Path) -> pd.DataFrame | None:
 
 def read_images(cfg: DatasetConfig, base: Path | None = None) -> tuple[pd.DataFrame, str, Path | None]:
     """Raw rows (undecoded image values + raw labels), the image column, and the folder paths resolve against."""
-    from mosaic_dag.data import datasets as ds
+    from mosaic_dag.data import sources
     base = base or Path.cwd()
     if cfg.path == "bundled:digits":
         df = _digits()
         df = df.rename(columns={"label": cfg.label_field}) if cfg.label_field != "label" else df
         return df, "image", None
     if cfg.hf_name:
-        return ds._read_hub(cfg), cfg.image_field, None
+        return sources._read_hub(cfg), cfg.image_field, None
     path = Path(str(cfg.path)).expanduser()
     path = path if path.is_absolute() else base / path
     if not path.exists():
@@ -137,7 +137,7 @@ def read_images(cfg: DatasetConfig, base: Path | None = None) -> tuple[pd.DataFr
         df = _class_folders(path)
         if df is not None:
             return df.rename(columns={"label": cfg.label_field}), "image", None
-    df = ds._read_local(cfg.model_copy(update={"modality": "text"}), base)
+    df = sources._read_local(cfg.model_copy(update={"modality": "text"}), base)
     return df, cfg.image_field, (path if path.is_dir() else path.parent)
 
 

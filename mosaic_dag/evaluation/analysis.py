@@ -23,7 +23,7 @@ from mosaic_dag.handles import DatasetHandle, PooledHandle
 from mosaic_dag.paths import (conditions_file, interpretation_file, predictions_file, predictions_root, report_dir,
                               results_root, task_cells_file, transfer_file, transfer_matrix_file)
 from mosaic_dag.keys import TargetKey, dataset_keys, targets
-from mosaic_dag.pipeline import read_frame
+from mosaic_dag.data.step import read_frame
 from mosaic_dag.features.pooling import binarize
 from mosaic_dag.storage import write_parquet
 
@@ -278,7 +278,7 @@ def conditions_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> 
 
 def majority_baselines(cfg: ExperimentConfig) -> dict[str, float]:
     """Majority-class test macro-F1 per 'dataset.language' whose dataset file is on disk (drawn in the figures)."""
-    from mosaic_dag.pipeline import dataset_file
+    from mosaic_dag.paths import dataset_file
     from mosaic_dag.probes.core import majority_baseline_f1
 
     out = {}
@@ -293,7 +293,7 @@ def majority_baselines(cfg: ExperimentConfig) -> dict[str, float]:
 
 def sae_labels(cfg: ExperimentConfig) -> dict[str, str]:
     """SAE name -> name with width and L0 target where the config knows them (trained SAEs)."""
-    return {s.label: (f"{s.label} ({s.width}, k={s.k})" if s.source == "train" else s.label)
+    return {s.label: (f"{s.label} ({s.width}, k={s.k})" if s.origin == "train" else s.label)
             for m in cfg.models for s in m.saes}
 
 

@@ -113,7 +113,7 @@ def _last_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], max
     """log-softmax of the next-token logits at each prompt's last real token [prompts, vocab]."""
     import torch
 
-    from mosaic_dag.data.behaviour import _final_hidden, _head_logits
+    from mosaic_dag.lm.scoring import _final_hidden, _head_logits
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -143,7 +143,7 @@ def model_reliance(loaded: Any, sae: Any, layer: int, prompts: Sequence[str], la
     ``options`` given (behaviour labels): the mean absolute change of the log-probability of the
     option the clean model chose, metric ``abs_delta_logprob``; else the mean KL(clean ‖ intervened)
     of the next-token distribution at the last real token, metric ``kl_last_token``."""
-    from mosaic_dag.data.behaviour import option_logprobs
+    from mosaic_dag.lm.scoring import option_logprobs
     from mosaic_dag.lm.extract import special_ids
 
     model, tok = loaded.model, loaded.tokenizer
@@ -244,7 +244,7 @@ def build_interventions(cfg: Any, target: Any, pooled_handle: Any, data: Any, re
     says whether its test predictions equal the probes step's)."""
     from mosaic_dag.evaluation.sweeps import SplitRows, _fit, best_rows, label_names
     from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
-    from mosaic_dag.pipeline import read_frame
+    from mosaic_dag.data.step import read_frame
     from mosaic_dag.features.pooling import binarize
     from mosaic_dag.evaluation.transfer import _predict
 

@@ -88,7 +88,7 @@ def judge_texts(model: Any, tokenizer: Any, texts: Sequence[str], template: str,
                 options: Sequence[str], *, prefix: str = "", batch_size: int = 8,
                 max_length: int | None = None) -> JudgeRun:
     """The judge's class for each text (ties: the first class), with its cost on these texts."""
-    from mosaic_dag.data.behaviour import option_logprobs
+    from mosaic_dag.lm.scoring import option_logprobs
 
     prompts = [prefix + template.replace("{text}", t) for t in texts]
     start = time.perf_counter()
@@ -220,7 +220,7 @@ def judge_partition(cfg: Any, target: Any, dataset: str, language: str, frame: p
 
 
 def _target_model(cfg: Any, target: Any) -> Any:
-    from mosaic_dag.pipeline import get_model
+    from mosaic_dag.lm.models import load_named_model
 
-    return get_model(cfg, target.model)
+    return load_named_model(cfg, target.model)
 

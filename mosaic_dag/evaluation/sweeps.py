@@ -29,7 +29,7 @@ from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
 from mosaic_dag.handles import DatasetHandle, PooledHandle
 from mosaic_dag.paths import predictions_file, results_file, results_root
 from mosaic_dag.keys import TargetKey, dataset_keys, targets
-from mosaic_dag.pipeline import read_frame
+from mosaic_dag.data.step import read_frame
 from mosaic_dag.features.pooling import binarize
 from mosaic_dag.probes.core import (
     ProbeResult,

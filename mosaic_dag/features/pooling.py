@@ -11,14 +11,11 @@ tokens x width nor a texts x width matrix is ever densified.
 
 from __future__ import annotations
 
-from typing import Final
-
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-POOLINGS: Final[tuple[str, ...]] = ("sum", "mean", "max", "last", "topn_count")
-DENSE_POOLINGS: Final[tuple[str, ...]] = ("sum", "mean", "max", "last")
+from mosaic_dag.config import DENSE_POOLINGS, POOLINGS
 
 __all__ = [
     "DENSE_POOLINGS",

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from mosaic_dag.config import BUNDLED_MODEL, ModelConfig
+from mosaic_dag.config import BUNDLED_MODEL, ExperimentConfig, ModelConfig
 from mosaic_dag.errors import ModelError
+from mosaic_dag.paths import models_dir
 from mosaic_dag.storage import atomic_dir, stable_hash
 
 log = logging.getLogger(__name__)
@@ -308,9 +309,9 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
     key = (cfg.id, dtype_name(dtype), str(device))
     with _LOCK:
         if key in _LOADED:
-            hit = _LOADED[key]
-            return LoadedModel(cfg.name, hit.hf_name, hit.model, hit.tokenizer, hit.fingerprint, hit.device, hit.dtype,
-                               hit.processor)
+            held = _LOADED[key]
+            return LoadedModel(cfg.name, held.hf_name, held.model, held.tokenizer, held.fingerprint, held.device, held.dtype,
+                               held.processor)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         src, hf_name, fingerprint = _source(cfg, cache_root)
@@ -335,14 +336,19 @@ def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
         return loaded
 
 
+def load_named_model(cfg: ExperimentConfig, model: str) -> LoadedModel:
+    """The config's model called ``model``, its snapshots under the machine's model cache."""
+    return load_model(cfg.model(model), models_dir())
+
+
 def load_tokenizer(cfg: ModelConfig, cache_root: Path) -> Any:
     """The model's tokenizer: the loaded model's when this process holds it, else read alone (no weights)."""
     from transformers import AutoTokenizer
 
     with _LOCK:
-        for hit in _LOADED.values():
-            if hit.name == cfg.name:
-                return hit.tokenizer
+        for held in _LOADED.values():
+            if held.name == cfg.name:
+                return held.tokenizer
     src, _, _ = _source(cfg, cache_root)
     kwargs: dict[str, Any] = {}
     if cfg.revision:

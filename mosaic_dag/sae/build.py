@@ -15,7 +15,8 @@ from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.errors import ConfigError
 from mosaic_dag.handles import DatasetHandle, HiddenHandle, SaeHandle, UpstreamMissing
 from mosaic_dag.keys import TargetKey
-from mosaic_dag.pipeline import hidden_cache, read_frame
+from mosaic_dag.data.step import read_frame
+from mosaic_dag.lm.hidden_states import hidden_cache
 from mosaic_dag.sae.compat import check_compatible, sae_info
 from mosaic_dag.sae.integrity import discard_if_corrupt
 from mosaic_dag.sae.resolve import (
@@ -78,10 +79,10 @@ def build_sae(cfg: ExperimentConfig, target: TargetKey, hf_name: str, d_model: i
     ``hidden``/``data``: the upstream handles by dataset partition key (None where not materialized);
     only a local SAE reads them, and only those of its ``training_partitions``."""
     scfg = sae_config(cfg, target)
-    if scfg.source != "train":
+    if scfg.origin != "train":
         info = sae_info(load_target_sae(cfg, target), hint=registry_hint(cfg, target))
         spec = sae_spec(cfg, target)
-        handle = SaeHandle(target=target.key, origin=scfg.source, identity=spec_identity(spec), path=spec.path,
+        handle = SaeHandle(target=target.key, origin=scfg.origin, identity=spec_identity(spec), path=spec.path,
                            release=scfg.release, sae_id=scfg.sae_id, width=int(info.width),
                            architecture=str(info.architecture))
         try:

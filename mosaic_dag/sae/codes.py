@@ -20,7 +20,7 @@ from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import CodesHandle, HiddenHandle, SaeHandle, UpstreamMissing
 from mosaic_dag.keys import TargetKey
 from mosaic_dag.paths import codes_dir
-from mosaic_dag.pipeline import hidden_cache
+from mosaic_dag.lm.hidden_states import hidden_cache
 from mosaic_dag.sae.codes_io import read_codes, write_codes
 from mosaic_dag.sae.compat import sae_info
 from mosaic_dag.sae.encode import encode_sparse

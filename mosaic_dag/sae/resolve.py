@@ -14,7 +14,7 @@ from mosaic_dag.errors import ConfigError
 from mosaic_dag.handles import DatasetHandle, HiddenHandle, SaeHandle, UpstreamMissing
 from mosaic_dag.keys import TargetKey, dataset_keys
 from mosaic_dag.paths import trained_sae_dir
-from mosaic_dag.pipeline import model_fingerprint
+from mosaic_dag.lm.hidden_states import model_fingerprint
 from mosaic_dag.sae.compat import check_compatible, sae_info
 from mosaic_dag.sae.loading import load_sae
 from mosaic_dag.sae.registry import matching_saes, read_registry
@@ -35,14 +35,14 @@ def sae_config(cfg: ExperimentConfig, target: TargetKey) -> SaeConfig:
 
     for entry in matching_saes(read_registry(), [mcfg.id], {mcfg.id: [target.layer]}):
         if default_sae_name("registry", entry.release, entry.sae_id) == target.sae:
-            return SaeConfig(source="registry", release=entry.release, sae_id=entry.sae_id, name=target.sae)
+            return SaeConfig(origin="registry", release=entry.release, sae_id=entry.sae_id, name=target.sae)
     raise ConfigError(f"sae {target.sae!r} is not configured for model {target.model!r}; known: {[s.label for s in mcfg.saes]}")
 
 
 def training_partitions(cfg: ExperimentConfig, sae: SaeConfig) -> list[str]:
     """The dataset partitions whose TRAIN split trains a local SAE: ``train_on`` (dataset names or
     ``<dataset>.<language>`` keys), else every dataset partition of the config."""
-    if sae.source != "train":
+    if sae.origin != "train":
         return []
     every = [k.key for k in dataset_keys(cfg)]
     if not sae.train_on:
@@ -67,13 +67,13 @@ def trained_dir(cfg: ExperimentConfig, target: TargetKey, training: list[str]) -
 def sae_spec(cfg: ExperimentConfig, target: TargetKey, trained: Path | str | None = None) -> SaeSpec:
     """The SaeSpec to load this target's SAE (a trained one points at its folder, ``trained``)."""
     scfg = sae_config(cfg, target)
-    if scfg.source == "train":
+    if scfg.origin == "train":
         if trained is None:
             raise UpstreamMissing(f"sae {target.key!r} is trained here and not materialized yet; "
                                   "materialize the 'sae' asset for it first")
         return SaeSpec(origin="local", path=str(trained), name=target.sae)
     path = str(cfg.resolve(scfg.path)) if scfg.path else None
-    return SaeSpec(origin=scfg.source, release=scfg.release, sae_id=scfg.sae_id, path=path, name=target.sae)
+    return SaeSpec(origin=scfg.origin, release=scfg.release, sae_id=scfg.sae_id, path=path, name=target.sae)
 
 
 def spec_identity(spec: SaeSpec) -> str:
@@ -102,7 +102,7 @@ def forget_saes() -> None:
 
 def registry_hint(cfg: ExperimentConfig, target: TargetKey) -> str | None:
     scfg = sae_config(cfg, target)
-    if scfg.source != "registry":
+    if scfg.origin != "registry":
         return None
 
     for entry in read_registry().get(scfg.release, {}).get("saes", []):
@@ -117,7 +117,7 @@ def check_target(cfg: ExperimentConfig, target: TargetKey, hf_name: str, d_model
 
     A local SAE not trained yet is compatible by construction (it will be trained on this layer)."""
     scfg = sae_config(cfg, target)
-    if scfg.source == "train" and handle is None:
+    if scfg.origin == "train" and handle is None:
         return None
     info = sae_info(load_target_sae(cfg, target, handle), hint=registry_hint(cfg, target))
     try:

@@ -143,7 +143,7 @@ def test_release_sensor_ticks_add_partitions_and_automation_requests_the_runs(
     config.write_text(yaml.safe_dump({
         "data_dir": str(tmp_path / "data"),
         "models": [{"name": "g", "id": "google/gemma-3-270m", "layers": [5, 9],
-                    "saes": [{"source": "registry", "release": "my-release", "sae_id": "layer_5_width_16k_l0_small",
+                    "saes": [{"origin": "registry", "release": "my-release", "sae_id": "layer_5_width_16k_l0_small",
                               "name": "known"}]}],
         "datasets": [{"name": "d", "path": "x.csv"}, {"name": "e", "path": "y.csv", "language": "fr"}],
     }))

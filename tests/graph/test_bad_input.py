@@ -216,10 +216,10 @@ def test_bad_model_or_layer_fails_validate_and_run_before_any_compute(case: Mode
 MODEL_CASES = [
     ModelCase("sae-d_in-mismatch", ["sae d_in=32 does not match model tiny-gemma3 d_model=64",
                                     "pick an SAE trained on this model"],
-              sae=lambda t: {"source": "local", "name": "wrong-width", "path": str(_write_sae(t / "sae32", 32))}),
+              sae=lambda t: {"origin": "local", "name": "wrong-width", "path": str(_write_sae(t / "sae32", 32))}),
     ModelCase("sae-model-mismatch", ["sae model_name=gpt2 does not match model tiny-gemma3",
                                      "pick an SAE trained on tiny-gemma3"],
-              sae=lambda t: {"source": "local", "name": "gpt2-sae",
+              sae=lambda t: {"origin": "local", "name": "gpt2-sae",
                              "path": str(_write_sae(t / "sae-gpt2", 64, model_name="gpt2"))}),
 ]
 

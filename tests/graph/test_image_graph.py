@@ -15,10 +15,11 @@ from mosaic_dag.cli import main
 from mosaic_dag.config import load_config
 from mosaic_dag.evaluation.sweeps import results_table
 from mosaic_dag.lm.extract import HiddenCache
-from mosaic_dag.pipeline import build_hidden_states, dataset_handle, hidden_cache, read_dataset
+from mosaic_dag.data.step import dataset_handle, read_dataset
+from mosaic_dag.lm.hidden_states import build_hidden_states, hidden_cache
 from tests.support.vlm import build_tiny_vlm
 
-SAE = {"source": "train", "name": "btk", "architecture": "batchtopk", "width": 64, "k": 4, "training_tokens": 4000,
+SAE = {"origin": "train", "name": "btk", "architecture": "batchtopk", "width": 64, "k": 4, "training_tokens": 4000,
        "batch_size": 32}
 TEMPLATES = ["a handwritten digit {label_name}", "the digit {label_name}", "the number {label_name}",
              "a picture of the number {label_name}", "a drawing of a {label_name}", "an image of a {label_name}"]
@@ -69,7 +70,7 @@ def test_mosaic_run_on_digits_with_a_tiny_vlm(tmp_path: Path, vlm_dir: Path, dag
         assert list(m.index) == ["image", "en"] and list(m.columns) == ["image", "en"]
 
     done, cache = _hidden(cfg, "vlm", 1, "digits", "image", verify=True)
-    assert done.hit  # the graph's cache, found again from the config alone
+    assert done.cache_hit  # the graph's cache, found again from the config alone
     shard = HiddenCache(cache.path).load_all()
     man = cache.manifest()
     assert man["modality"] == "image" and man["token_selection"] == "image"
@@ -96,7 +97,7 @@ def _hidden(cfg, model: str, layer: int, dataset: str, language: str, verify: bo
 def test_paligemma_partition_through_the_library_steps(tmp_path: Path, clean):
     """Without Dagster: dataset -> hidden states of a tiny PaliGemma, its 16 image tokens per image counted."""
     from mosaic_dag.config import parse_config
-    from mosaic_dag.pipeline import build_dataset
+    from mosaic_dag.data.step import build_dataset
     from tests.support.vlm import build_tiny_paligemma
 
     folder = build_tiny_paligemma(tmp_path / "pali")
@@ -109,12 +110,12 @@ def test_paligemma_partition_through_the_library_steps(tmp_path: Path, clean):
     for language in cfg.dataset_languages("digits"):
         build_dataset(cfg, "digits", language)
     images, cache = _hidden(cfg, "pali", 2, "digits", "image")
-    assert not images.hit and images.layers_computed == [0, 2]  # one forward pass for both layers
+    assert not images.cache_hit and images.layers_computed == [0, 2]  # one forward pass for both layers
     shard = HiddenCache(cache.path).load_all()
     per_row = np.add.reduceat(shard.image_mask.astype(int), shard.offsets[:-1])
     assert (per_row == 16).all() and len(per_row) == 60
     words = np.add.reduceat((shard.real_mask & ~shard.image_mask).astype(int), shard.offsets[:-1])
     assert (words == 2).all()  # tokens: all = 16 image tokens + "caption en"; BOS never
-    assert _hidden(cfg, "pali", 0, "digits", "image")[0].hit
+    assert _hidden(cfg, "pali", 0, "digits", "image")[0].cache_hit
     _, texts = _hidden(cfg, "pali", 2, "digits", "en")
     assert HiddenCache(texts.path).load_all().image_mask is None  # text rows: the text path

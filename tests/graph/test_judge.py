@@ -75,7 +75,7 @@ def test_judge_in_the_graph_results_comparisons_and_report(tmp_path: Path, tiny_
     from mosaic_dag.evaluation.analysis import comparisons_table
     from mosaic_dag.config import load_config
     from mosaic_dag.evaluation.sweeps import results_table
-    from mosaic_dag.pipeline import read_dataset
+    from mosaic_dag.data.step import read_dataset
     from mosaic_dag.runner import run_experiment
 
     path = tiny_config(tmp_path, tiny_model_dir, layers=[1])

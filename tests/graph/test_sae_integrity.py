@@ -68,7 +68,7 @@ def test_a_corrupt_local_sae_stops_the_run_naming_it(tmp_path: Path, tiny_model_
     raw[start:end] = b"\x4f" * (end - start)  # every float becomes ~3.5e9: loads fine, reconstructs nonsense
     weights.write_bytes(bytes(raw))
     config = fast_config(tmp_path, tiny_model_dir, layers=[0],
-                         saes=[{"source": "local", "path": str(folder), "name": "mine"}])
+                         saes=[{"origin": "local", "path": str(folder), "name": "mine"}])
     code, err = run_cli(config, capsys)
     assert code == 1
     line = error_line(err)

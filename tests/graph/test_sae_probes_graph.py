@@ -111,7 +111,7 @@ def test_mismatched_sae_fails_before_any_forward_pass(tmp_path: Path, tiny_model
     sae = make_sae("jumprelu", d_in=32, width=64, hook_name="model.layers.1", model_name="tiny-gemma3")
     sae.save_model(str(tmp_path / "wrong_sae"))
     path = tiny_config(tmp_path, tiny_model_dir, layers=[1],
-                       saes=[{"source": "local", "path": str(tmp_path / "wrong_sae"), "name": "wrong"}])
+                       saes=[{"origin": "local", "path": str(tmp_path / "wrong_sae"), "name": "wrong"}])
     assert main(["run", "--config", str(path), "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "sae d_in=32 does not match model tiny-gemma3 d_model=64" in err
@@ -124,7 +124,7 @@ def test_bad_sae_is_stopped_by_the_quality_check(tmp_path: Path, tiny_model_dir:
     sae = make_sae("jumprelu", d_in=64, width=64, hook_name="model.layers.1", model_name="tiny-gemma3")
     sae.save_model(str(tmp_path / "random_sae"))
     path = tiny_config(tmp_path, tiny_model_dir, layers=[1],
-                       saes=[{"source": "local", "path": str(tmp_path / "random_sae"), "name": "random"}])
+                       saes=[{"origin": "local", "path": str(tmp_path / "random_sae"), "name": "random"}])
     data = yaml.safe_load(path.read_text())
     data["classification"] = FAST | {"poolings": ["mean"], "thresholds": [None], "classifiers": ["logistic"]}
     data["sae_quality"] = {"enabled": True}  # the default floors (tiny_config turns them off)

@@ -8,9 +8,10 @@ import torch
 
 from mosaic_dag.config import load_config
 from mosaic_dag.lm.extract import HiddenCache, extract_to_cache
-from mosaic_dag.lm.fused import _onednn, fused_blocks
+from mosaic_dag.lm.fused import fused_blocks
+from mosaic_dag.lm.fused.base import _onednn
 from mosaic_dag.lm.models import decoder_layers
-from mosaic_dag.pipeline import get_model
+from mosaic_dag.lm.models import load_named_model
 from mosaic_dag.runner import run_experiment
 
 pytestmark = pytest.mark.integration
@@ -60,7 +61,7 @@ def test_parity_on_real_gemma(gemma, tmp_path: Path):
 
 def test_default_dtype_on_real_gemma_is_close_to_float32(gemma, tmp_path: Path):
     """The default (``dtype: auto``) is bf16 on CPUs with native bf16: same hook point, ~0.5% from fp32."""
-    default = get_model(load_config(None), "gemma-3-270m")
+    default = load_named_model(load_config(None), "gemma-3-270m")
     if default.dtype == torch.float32:
         pytest.skip("this CPU has no native bf16, so the default dtype is float32 (covered by the parity test)")
     texts = ["You are a stupid idiot.", "Merci pour ce message formidable, à bientôt ici !", "Hallo", "The sky is blue"]

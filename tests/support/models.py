@@ -58,7 +58,7 @@ def write_csv_dataset(path: Path, n_per_class: int = 30) -> Path:
     return path
 
 
-TINY_SAE = {"source": "train", "name": "btk", "architecture": "batchtopk", "width": 128, "k": 8,
+TINY_SAE = {"origin": "train", "name": "btk", "architecture": "batchtopk", "width": 128, "k": 8,
             "training_tokens": 30000, "batch_size": 64}
 TINY_CLASSIFICATION = {"poolings": ["mean"], "thresholds": [None], "top_n": [4], "classifiers": ["logistic"],
                        "tfidf": ["word"], "bootstrap": 50}
@@ -90,7 +90,7 @@ def tiny_config(tmp_path: Path, model_dir: Path, layers: list[int] | None = None
 
 
 # Small enough that a full `mosaic run` on the tiny model takes seconds, not minutes.
-FAST_SAE = {"source": "train", "name": "s16", "width": 16, "k": 4, "training_tokens": 1000, "batch_size": 16}
+FAST_SAE = {"origin": "train", "name": "s16", "width": 16, "k": 4, "training_tokens": 1000, "batch_size": 16}
 FAST_CLASSIFICATION = {"poolings": ["mean"], "thresholds": [None], "top_n": [5], "classifiers": ["logistic"],
                        "k": [1], "tfidf": [], "bootstrap": 0}
 

@@ -15,13 +15,13 @@ from mosaic_dag.data.behaviour import (
     BEHAVIOUR_COLUMNS,
     KeywordJudge,
     ModelJudge,
-    assign_splits,
     behaviour_labels,
-    build_prompts,
     generate_replies,
     multiple_choice_labels,
-    option_logprobs,
 )
+from mosaic_dag.config import SplitConfig
+from mosaic_dag.data.splits import assign_splits
+from mosaic_dag.lm.scoring import build_prompts, option_logprobs
 from mosaic_dag.probes.core import fit_logistic
 from tests.support.models import WORDS
 
@@ -175,8 +175,9 @@ def test_probe_on_behaviour_labels_is_scored_on_held_out_rows_only(lm: tuple[Any
         answers=[i % 2 for i in range(n)], batch_size=48,
     )
     assert labels["label"].nunique() == 2
-    split = assign_splits(labels, validation=0.15, test=0.25, seed=0)
-    assert split.equals(assign_splits(labels, validation=0.15, test=0.25, seed=0))
+    split_cfg = SplitConfig(validation=0.15, test=0.25, seed=0)
+    split = assign_splits(labels, split_cfg, "behaviour labels")
+    assert split.equals(assign_splits(labels, split_cfg, "behaviour labels"))
     # features: the small model's mean hidden state at layer 1 (stand-in for pooled SAE codes)
     feats = []
     with torch.no_grad():

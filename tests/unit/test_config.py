@@ -39,7 +39,7 @@ def test_wrong_type_and_literal():
 
 def test_source_rules():
     assert "hf_name" in _err({**BASE, "datasets": [{"name": "d"}]})
-    assert "release" in _err({**BASE, "models": [{"name": "m", "layers": [1], "saes": [{"source": "registry"}]}]})
+    assert "release" in _err({**BASE, "models": [{"name": "m", "layers": [1], "saes": [{"origin": "registry"}]}]})
     assert "languages" in _err({**BASE, "datasets": [{"name": "d", "path": "x", "language_field": "lang"}]})
     assert "partition key" in _err({**BASE, "models": [{"name": "m.1", "layers": [1]}]})
     assert "unique" in _err({**BASE, "datasets": [{"name": "d", "path": "a"}, {"name": "d", "path": "b"}]})
@@ -119,3 +119,18 @@ def test_yaml_nan_and_booleans_are_refused_in_the_file(tmp_path: Path):
         load_config(tmp_path / "b.yaml")
     (tmp_path / "c.yaml").write_text(base + "classification: {thresholds: [null, 0, 1.5]}\n")  # ints for floats are fine
     assert load_config(tmp_path / "c.yaml").classification.thresholds == [None, 0.0, 1.5]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_old_sae_key_source_fails_with_the_rename(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from mosaic_dag.cli import main
+
+    (tmp_path / "c.yaml").write_text("models:\n  - name: m\n    layers: [1]\n    saes:\n      - name: ok\n"
+                                     "      - source: train\n        name: old\n"
+                                     "datasets: [{name: d, path: x.csv}]\n")
+    assert main([command, "--config", str(tmp_path / "c.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("mosaic: error: ") and "models.0.saes.1" in err[0]
+    assert "'source' is now 'origin' (registry|local|train)" in err[0]
+    assert not (tmp_path / "mosaic_data").exists()

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from mosaic_dag.data import datasets as ds
+from mosaic_dag.data.leakage import shared_texts
 from mosaic_dag.config import DatasetConfig, SplitConfig
 from mosaic_dag.errors import DatasetError
 from tests.support.models import SHARED_DATA
@@ -30,7 +31,7 @@ def test_demo_dataset_normalises_per_language():
     assert list(out.columns) == ds.COLUMNS
     assert set(out["language"]) == {"fr"} and set(out["split"]) == {"train", "validation", "test"}
     assert set(out["label_name"]) == {"toxic", "non_toxic"}
-    assert ds.shared_texts(out) == 0 and out["id"].is_unique
+    assert shared_texts(out) == 0 and out["id"].is_unique
     # stratified: both classes in every split
     assert (out.groupby("split")["label"].nunique() == 2).all()
     again = ds.normalise(ds.read_source(c), c, "fr", SPLIT)
@@ -93,7 +94,7 @@ def test_shared_texts_keep_their_test_copy_when_asked(tmp_path: Path):
     with pytest.raises(DatasetError, match="drop_shared_texts: true"):
         ds.load_dataset(cfg(path=str(tmp_path / "s.csv")), "en", SPLIT)
     out = ds.load_dataset(cfg(path=str(tmp_path / "s.csv"), drop_shared_texts=True), "en", SPLIT)
-    assert ds.shared_texts(out) == 0
+    assert shared_texts(out) == 0
     by_split = {s: set(g["text"]) for s, g in out.groupby("split")}
     assert {"t0", "t1", "t2"} <= by_split["test"] and not {"t0", "t1", "t2", "t5"} & by_split["train"]
     assert by_split["validation"] == {"t5", "w"}  # v1 kept in test, t5 moved out of train into validation only
@@ -180,7 +181,7 @@ def test_shared_texts_are_refused_unless_allowed():
         ds.normalise(df.rename(columns={"split": "__split"}), cfg(), "en", SPLIT)
     kept = ds.normalise(df.rename(columns={"split": "__split"}), cfg().model_copy(update={"allow_shared_texts": True}),
                         "en", SPLIT)
-    assert ds.shared_texts(kept) == 1
+    assert shared_texts(kept) == 1
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -205,6 +206,6 @@ def test_real_data_example_configs_read_their_shared_data(name: str):
     out = ds.load_dataset(d, language, cfg.split, base=EXAMPLES)
     assert set(out["label_name"]) == classes
     assert len(out) == rows
-    assert ds.shared_texts(out) == 0
+    assert shared_texts(out) == 0
     for split in ("train", "validation", "test"):
         assert set(out.loc[out["split"] == split, "label_name"]) == classes

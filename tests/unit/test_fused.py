@@ -15,15 +15,11 @@ from mosaic_dag.lm.extract import (
     make_batches,
     tokenize,
 )
-from mosaic_dag.lm.fused import (
-    _causal_attention,
-    _causal_rows_only,
-    _fused_attention,
-    _fused_mlp,
-    _inplace_rms_norm,
-    _onednn,
-    fused_blocks,
-)
+from mosaic_dag.lm.fused import fused_blocks
+from mosaic_dag.lm.fused.attention import _causal_attention, _causal_rows_only, _fused_attention
+from mosaic_dag.lm.fused.base import _onednn
+from mosaic_dag.lm.fused.mlp import _fused_mlp
+from mosaic_dag.lm.fused.norm import _inplace_rms_norm
 from mosaic_dag.lm.models import decoder_layers, forget_loaded, load_model
 
 TEXTS = ["hello world", "you are a stupid idiot and i hate your post", "thank you my friend", "bonjour",
@@ -133,19 +129,19 @@ def test_only_gemma_style_rms_norms_are_replaced():
 
 def test_each_weight_is_packed_once_per_extraction(pair, monkeypatch: pytest.MonkeyPatch):
     """The fused MLP reuses the gate/up weights the packed linears already packed (no second copy)."""
-    from mosaic_dag.lm import fused
+    from mosaic_dag.lm.fused import linear
     l16, _ = pair
     if _onednn() is None:
         pytest.skip("torch here has no oneDNN packed linear")
     packed: list[int] = []
-    real_call = fused._Packer.__call__
+    real_call = linear._Packer.__call__
 
-    def counting(self: fused._Packer, module: nn.Linear) -> torch.Tensor:
+    def counting(self: linear._Packer, module: nn.Linear) -> torch.Tensor:
         if module not in self.done:
             packed.append(id(module))
         return real_call(self, module)
 
-    monkeypatch.setattr(fused._Packer, "__call__", counting)
+    monkeypatch.setattr(linear._Packer, "__call__", counting)
     with fused_blocks(l16, 2, 64) as n:
         assert n.mlps == 3 and len(packed) == len(set(packed)) == n.linears
 
@@ -180,13 +176,13 @@ def test_fused_attention_takes_only_causal_right_padded_masks():
 
 def test_fused_attention_runs_where_it_applies_and_defers_elsewhere(pair, monkeypatch: pytest.MonkeyPatch):
     """Real tokens agree with the stock forward; a batch longer than the sliding window goes to it."""
-    from mosaic_dag.lm import fused
+    from mosaic_dag.lm.fused import attention
     l16, _ = pair
     blocks = decoder_layers(l16.model)
     full, sliding = blocks[1].self_attn, blocks[0].self_attn  # the tiny model: sliding window 8
     calls: list[int] = []
-    blocked = fused._causal_attention
-    monkeypatch.setattr(fused, "_causal_attention", lambda *a, **k: calls.append(1) or blocked(*a, **k))
+    blocked = attention._causal_attention
+    monkeypatch.setattr(attention, "_causal_attention", lambda *a, **k: calls.append(1) or blocked(*a, **k))
     torch.manual_seed(0)
     for tokens, module, used in ((12, full, True), (12, sliding, False), (8, sliding, True)):
         fast = _fused_attention(module)
@@ -273,7 +269,7 @@ def test_a_replacement_that_does_not_fit_the_installed_forward_is_not_installed(
     """A forward whose signature moved (as a transformers release may do) keeps the stock forward, logged once."""
     from transformers.models.gemma3 import modeling_gemma3
 
-    from mosaic_dag.lm import fused
+    from mosaic_dag.lm.fused import base
     l16, _ = pair
     stock = modeling_gemma3.Gemma3Attention.forward
 
@@ -281,7 +277,7 @@ def test_a_replacement_that_does_not_fit_the_installed_forward_is_not_installed(
         return stock(self, states, position_embeddings, attention_mask, cache=cache, **kwargs)
 
     monkeypatch.setattr(modeling_gemma3.Gemma3Attention, "forward", moved)
-    fused._reported.clear()
+    base._reported.clear()
     with caplog.at_level("WARNING", logger="mosaic_dag.lm.fused"):
         for _ in range(2):
             with fused_blocks(l16, 2, 64) as n:
@@ -293,13 +289,13 @@ def test_a_replacement_that_does_not_fit_the_installed_forward_is_not_installed(
 def test_blocks_that_disagree_with_the_stock_forward_get_no_replacement(pair, tmp_path: Path, monkeypatch, caplog):
     """The whole-block probe: a replacement that passed its own check but is wrong in the model removes every
     replacement, and extraction then writes exactly the stock forward's activations."""
-    from mosaic_dag.lm import fused
+    from mosaic_dag.lm.fused import attention, base
     l16, _ = pair
     extract_to_cache(l16, TEXTS, [2], {2: tmp_path / "before"}, max_length=32, batch_tokens=24)
-    real_norm_rotate = fused._norm_rotate
-    monkeypatch.setattr(fused, "_attention_passes", lambda *a, **k: True)
-    monkeypatch.setattr(fused, "_norm_rotate", lambda *a: real_norm_rotate(*a) * 3.0)  # a wrong attention
-    fused._reported.clear()
+    real_norm_rotate = attention._norm_rotate
+    monkeypatch.setattr(attention, "_attention_passes", lambda *a, **k: True)
+    monkeypatch.setattr(attention, "_norm_rotate", lambda *a: real_norm_rotate(*a) * 3.0)  # a wrong attention
+    base._reported.clear()
     with caplog.at_level("WARNING", logger="mosaic_dag.lm.fused"), fused_blocks(l16, 2, 64) as n:
         assert n.total == 0 and _replaced(l16.model) == 0
     if _onednn() is not None:

@@ -15,7 +15,7 @@ from mosaic_dag.data.datasets import COLUMNS, load_dataset
 from mosaic_dag.errors import ConfigError, DatasetError
 from mosaic_dag.data.images import decode_png
 from mosaic_dag.paths import dataset_file
-from mosaic_dag.pipeline import build_dataset
+from mosaic_dag.data.step import build_dataset
 
 
 
@@ -245,4 +245,4 @@ def test_real_model_image_examples_validate(name: str):
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / name)
     assert [k.key for k in dataset_keys(cfg)] == ["digits.image", "digits.en"]
-    assert cfg.dataset("digits").token_selection == "image" and cfg.models[0].saes[0].source == "registry"
+    assert cfg.dataset("digits").token_selection == "image" and cfg.models[0].saes[0].origin == "registry"

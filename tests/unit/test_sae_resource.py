@@ -21,7 +21,7 @@ def test_registry_sae_through_the_resource(fake_gemma_scope_2: FakeHubSae, tmp_p
     cfg = parse_config({
         "data_dir": str(tmp_path),
         "models": [{"name": "gemma-3-270m", "id": "google/gemma-3-270m", "layers": [5],
-                    "saes": [{"source": "registry", "release": fake.release, "sae_id": fake.sae_id}]}],
+                    "saes": [{"origin": "registry", "release": fake.release, "sae_id": fake.sae_id}]}],
         "datasets": [{"name": "d", "path": "x.csv"}],
     })
     target = targets(cfg)[0]
