@@ -17,7 +17,9 @@ from assets.versions import code_version
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import Handle
 from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, DatasetKey, TargetKey, parse_dataset, parse_target
+from mosaic_dag.storage import stable_hash
 from mosaic_dag.tracking import TrackedRun
+from resources.experiment import ExperimentResource
 from resources.mlflow import run_metadata
 
 
@@ -37,10 +39,16 @@ def emit(handle: Handle, metadata: Mapping[str, Any], run: TrackedRun | None = N
                   metadata={**metadata, "data_version": handle.version, **(run_metadata(run) if run else {})})
 
 
-def target_dataset(context: AssetExecutionContext) -> tuple[TargetKey, DatasetKey]:
-    """The (target, dataset) keys of a ``target × dataset`` partition run."""
+def step_partition(context: AssetExecutionContext,
+                   experiment: ExperimentResource) -> tuple[ExperimentConfig, TargetKey, DatasetKey]:
+    """The config and the (target, dataset) keys of a ``target × dataset`` partition run."""
     keys = multi_keys(context)
-    return parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
+    return experiment.load(), parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
+
+
+def input_version(step: str, cfg: ExperimentConfig, *handles: Handle) -> str:
+    """What a one-partition step's output depends on: its input handles' versions and its code version."""
+    return stable_hash([*(h.version for h in handles), code_version(step, cfg)])
 
 
 def versions(handles: Mapping[str, Handle | None]) -> list[tuple[str, str | None]]:

@@ -3,14 +3,13 @@
 import pandas as pd
 from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue
 
-from assets.emit import emit, step_asset, target_dataset
+from assets.emit import emit, input_version, step_asset, step_partition
 from assets.partitions import BY_DATASET, BY_TARGET, SAME, target_dataset_partitions
-from assets.versions import code_version
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.interventions import build_interventions
 from mosaic_dag.handles import DatasetHandle, PooledHandle, SaeHandle, TableHandle
 from mosaic_dag.paths import interventions_file, predictions_file
-from mosaic_dag.storage import stable_hash, write_parquet
+from mosaic_dag.storage import write_parquet
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 
@@ -32,10 +31,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
     def interventions(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                       model: ModelResource, sae: SaeResource, probes: TableHandle, pooled: PooledHandle,
                       data: DatasetHandle, sae_handle: SaeHandle):  # type: ignore[no-untyped-def]
-        cfg = experiment.load()
-        target, key = target_dataset(context)
-        inputs = stable_hash([probes.version, pooled.version, data.version, sae_handle.version,
-                              code_version("interventions", cfg)])
+        cfg, target, key = step_partition(context, experiment)
+        inputs = input_version("interventions", cfg, probes, pooled, data, sae_handle)
         results = pd.read_parquet(probes.paths[0])
         pred_path = predictions_file(cfg, target, key.dataset, key.language)
         predictions = pd.read_parquet(pred_path) if pred_path.exists() else None

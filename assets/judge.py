@@ -5,15 +5,13 @@ from pathlib import Path
 import pandas as pd
 from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue
 
-from assets.emit import emit, step_asset, target_dataset
+from assets.emit import emit, input_version, step_asset, step_partition
 from assets.partitions import BY_DATASET, BY_TARGET, SAME, target_dataset_partitions
-from assets.versions import code_version
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.judge import judge_partition, write_judge
 from mosaic_dag.handles import DatasetHandle, SaeHandle, TableHandle
 from mosaic_dag.paths import predictions_file
 from mosaic_dag.pipeline import read_frame
-from mosaic_dag.storage import stable_hash
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 
@@ -39,9 +37,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
     def judge(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
               model: ModelResource, sae: SaeResource, probes: TableHandle, data: DatasetHandle,
               sae_handle: SaeHandle):  # type: ignore[no-untyped-def]
-        cfg = experiment.load()
-        target, key = target_dataset(context)
-        inputs = stable_hash([probes.version, data.version, sae_handle.version, code_version("judge", cfg)])
+        cfg, target, key = step_partition(context, experiment)
+        inputs = input_version("judge", cfg, probes, data, sae_handle)
         if not judged(cfg, key.dataset):
             return emit(TableHandle(paths=[], inputs=inputs), {"judged": False})
         results = pd.read_parquet(probes.paths[0])

@@ -2,7 +2,7 @@
 
 from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue
 
-from assets.emit import emit, step_asset, target_dataset
+from assets.emit import emit, step_asset, step_partition
 from assets.partitions import BY_DATASET, SAME, target_dataset_partitions
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.features.pooled import build_pooled
@@ -20,8 +20,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
     )
     def pooled_features(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                         codes: CodesHandle, hidden: HiddenHandle):  # type: ignore[no-untyped-def]
-        cfg = experiment.load()
-        target, data = target_dataset(context)
+        cfg, target, data = step_partition(context, experiment)
         with mlflow.run(context, cfg) as run:
             result = build_pooled(cfg, target, codes, hidden)
             sizes = {name: round(p.stat().st_size / 2**20, 3) for name, p in sorted(result.files.items())}

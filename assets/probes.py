@@ -4,12 +4,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue
+from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
 from assets.checks import PROBE_CHECKS, probe_results
-from assets.emit import emit, step_asset, target_dataset
-from assets.partitions import BY_DATASET, SAME, target_dataset_partitions
-from assets.versions import code_version
+from assets.emit import emit, input_version, step_asset, step_partition
+from assets.partitions import pooled_with_dataset, target_dataset_partitions
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.sweeps import (
     best_artifacts,
@@ -28,7 +27,6 @@ from mosaic_dag.pipeline import read_frame
 from mosaic_dag.probes.interpret import interpret_probes
 from mosaic_dag.report.figures import sources_figure
 from mosaic_dag.report.markdown import figure_markdown
-from mosaic_dag.storage import stable_hash
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource
 
@@ -36,15 +34,13 @@ from resources import ExperimentResource, MlflowResource
 def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
     @step_asset(
         "probes", cfg, partitions_def=target_dataset_partitions, check_specs=PROBE_CHECKS, group="probes",
-        ins={"pooled": AssetIn("pooled_features", partition_mapping=SAME),
-             "data": AssetIn("dataset", partition_mapping=BY_DATASET)},
+        ins=pooled_with_dataset(),
         description="Logistic, decision-tree and k-sparse probes on SAE and hidden features, plus the TF-IDF baseline; "
         "hyper-parameters chosen on train/validation only; macro-F1 with bootstrap 95% CI.",
     )
     def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                pooled: PooledHandle, data: DatasetHandle):  # type: ignore[no-untyped-def]
-        cfg = experiment.load()
-        target, key = target_dataset(context)
+        cfg, target, key = step_partition(context, experiment)
         frame = read_frame(data)
         with mlflow.run(context, cfg) as run:
             results = run_probes(cfg, target, pooled, data, mlflow_run_id=run.run_id,
@@ -73,8 +69,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         checks = probe_checks(results)
         show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "val_macro_f1", "macro_f1",
                      "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc"]]
-        handle = TableHandle(paths=[str(path)], inputs=stable_hash([pooled.version, data.version,
-                                                                    code_version("probes", cfg)]))
+        handle = TableHandle(paths=[str(path)], inputs=input_version("probes", cfg, pooled, data))
         # numbers, so Dagster's metadata plots compare sources (and SAE − hidden) across partitions
         numeric = {f"{row['features']}_macro_f1": round(float(row["macro_f1"]), 4) for _, row in best.iterrows()}
         numeric |= {k: round(float(v), 4) for k, v in comparison_metrics(results.comparisons).items() if np.isfinite(v)}

@@ -5,7 +5,7 @@ import math
 from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue
 
 from assets.checks import SAE_QUALITY_CHECK, sae_quality_result, stop_on_failure
-from assets.emit import emit, step_asset, target_dataset
+from assets.emit import emit, step_asset, step_partition
 from assets.partitions import BY_DATASET, BY_TARGET, target_dataset_partitions
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import HiddenHandle, SaeHandle
@@ -22,8 +22,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
     )
     def sae_codes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                   model: ModelResource, sae: SaeHandle, hidden: HiddenHandle):  # type: ignore[no-untyped-def]
-        cfg = experiment.load()
-        target, data = target_dataset(context)
+        cfg, target, data = step_partition(context, experiment)
         with mlflow.run(context, cfg) as run:
             result = build_codes(cfg, target, sae, hidden, progress=lambda d, t: context.log.info(f"encoded shard {d}/{t}"))
             man = result.manifest
