@@ -62,7 +62,7 @@ def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, ml
                 for weights in sorted(folder.glob("*.safetensors")):
                     run.log_artifact(weights, "sae")
     handle = result.handle
-    context.log.info(f"sae {target.sae}: {'reused' if result.cache_hit else 'trained'} "
+    context.log.info(f"sae {target.sae}: {'cache hit' if result.cache_hit else 'trained'} "
                      f"({result.info.architecture}, {result.info.d_sae} latents)")
     yield emit(handle, {
         "origin": scfg.source,

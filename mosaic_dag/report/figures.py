@@ -202,6 +202,7 @@ def conditions_figure(curves: pd.DataFrame | None, baselines: Mapping[str, float
     """Hard conditions: one row of panels per task, one panel per condition, one curve per source (mean over
     repeats, CI band). A condition with a single value is drawn as bars."""
     rows = usable(curves, ("condition", "value", "macro_f1"), "conditions")
+    # "source": the column's name in curves files written before it was called "features"
     features_col = "features" if "features" in rows.columns else ("source" if "source" in rows.columns else None)
     rows = rows.assign(_features=rows[features_col].astype(str) if features_col else "all", value=rows["value"].astype(float),
                        _task=tasks_of(rows))

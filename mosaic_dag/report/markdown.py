@@ -81,7 +81,7 @@ class Report:
     figures: dict[str, Path] = field(default_factory=dict)  # heading -> PNG
 
 
-def save_figure(fig: Figure, png: Path) -> tuple[Path, Path]:
+def write_figure(fig: Figure, png: Path) -> tuple[Path, Path]:
     """PNG (150 dpi) and SVG beside it, each atomically (tests turn matplotlib's layout warnings into errors)."""
     svg = png.with_suffix(".svg")
     with atomic_path(png) as tmp:
@@ -123,7 +123,7 @@ def _plot(path: str | Path, build: Callable[[], tuple[Figure, int]]) -> Plot:
         fig, n = build()
     except NoData as e:
         return Plot(target.stem, None, str(e))
-    png, svg = save_figure(fig, target)
+    png, svg = write_figure(fig, target)
     return Plot(target.stem, png, None, n, svg)
 
 
