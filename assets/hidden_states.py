@@ -3,19 +3,11 @@
 
 import os
 
-from dagster import (
-    AssetExecutionContext,
-    AssetIn,
-    AssetsDefinition,
-    AutomationCondition,
-    DataVersion,
-    MetadataValue,
-    Output,
-    asset,
-)
+import pandas as pd
+from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue
 
+from assets.emit import emit, step_asset
 from assets.partitions import SAME, dataset_partitions
-from assets.versions import code_version
 from mosaic_dag.sae.resolve import check_target
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import DatasetHandle
@@ -25,18 +17,12 @@ from mosaic_dag.paths import models_dir
 from mosaic_dag.lm.hidden_states import build_hidden_states, hidden_cache
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource
-from resources.mlflow import run_metadata
 
 
 def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
-    @asset(
-        name="hidden_states",
-        partitions_def=dataset_partitions,
+    @step_asset(
+        "hidden_states", cfg, partitions_def=dataset_partitions, group="features",
         ins={"data": AssetIn("dataset", partition_mapping=SAME)},
-        group_name="features",
-        io_manager_key="handles",
-        code_version=code_version("hidden_states", cfg),
-        automation_condition=AutomationCondition.eager(),
         description="Residual stream after block L (output of model.model.layers[L]) per token, padding-free, "
         "content-addressed on disk, for every configured model and layer: one forward pass per model serves "
         "all its layers. Registry/local SAEs are checked against each model before its forward pass.",
@@ -78,24 +64,16 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
             run.log_params({"dataset": data.key, "sites": ",".join(sorted(result.handle.caches))})
             run.log_metrics(metrics)
         context.log.info(f"{'cache hit' if result.cache_hit else 'computed'}: {len(rows)} caches for {data.key}")
-        import pandas as pd
-
-        return Output(
-            result.handle,
-            data_version=DataVersion(result.handle.version),
-            metadata={
-                "caches": MetadataValue.md(markdown_table(pd.DataFrame(rows))),
-                "sites": MetadataValue.json(sorted(result.handle.caches)),
-                "paths": MetadataValue.json(dict(sorted(result.handle.caches.items()))),
-                "texts": int(rows[0]["texts"]) if rows else 0,
-                "tokens": int(rows[0]["tokens"]) if rows else 0,
-                "cache_hit": result.cache_hit,
-                "forward_calls": int(result.forward_calls),
-                "layers_computed": MetadataValue.json({m.model: m.layers_computed for m in result.models}),
-                "tokens_per_s": round(metrics.get("tokens_per_s", 0.0), 1),
-                "data_version": result.handle.version,
-                **run_metadata(run),
-            },
-        )
+        return emit(result.handle, {
+            "caches": MetadataValue.md(markdown_table(pd.DataFrame(rows))),
+            "sites": MetadataValue.json(sorted(result.handle.caches)),
+            "paths": MetadataValue.json(dict(sorted(result.handle.caches.items()))),
+            "texts": int(rows[0]["texts"]) if rows else 0,
+            "tokens": int(rows[0]["tokens"]) if rows else 0,
+            "cache_hit": result.cache_hit,
+            "forward_calls": int(result.forward_calls),
+            "layers_computed": MetadataValue.json({m.model: m.layers_computed for m in result.models}),
+            "tokens_per_s": round(metrics.get("tokens_per_s", 0.0), 1),
+        }, run)
 
     return hidden_states

@@ -1,22 +1,15 @@
 """Do the selected SAE probe's top latents matter to the probe and to the model? (opt-in: ``interventions.enabled``)"""
 
-from dagster import (
-    AssetExecutionContext,
-    AssetIn,
-    AssetsDefinition,
-    AutomationCondition,
-    DataVersion,
-    MetadataValue,
-    Output,
-    asset,
-)
+import pandas as pd
+from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue
 
-from assets.partitions import BY_DATASET, BY_TARGET, SAME, multi_keys, target_dataset_partitions
-from assets.versions import code_version
+from assets.emit import emit, input_version, step_asset, step_partition
+from assets.partitions import BY_DATASET, BY_TARGET, SAME, target_dataset_partitions
 from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.evaluation.interventions import build_interventions
 from mosaic_dag.handles import DatasetHandle, PooledHandle, SaeHandle, TableHandle
-from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
-from mosaic_dag.storage import stable_hash, write_parquet
+from mosaic_dag.paths import interventions_file, predictions_file
+from mosaic_dag.storage import write_parquet
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 
@@ -25,17 +18,12 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
     if cfg is None or not cfg.interventions.enabled:
         return []
 
-    @asset(
-        name="interventions",
-        partitions_def=target_dataset_partitions,
+    @step_asset(
+        "interventions", cfg, partitions_def=target_dataset_partitions, group="probes",
         ins={"probes": AssetIn("probes", partition_mapping=SAME),
              "pooled": AssetIn("pooled_features", partition_mapping=SAME),
              "data": AssetIn("dataset", partition_mapping=BY_DATASET),
              "sae_handle": AssetIn("sae", partition_mapping=BY_TARGET)},
-        group_name="probes",
-        io_manager_key="handles",
-        code_version=code_version("interventions", cfg),
-        automation_condition=AutomationCondition.eager(),
         description="For the selected SAE probe's top latents per class: the share of test decisions that flip when the "
         "latent is removed from the pooled features, and the change of the model's output when it is removed at the "
         "SAE's layer (reconstruction + error term): log-prob of the labelled answer, else next-token KL.",
@@ -43,16 +31,8 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
     def interventions(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                       model: ModelResource, sae: SaeResource, probes: TableHandle, pooled: PooledHandle,
                       data: DatasetHandle, sae_handle: SaeHandle):  # type: ignore[no-untyped-def]
-        import pandas as pd
-
-        from mosaic_dag.evaluation.interventions import build_interventions
-        from mosaic_dag.paths import interventions_file, predictions_file
-
-        cfg = experiment.load()
-        keys = multi_keys(context)
-        target, key = parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
-        inputs = stable_hash([probes.version, pooled.version, data.version, sae_handle.version,
-                              code_version("interventions", cfg)])
+        cfg, target, key = step_partition(context, experiment)
+        inputs = input_version("interventions", cfg, probes, pooled, data, sae_handle)
         results = pd.read_parquet(probes.paths[0])
         pred_path = predictions_file(cfg, target, key.dataset, key.language)
         predictions = pd.read_parquet(pred_path) if pred_path.exists() else None
@@ -67,8 +47,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                                  f"latent_{r['latent']}_model_effect": float(r["model_effect"])})
         show = outcome.table[["class", "latent", "weight", "probe_flip_share", "model_effect", "model_metric",
                               "fires_share", "verdict"]]
-        handle = TableHandle(paths=[str(path)], inputs=inputs)
-        return Output(handle, data_version=DataVersion(handle.version), metadata={
+        return emit(TableHandle(paths=[str(path)], inputs=inputs), {
             "path": MetadataValue.path(str(path)),
             "probe": outcome.probe,
             "refit_matches_probes": outcome.refit_matches,
@@ -79,8 +58,6 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                                            "x_probe_flip_share": round(float(r["probe_flip_share"]), 4),
                                            "y_model_effect": round(float(r["model_effect"]), 6)}
                                           for _, r in outcome.table.iterrows()]),
-            "data_version": handle.version,
-            "mlflow_run_id": run.run_id,
-        })
+        }, run)
 
     return [interventions]

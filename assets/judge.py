@@ -1,22 +1,17 @@
 """The language model as a zero-/k-shot judge, paired with the selected SAE probe (opt-in: ``judge.enabled``)."""
 
-from dagster import (
-    AssetExecutionContext,
-    AssetIn,
-    AssetsDefinition,
-    AutomationCondition,
-    DataVersion,
-    MetadataValue,
-    Output,
-    asset,
-)
+from pathlib import Path
 
-from assets.partitions import BY_DATASET, BY_TARGET, SAME, multi_keys, target_dataset_partitions
-from assets.versions import code_version
+import pandas as pd
+from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue
+
+from assets.emit import emit, input_version, step_asset, step_partition
+from assets.partitions import BY_DATASET, BY_TARGET, SAME, target_dataset_partitions
 from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.evaluation.judge import judge_partition, write_judge
 from mosaic_dag.handles import DatasetHandle, SaeHandle, TableHandle
-from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
-from mosaic_dag.storage import stable_hash, write_parquet
+from mosaic_dag.paths import predictions_file
+from mosaic_dag.data.step import read_frame
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 
@@ -31,35 +26,21 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
     if cfg is None or not cfg.judge.enabled:
         return []
 
-    @asset(
-        name="judge",
-        partitions_def=target_dataset_partitions,
+    @step_asset(
+        "judge", cfg, partitions_def=target_dataset_partitions, group="probes",
         ins={"probes": AssetIn("probes", partition_mapping=SAME),
              "data": AssetIn("dataset", partition_mapping=BY_DATASET),
              "sae_handle": AssetIn("sae", partition_mapping=BY_TARGET)},
-        group_name="probes",
-        io_manager_key="handles",
-        code_version=code_version("judge", cfg),
-        automation_condition=AutomationCondition.eager(),
         description="The LM as a zero-/k-shot judge (summed option log-probabilities; shots from train only) on the "
         "probes' test rows: macro-F1 with CI, paired SAE − judge, and seconds/LM tokens per 1,000 texts of both.",
     )
     def judge(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
               model: ModelResource, sae: SaeResource, probes: TableHandle, data: DatasetHandle,
               sae_handle: SaeHandle):  # type: ignore[no-untyped-def]
-        import pandas as pd
-
-        from mosaic_dag.evaluation.judge import judge_partition
-        from mosaic_dag.paths import judge_files, predictions_file
-        from mosaic_dag.data.step import read_frame
-
-        cfg = experiment.load()
-        keys = multi_keys(context)
-        target, key = parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
-        inputs = stable_hash([probes.version, data.version, sae_handle.version, code_version("judge", cfg)])
+        cfg, target, key = step_partition(context, experiment)
+        inputs = input_version("judge", cfg, probes, data, sae_handle)
         if not judged(cfg, key.dataset):
-            handle = TableHandle(paths=[], inputs=inputs)
-            return Output(handle, data_version=DataVersion(handle.version), metadata={"judged": False})
+            return emit(TableHandle(paths=[], inputs=inputs), {"judged": False})
         results = pd.read_parquet(probes.paths[0])
         pred_path = predictions_file(cfg, target, key.dataset, key.language)
         predictions = pd.read_parquet(pred_path) if pred_path.exists() else None
@@ -67,9 +48,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             loaded = model.load(cfg, cfg.judge.model or target.model)
             outcome = judge_partition(cfg, target, key.dataset, key.language, read_frame(data), loaded,
                                       sae.load(cfg, target, sae_handle), results, predictions)
-            row_path, pred_out = judge_files(cfg, target, key.dataset, key.language)
-            write_parquet(pred_out, outcome.predictions)  # predictions first: the row points at them
-            write_parquet(row_path, outcome.row.assign(mlflow_run_id=run.run_id))
+            handle = write_judge(cfg, target, key.dataset, key.language, outcome, run.run_id, inputs)
             r = outcome.row.iloc[0]
             run.log_params({"target": target.key, "dataset": key.key, "shots": cfg.judge.shots,
                             "judge_model": cfg.judge.model or target.model, "sae_probe": outcome.sae_probe})
@@ -77,20 +56,17 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                             | ({"sae_minus_judge_macro_f1": outcome.paired.diff,
                                 "sae_minus_judge_ci_low": outcome.paired.diff_ci_low,
                                 "sae_minus_judge_ci_high": outcome.paired.diff_ci_high} if outcome.paired else {}))
-            run.log_artifact(row_path, "judge")
-        handle = TableHandle(paths=[str(row_path), str(pred_out)], inputs=inputs)
+            run.log_artifact(Path(handle.paths[0]), "judge")
         show = outcome.row[["probe", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "n_test"]]
-        return Output(handle, data_version=DataVersion(handle.version), metadata={
+        return emit(handle, {
             "judged": True,
-            "results_path": MetadataValue.path(str(row_path)),
+            "results_path": MetadataValue.path(handle.paths[0]),
             "judge": MetadataValue.md(markdown_table(show)),
             "sae_vs_judge": str(r["vs_judge"]) or "no SAE probe to pair with",
             "sae_probe": outcome.sae_probe,
             "cost": str(r["cost"]),
             **{k: round(float(v), 3) for k, v in outcome.cost.items()},
             "shot_ids": MetadataValue.json(outcome.shots),
-            "data_version": handle.version,
-            "mlflow_run_id": run.run_id,
-        })
+        }, run)
 
     return [judge]

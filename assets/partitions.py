@@ -15,6 +15,7 @@ import warnings
 
 from dagster import (
     AllPartitionMapping,
+    AssetIn,
     DynamicPartitionsDefinition,
     IdentityPartitionMapping,
     MultiPartitionsDefinition,
@@ -56,3 +57,9 @@ def multi_keys(context) -> dict[str, str]:  # type: ignore[no-untyped-def]
 def dataset_part(key: str) -> str:
     """The dataset key inside a ``target × dataset`` key string (``<dataset>|<target>``)."""
     return target_dataset_partitions.get_partition_key_from_str(str(key)).keys_by_dimension[DATASET_DIM]
+
+
+def pooled_with_dataset() -> dict[str, AssetIn]:
+    """The inputs of a step on one ``target × dataset`` partition's pooled features and its dataset rows."""
+    return {"pooled": AssetIn("pooled_features", partition_mapping=SAME),
+            "data": AssetIn("dataset", partition_mapping=BY_DATASET)}

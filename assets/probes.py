@@ -1,24 +1,14 @@
-"""Pooled feature matrices and probes: SAE vs hidden-state vs TF-IDF on identical test rows."""
+"""The ``probes`` asset: SAE vs hidden-state vs TF-IDF probes on identical test rows of one partition."""
 
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from dagster import (
-    AssetCheckResult,
-    AssetCheckSpec,
-    AssetExecutionContext,
-    AssetIn,
-    AssetsDefinition,
-    AutomationCondition,
-    DataVersion,
-    MetadataValue,
-    Output,
-    asset,
-)
+from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
-from assets.partitions import BY_DATASET, SAME, multi_keys, target_dataset_partitions
-from assets.versions import code_version
+from assets.checks import PROBE_CHECKS, probe_results
+from assets.emit import emit, input_version, step_asset, step_partition
+from assets.partitions import pooled_with_dataset, target_dataset_partitions
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.sweeps import (
     best_artifacts,
@@ -32,84 +22,25 @@ from mosaic_dag.evaluation.sweeps import (
     top_latents_markdown,
     write_results,
 )
-from mosaic_dag.features.pooled import build_pooled
-from mosaic_dag.report.figures import sources_figure
-from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledHandle, TableHandle
-from mosaic_dag.probes.interpret import interpret_probes
-from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, parse_dataset, parse_target
+from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle
 from mosaic_dag.data.step import read_frame
+from mosaic_dag.probes.interpret import interpret_probes
+from mosaic_dag.report.figures import sources_figure
 from mosaic_dag.report.markdown import figure_markdown
-from mosaic_dag.storage import stable_hash
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource
-from resources.mlflow import run_metadata
-
-
-def _keys(context: AssetExecutionContext):  # type: ignore[no-untyped-def]
-    keys = multi_keys(context)
-    return parse_target(keys[TARGET_DIM]), parse_dataset(keys[DATASET_DIM])
 
 
 def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
-    @asset(
-        name="pooled_features",
-        partitions_def=target_dataset_partitions,
-        ins={"codes": AssetIn("sae_codes", partition_mapping=SAME),
-             "hidden": AssetIn("hidden_states", partition_mapping=BY_DATASET)},
-        group_name="features",
-        io_manager_key="handles",
-        code_version=code_version("pooled_features", cfg),
-        automation_condition=AutomationCondition.eager(),
-        description="Per-text features: SAE codes pooled over real tokens (sum/mean/max/last/topn_count; CSR, never "
-        "densified) and the same poolings of the hidden states. BOS and padding never count.",
-    )
-    def pooled_features(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
-                        codes: CodesHandle, hidden: HiddenHandle):  # type: ignore[no-untyped-def]
-        cfg = experiment.load()
-        target, data = _keys(context)
-        with mlflow.run(context, cfg) as run:
-            result = build_pooled(cfg, target, codes, hidden)
-            sizes = {name: round(p.stat().st_size / 2**20, 3) for name, p in sorted(result.files.items())}
-            run.log_params({"target": target.key, "dataset": data.key, "matrices": ",".join(sorted(result.files)),
-                            "cache_hit": result.hit})
-            run.log_metrics({"width": float(result.width), "matrices_mb": float(sum(sizes.values()))})
-        handle = result.handle
-        return Output(handle, data_version=DataVersion(handle.version), metadata={
-            "sae_path": MetadataValue.path(str(result.sae_dir)),
-            "hidden_path": MetadataValue.path(str(result.hidden_dir)),
-            "cache_hit": result.hit,
-            "width": result.width,
-            "matrices_mb": MetadataValue.json(sizes),
-            "data_version": handle.version,
-            **run_metadata(run),
-        })
-
-    checks = [
-        AssetCheckSpec("beats_majority", asset="probes", partitions_def=target_dataset_partitions,
-                       description="best SAE macro-F1 above the majority-class baseline"),
-        AssetCheckSpec("train_test_disjoint", asset="probes", partitions_def=target_dataset_partitions,
-                       description="no id is both in train/validation and test"),
-        AssetCheckSpec("same_test_rows", asset="probes", partitions_def=target_dataset_partitions,
-                       description="every feature source scored on identical test ids"),
-    ]
-
-    @asset(
-        name="probes",
-        partitions_def=target_dataset_partitions,
-        ins={"pooled": AssetIn("pooled_features", partition_mapping=SAME),
-             "data": AssetIn("dataset", partition_mapping=BY_DATASET)},
-        check_specs=checks,
-        group_name="probes",
-        io_manager_key="handles",
-        code_version=code_version("probes", cfg),
-        automation_condition=AutomationCondition.eager(),
+    @step_asset(
+        "probes", cfg, partitions_def=target_dataset_partitions, check_specs=PROBE_CHECKS, group="probes",
+        ins=pooled_with_dataset(),
         description="Logistic, decision-tree and k-sparse probes on SAE and hidden features, plus the TF-IDF baseline; "
         "hyper-parameters chosen on train/validation only; macro-F1 with bootstrap 95% CI.",
     )
     def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                pooled: PooledHandle, data: DatasetHandle):  # type: ignore[no-untyped-def]
-        cfg = experiment.load()
-        target, key = _keys(context)
+        cfg, target, key = step_partition(context, experiment)
         frame = read_frame(data)
         with mlflow.run(context, cfg) as run:
             results = run_probes(cfg, target, pooled, data, mlflow_run_id=run.run_id,
@@ -138,14 +69,13 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         checks = probe_checks(results)
         show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "val_macro_f1", "macro_f1",
                      "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc"]]
-        handle = TableHandle(paths=[str(path)], inputs=stable_hash([pooled.version, data.version,
-                                                                    code_version("probes", cfg)]))
+        handle = TableHandle(paths=[str(path)], inputs=input_version("probes", cfg, pooled, data))
         # numbers, so Dagster's metadata plots compare sources (and SAE − hidden) across partitions
         numeric = {f"{row['features']}_macro_f1": round(float(row["macro_f1"]), 4) for _, row in best.iterrows()}
         numeric |= {k: round(float(v), 4) for k, v in comparison_metrics(results.comparisons).items() if np.isfinite(v)}
         figure = figure_markdown(lambda: sources_figure(table, {key.key: results.majority_f1}),
                                  f"feature sources on {key.key}")
-        yield Output(handle, data_version=DataVersion(handle.version), metadata={
+        yield emit(handle, {
             "results_path": MetadataValue.path(str(path)),
             "probes": len(table),
             "figure": MetadataValue.md(figure),
@@ -157,15 +87,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                                             else top_latents_markdown(results, label_names(frame))),
             "majority_macro_f1": round(checks.majority_macro_f1, 4),
             "n_test": int(table["n_test"].iloc[0]) if len(table) else 0,
-            "data_version": handle.version,
-            **run_metadata(run),
-        })
-        yield AssetCheckResult(check_name="beats_majority", passed=bool(checks.sae_macro_f1 > checks.majority_macro_f1),
-                               metadata={"sae_macro_f1": float(np.round(checks.sae_macro_f1, 4)),
-                                         "majority": round(checks.majority_macro_f1, 4)})
-        yield AssetCheckResult(check_name="train_test_disjoint", passed=checks.train_test_overlap == 0,
-                               metadata={"overlap": checks.train_test_overlap})
-        yield AssetCheckResult(check_name="same_test_rows", passed=checks.distinct_test_sets == 1,
-                               metadata={"distinct_test_sets": checks.distinct_test_sets})
+        }, run)
+        yield from probe_results(checks)
 
-    return [pooled_features, probes]
+    return [probes]

@@ -47,7 +47,7 @@ QUIET_ENV = {  # every progress bar the libraries we run draw: tqdm itself, the 
 }
 
 
-def check_models(cfg, source: str) -> None:  # type: ignore[no-untyped-def]
+def check_models(cfg, config_name: str) -> None:  # type: ignore[no-untyped-def]
     """What can be checked about each model without weights or a download: its folder, config.json and
     block count (so a layer out of range fails here, before any compute, naming the key)."""
     from mosaic_dag.errors import ConfigError
@@ -59,7 +59,7 @@ def check_models(cfg, source: str) -> None:  # type: ignore[no-untyped-def]
         n = known_blocks(m, models_dir())
         bad = [layer for layer in m.layers if n is not None and layer >= n]
         if bad:
-            raise ConfigError(f"{source}: models.{i}.layers: layers {bad} out of range for model {m.name!r} with {n} blocks; "
+            raise ConfigError(f"{config_name}: models.{i}.layers: layers {bad} out of range for model {m.name!r} with {n} blocks; "
                               f"use 0..{n - 1} (resid_post of block L)")
 def _print_comparisons(cfg, table) -> None:  # type: ignore[no-untyped-def]
     from mosaic_dag.evaluation.analysis import comparisons_table
@@ -202,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)build report/index.html + index.md from stored results; print its path")
     rep.add_argument("--config", default=None, help="experiment YAML (default: the embedded demo)")
     rep.set_defaults(func=cmd_report)
-    val = sub.add_parser("validate", help="check a config file and print its partitions")
-    val.add_argument("--config", default=None)
-    val.set_defaults(func=cmd_validate)
+    validate = sub.add_parser("validate", help="check a config file and print its partitions")
+    validate.add_argument("--config", default=None)
+    validate.set_defaults(func=cmd_validate)
     part = sub.add_parser("partitions", help="register the config's dynamic partitions in $DAGSTER_HOME")
     part.add_argument("--config", default=None)
     part.set_defaults(func=cmd_partitions)

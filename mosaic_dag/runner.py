@@ -1,7 +1,7 @@
 """Materialize the asset graph for a config into a persistent Dagster instance (used by the CLI).
 
 The order is Dagster's: the graph's assets in topological order, cut into stages where the
-partitioning changes (``mosaic_dag.definitions.stages``); each stage is one named job, run once per
+partitioning changes (``mosaic_dag.automation.jobs.stages``); each stage is one named job, run once per
 partition key, so ``dagster dev`` shows the same runs, materializations, lineage and partitions.
 """
 
@@ -96,7 +96,7 @@ def open_instance(home: Path) -> Any:
 def register_partitions(instance: Any, cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
     """Add the config's missing dynamic partitions; under the instance lock so two runs never add one twice."""
     from assets.partitions import dataset_partitions, target_partitions
-    from mosaic_dag.definitions import missing_partitions
+    from mosaic_dag.automation.sensors import missing_partitions
     from mosaic_dag.storage import file_lock
 
     with file_lock(dagster_home() / INSTANCE_LOCK):
@@ -136,10 +136,9 @@ class PartitionRun:
 
 
 def _definitions(config_path: str) -> Any:
-    from mosaic_dag.definitions import build_definitions, resources
+    from mosaic_dag.definitions import build_definitions
 
-    res = resources()
-    return build_definitions(load_config(config_path or None), resource_defs=res)
+    return build_definitions(load_config(config_path or None))
 
 
 def _provenance_tags(config_path: str) -> dict[str, str]:
@@ -204,9 +203,9 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
     """Validate the config, register partitions, then run the graph stage by stage in Dagster's
     topological order; the partitions of a stage are independent and run ``workers`` at a time."""
 
-    from mosaic_dag.definitions import stage_name, stages
+    from mosaic_dag.automation.jobs import stage_name, stages
+    from mosaic_dag.definitions import resources
     from mosaic_dag.errors import MosaicError
-    from resources import MlflowResource
     from resources.experiment import CONFIG_ENV
 
     cfg = load_config(config_path)
@@ -220,7 +219,7 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
     home = dagster_home()
     instance = open_instance(home)
     register_partitions(instance, cfg)
-    summary = RunSummary(cfg, home, MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")).uri(cfg))
+    summary = RunSummary(cfg, home, resources()["mlflow"].uri(cfg))  # type: ignore[attr-defined]
     defs = _definitions(abs_config)
     n_workers = workers or cfg.run.workers
     echo(f"mosaic: experiment {cfg.name!r}, Dagster instance {home}" + (f", {n_workers} workers" if n_workers > 1 else ""))

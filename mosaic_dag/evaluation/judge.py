@@ -23,8 +23,11 @@ import pandas as pd
 
 from mosaic_dag.evaluation.comparisons import Paired, paired_comparison
 from mosaic_dag.errors import ConfigError
+from mosaic_dag.handles import TableHandle
+from mosaic_dag.paths import judge_files
+from mosaic_dag.storage import write_parquet
 
-__all__ = ["JudgeRun", "class_options", "feature_cost", "judge_texts", "pick_shots", "shot_prefix"]
+__all__ = ["JudgeRun", "class_options", "feature_cost", "judge_texts", "pick_shots", "shot_prefix", "write_judge"]
 
 
 def pick_shots(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -217,6 +220,16 @@ def judge_partition(cfg: Any, target: Any, dataset: str, language: str, frame: p
     }
     row = _typed(pd.DataFrame.from_records([record], columns=RESULT_COLUMNS))
     return JudgeOutcome(row, pred_frame, paired, cost, sae_label, [str(i) for i in frame["id"].to_numpy()[shots]])
+
+
+def write_judge(cfg: Any, target: Any, dataset: str, language: str, outcome: JudgeOutcome, mlflow_run_id: str,
+                inputs: str) -> TableHandle:
+    """Write the partition's test predictions, then its results row (the row points at them); the handle of both,
+    results row first."""
+    row_path, pred_path = judge_files(cfg, target, dataset, language)
+    write_parquet(pred_path, outcome.predictions)
+    write_parquet(row_path, outcome.row.assign(mlflow_run_id=mlflow_run_id))
+    return TableHandle(paths=[str(row_path), str(pred_path)], inputs=inputs)
 
 
 def _target_model(cfg: Any, target: Any) -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -23,7 +22,6 @@ import pandas as pd
 import scipy.sparse as sp
 
 from mosaic_dag.probes.core import DEFAULT_CS, Matrix, ProbeResult, evaluate, fit_logistic
-from mosaic_dag.storage import atomic_path
 from mosaic_dag.features.tfidf import fit_tfidf
 
 __all__ = [
@@ -34,7 +32,6 @@ __all__ = [
     "TransferResult",
     "check_label_space",
     "common_labels",
-    "heatmap_png",
     "tfidf_transfer_matrix",
     "transfer_matrix",
 ]
@@ -334,48 +331,3 @@ def offdiag_mean(matrix: pd.DataFrame) -> float:
     values = matrix.to_numpy(dtype=float)
     off = values[~np.eye(len(values), dtype=bool)]
     return float(off.mean()) if off.size else float("nan")
-
-
-def heatmap_png(
-    matrix_df: pd.DataFrame,
-    path: str | Path,
-    title: str = "macro-F1: train language (rows) -> test language (columns)",
-    *,
-    vmin: float = 0.0,
-    vmax: float = 1.0,
-    cmap: str = "viridis",
-) -> Path:
-    """Annotated heatmap of a train x test matrix, written atomically as PNG.
-
-    Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so
-    it is safe in worker processes and threads. NaN cells are shown as "n/a".
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    values = matrix_df.to_numpy(dtype=float)
-    if values.size == 0 or np.all(np.isnan(values)):
-        raise ValueError("matrix_df: is empty or all NaN; nothing to plot")
-    n_rows, n_cols = values.shape
-    fig = Figure(figsize=(1.2 + 0.9 * n_cols, 1.0 + 0.8 * n_rows), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    im = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
-    ax.set_xticks(range(n_cols), [str(c) for c in matrix_df.columns])
-    ax.set_yticks(range(n_rows), [str(r) for r in matrix_df.index])
-    ax.set_xlabel(str(matrix_df.columns.name or "test"))
-    ax.set_ylabel(str(matrix_df.index.name or "train"))
-    ax.set_title(title, fontsize=9)
-    mid = (vmin + vmax) / 2
-    for i in range(n_rows):
-        for j in range(n_cols):
-            v = values[i, j]
-            text = "n/a" if np.isnan(v) else f"{v:.2f}"
-            color = "black" if np.isnan(v) or v > mid else "white"
-            ax.text(j, i, text, ha="center", va="center", fontsize=9, color=color)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png")
-    return target
-

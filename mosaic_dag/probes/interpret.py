@@ -142,7 +142,7 @@ def tree_figure(result: Any, names: Mapping[int, str], label: str) -> Any:
     """The tree probe drawn by sklearn's ``plot_tree``, latent ids as feature names (depth capped at 4)."""
     from sklearn.tree import plot_tree
 
-    from mosaic_dag.report.figures import new_figure
+    from mosaic_dag.report.style import new_figure
 
     est = result.model.steps[-1][1] if hasattr(result.model, "steps") else result.model
     n_features = int(getattr(est, "n_features_in_", 0))

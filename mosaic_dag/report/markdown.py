@@ -3,7 +3,7 @@
 Every plot function takes a tidy DataFrame and returns a ``Plot``: the files it wrote, or the
 reason it wrote nothing (missing columns, no rows with a score). A figure is never written
 without data. Figures come from ``mosaic_dag.report.figures`` (one per question, faceted by task,
-one colour per feature source); every file is written atomically, ``index.html`` before
+one colour per feature set); every file is written atomically, ``index.html`` before
 ``index.md``, and ``index.md`` last, so a reader never sees a link to a missing file.
 
 Every plotted point is the configuration with the best VALIDATION score (``val_macro_f1``) of
@@ -17,13 +17,14 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
 
 from mosaic_dag.report import figures as F
-from mosaic_dag.report.html import html_page
+from mosaic_dag.report.html import data_uri, html_page
+from mosaic_dag.report.rows import NoData, best, by_validation, in_language, usable
+from mosaic_dag.report.style import features_label
 from mosaic_dag.storage import atomic_path
 from mosaic_dag.tables import markdown_table
 
@@ -80,7 +81,7 @@ class Report:
     figures: dict[str, Path] = field(default_factory=dict)  # heading -> PNG
 
 
-def save_figure(fig: Figure, png: Path) -> tuple[Path, Path]:
+def write_figure(fig: Figure, png: Path) -> tuple[Path, Path]:
     """PNG (150 dpi) and SVG beside it, each atomically (tests turn matplotlib's layout warnings into errors)."""
     svg = png.with_suffix(".svg")
     with atomic_path(png) as tmp:
@@ -98,7 +99,7 @@ def figure_markdown(build: Callable[[], tuple[Figure, int]], alt: str, dpi: int 
 
     try:
         fig, _ = build()
-    except F.NoData as e:
+    except NoData as e:
         return f"No figure: {e}."
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -108,8 +109,6 @@ def figure_markdown(build: Callable[[], tuple[Figure, int]], alt: str, dpi: int 
 def embedded_markdown(index: Path) -> str:
     """``index.md`` with its relative image links replaced by ``data:`` URIs, so it renders where the files are not
     served (Dagster's metadata view, MLflow's markdown preview)."""
-    from mosaic_dag.report.html import data_uri
-
     def embed(m: re.Match[str]) -> str:
         path = index.parent / m.group(2)
         return f"![{m.group(1)}]({data_uri(path)})" if path.is_file() else m.group(0)
@@ -122,9 +121,9 @@ def _plot(path: str | Path, build: Callable[[], tuple[Figure, int]]) -> Plot:
     target = Path(path)
     try:
         fig, n = build()
-    except F.NoData as e:
+    except NoData as e:
         return Plot(target.stem, None, str(e))
-    png, svg = save_figure(fig, target)
+    png, svg = write_figure(fig, target)
     return Plot(target.stem, png, None, n, svg)
 
 
@@ -163,20 +162,21 @@ def plot_transfer(matrix_df: pd.DataFrame | Mapping[str, pd.DataFrame] | None, p
     return _plot(path, lambda: F.transfer_figure(panels, title))
 
 
-_TRANSFER_KEY = re.compile(r"^(?P<model>[^ ]+)\.L(?P<layer>\d+)\.(?P<sae>[^ ]+) (?P<dataset>[^ ]+) (?P<source>[^ ]+)$")
+_TRANSFER_KEY = re.compile(r"^(?P<model>[^ ]+)\.L(?P<layer>\d+)\.(?P<sae>[^ ]+) (?P<dataset>[^ ]+) (?P<features>[^ ]+)$")
 
 
 def transfer_groups(transfer: Mapping[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]]:
     """'<model>.L<layer>.<sae> <dataset> <features>' matrices grouped per target and dataset, panels titled by
-    source (the SAE's name only on the SAE panel); other names stay alone."""
+    features (the SAE's name only on the SAE panel); other names stay alone."""
     groups: dict[str, dict[str, pd.DataFrame]] = {}
     for name, matrix in transfer.items():
         m = _TRANSFER_KEY.match(name)
         if not m:
             groups.setdefault(name, {})[""] = matrix
             continue
-        src, layer = m["source"], m["layer"]
-        title = {"sae": f"SAE {m['sae']} (L{layer})", "hidden": f"hidden states (L{layer})"}.get(src, F.source_label(src))
+        features, layer = m["features"], m["layer"]
+        title = {"sae": f"SAE {m['sae']} (L{layer})", "hidden": f"hidden states (L{layer})"}.get(features,
+                                                                                             features_label(features))
         groups.setdefault(f"{m['dataset']} ({m['model']}, layer {layer}, SAE {m['sae']})", {})[title] = matrix
     return groups
 
@@ -199,11 +199,11 @@ def _md(df: pd.DataFrame, max_rows: int) -> str:
 def summary_table(results: pd.DataFrame) -> pd.DataFrame | None:
     """Selected in-language row per (dataset, language, features), plus the test-best as a labelled oracle column."""
     try:
-        rows = F.in_language(F.usable(results, ("macro_f1",), "summary"))
-    except F.NoData:
+        rows = in_language(usable(results, ("macro_f1",), "summary"))
+    except NoData:
         return None
     keys = [c for c in ("dataset", "language", "features") if c in rows.columns]
-    chosen = F.best(rows, keys) if keys else F.best(rows.assign(_all=0), ["_all"]).drop(columns="_all")
+    chosen = best(rows, keys) if keys else best(rows.assign(_all=0), ["_all"]).drop(columns="_all")
     cols = [c for c in _TABLE_COLUMNS if c in chosen.columns]
     out = chosen.sort_values(keys or ["macro_f1"], kind="stable")[cols].reset_index(drop=True)
     if keys:
@@ -288,7 +288,7 @@ def write_report(
         md += [_md(conditions.reset_index(drop=True), max_rows), ""]
     all_rows = None
     if len(res):
-        order_col = "val_macro_f1" if F.by_validation(res) else "macro_f1" if "macro_f1" in res.columns else None
+        order_col = "val_macro_f1" if by_validation(res) else "macro_f1" if "macro_f1" in res.columns else None
         rows = res.sort_values(order_col, ascending=False, kind="stable") if order_col else res
         cols = [c for c in _TABLE_COLUMNS if c in rows.columns] or list(rows.columns)
         how = "validation score" if order_col == "val_macro_f1" else "test macro-F1 (no validation score)"

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 from mosaic_dag.report import figures as F
+from mosaic_dag.report import style as S
 from mosaic_dag.report.markdown import (
     plot_binarization,
     plot_conditions,
@@ -72,7 +73,7 @@ def _all_figures() -> dict[str, Figure]:
 
 
 def _colours_by_source(fig: Figure) -> dict[str, set[str]]:
-    names = {F.source_label(s): s for s in ("sae", "hidden", "tfidf")}
+    names = {S.features_label(s): s for s in ("sae", "hidden", "tfidf")}
     out: dict[str, set[str]] = {}
     for ax in fig.axes:
         for artist in [*ax.lines, *ax.patches, *ax.collections, *ax.containers]:
@@ -118,12 +119,12 @@ def test_figures_read_at_a_glance() -> None:
                 assert fig.legends, f"{name}: no legend"
             colours = _colours_by_source(fig)
             for src, cs in colours.items():
-                assert cs == {F.source_colour(src)}, (name, src, cs)
+                assert cs == {S.features_colour(src)}, (name, src, cs)
                 seen.setdefault(src, set()).update(cs)
             flat = [c for cs in colours.values() for c in cs]
             assert len(flat) == len(set(flat)), f"{name}: two sources share a colour"
     assert {"sae", "hidden", "tfidf"} <= set(seen) and all(len(c) == 1 for c in seen.values())
-    assert len({F.source_colour(s) for s in ("sae", "hidden", "tfidf")}) == 3
+    assert len({S.features_colour(s) for s in ("sae", "hidden", "tfidf")}) == 3
 
 
 def test_one_axis_value_is_drawn_as_bars_and_baseline_is_drawn() -> None:
@@ -133,14 +134,14 @@ def test_one_axis_value_is_drawn_as_bars_and_baseline_is_drawn() -> None:
     panel = next(ax for ax in fig.axes if ax.get_title() == "tox.en")
     bars = [p for c in panel.containers if isinstance(c, BarContainer) for p in c.patches]
     assert len(bars) == 2 and n == 4  # SAE and hidden at the single layer, bars not a dot on a line
-    baseline = [ln for ln in panel.lines if ln.get_label() == F.BASELINE_LABEL]
+    baseline = [ln for ln in panel.lines if ln.get_label() == S.BASELINE_LABEL]
     assert baseline and baseline[0].get_ydata()[0] == pytest.approx(0.33)
     cond = curves()
     cond = cond[(cond["condition"] != "noise") | (cond["value"] == 0.2)]  # noise: one value
     fig, _ = F.conditions_figure(cond)
     noise = next(ax for ax in fig.axes if ax.get_title() == "noise")
     assert len([p for c in noise.containers if isinstance(c, BarContainer) for p in c.patches]) == 2
-    assert not [ln for ln in noise.lines if ln.get_label() != F.BASELINE_LABEL and len(ln.get_xdata()) > 1]
+    assert not [ln for ln in noise.lines if ln.get_label() != S.BASELINE_LABEL and len(ln.get_xdata()) > 1]
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,7 @@ def test_plot_uses_validation_selection(tmp_path: Path, monkeypatch: pytest.Monk
     real = figures.best
     monkeypatch.setattr(figures, "best", lambda df, keys: seen.append(real(df, keys)) or seen[-1])
     assert plot_sources(_planted_table(), tmp_path / "s.png").written
-    picked = seen[-1].set_index("_src")["macro_f1"].to_dict()
+    picked = seen[-1].set_index("_features")["macro_f1"].to_dict()
     assert picked == {"sae": 0.75, "hidden": 0.95, "tfidf": 0.72}
 
 

@@ -12,10 +12,10 @@ import scipy.sparse as sp
 from matplotlib.image import imread
 
 from mosaic_dag.probes.core import fit_ksparse, fit_logistic
+from mosaic_dag.report.figures import heatmap_png
 from mosaic_dag.evaluation.transfer import (
     LONG_COLUMNS,
     Split,
-    heatmap_png,
     offdiag_mean,
     tfidf_transfer_matrix,
     transfer_matrix,
