@@ -2,8 +2,7 @@
 
 from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
-from assets.emit import emit, input_version, step_asset, step_partition
-from assets.partitions import pooled_with_dataset, target_dataset_partitions
+from assets.emit import emit, input_version, pooled_step, step_partition
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.analysis import build_conditions
 from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle
@@ -16,12 +15,8 @@ from resources import ExperimentResource, MlflowResource
 
 
 def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
-    @step_asset(
-        "conditions", cfg, partitions_def=target_dataset_partitions, group="probes",
-        ins=pooled_with_dataset(),
-        description="Hard conditions (SAE-Probes style): train-size sweep, class imbalance and label noise, "
-        "one curve per feature source; the test split never changes.",
-    )
+    @pooled_step("conditions", cfg, description="Hard conditions (SAE-Probes style): train-size sweep, class "
+                 "imbalance and label noise, one curve per feature source; the test split never changes.")
     def conditions(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                    pooled: PooledHandle, data: DatasetHandle):  # type: ignore[no-untyped-def]
         cfg, target, key = step_partition(context, experiment)

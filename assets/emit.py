@@ -12,7 +12,7 @@ from typing import Any
 
 from dagster import AssetExecutionContext, AssetIn, AutomationCondition, DataVersion, Output, PartitionsDefinition, asset
 
-from assets.partitions import multi_keys
+from assets.partitions import POOLED_WITH_DATASET, multi_keys, target_dataset_partitions, upstream
 from assets.versions import code_version
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.handles import Handle
@@ -31,6 +31,13 @@ def step_asset(name: str, cfg: ExperimentConfig | None, *, partitions_def: Parti
     return asset(name=name, partitions_def=partitions_def, ins=dict(ins or {}), check_specs=check_specs,
                  group_name=group, io_manager_key="handles", code_version=code_version(name, cfg),
                  automation_condition=automation or AutomationCondition.eager(), description=description)
+
+
+def pooled_step(name: str, cfg: ExperimentConfig | None, *, description: str,
+                check_specs: Sequence[Any] | None = None) -> Callable[..., Any]:
+    """A step on one ``target × dataset`` partition's pooled features and its dataset rows (probes, conditions)."""
+    return step_asset(name, cfg, partitions_def=target_dataset_partitions, group="probes", check_specs=check_specs,
+                      ins=upstream(**POOLED_WITH_DATASET), description=description)
 
 
 def emit(handle: Handle, metadata: Mapping[str, Any], run: TrackedRun | None = None) -> Output:  # type: ignore[type-arg]

@@ -1,10 +1,10 @@
 """Do the selected SAE probe's top latents matter to the probe and to the model? (opt-in: ``interventions.enabled``)"""
 
 import pandas as pd
-from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue
+from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
 from assets.emit import emit, input_version, step_asset, step_partition
-from assets.partitions import BY_DATASET, BY_TARGET, SAME, target_dataset_partitions
+from assets.partitions import BY_TARGET, POOLED_WITH_DATASET, SAME, target_dataset_partitions, upstream
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.interventions import build_interventions
 from mosaic_dag.handles import DatasetHandle, PooledHandle, SaeHandle, TableHandle
@@ -20,10 +20,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
 
     @step_asset(
         "interventions", cfg, partitions_def=target_dataset_partitions, group="probes",
-        ins={"probes": AssetIn("probes", partition_mapping=SAME),
-             "pooled": AssetIn("pooled_features", partition_mapping=SAME),
-             "data": AssetIn("dataset", partition_mapping=BY_DATASET),
-             "sae_handle": AssetIn("sae", partition_mapping=BY_TARGET)},
+        ins=upstream(probes=("probes", SAME), **POOLED_WITH_DATASET, sae_handle=("sae", BY_TARGET)),
         description="For the selected SAE probe's top latents per class: the share of test decisions that flip when the "
         "latent is removed from the pooled features, and the change of the model's output when it is removed at the "
         "SAE's layer (reconstruction + error term): log-prob of the labelled answer, else next-token KL.",

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pandas as pd
-from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue
+from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
 from assets.emit import emit, input_version, step_asset, step_partition
-from assets.partitions import BY_DATASET, BY_TARGET, SAME, target_dataset_partitions
+from assets.partitions import BY_DATASET, BY_TARGET, SAME, target_dataset_partitions, upstream
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.judge import judge_partition, write_judge
 from mosaic_dag.handles import DatasetHandle, SaeHandle, TableHandle
@@ -28,9 +28,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
 
     @step_asset(
         "judge", cfg, partitions_def=target_dataset_partitions, group="probes",
-        ins={"probes": AssetIn("probes", partition_mapping=SAME),
-             "data": AssetIn("dataset", partition_mapping=BY_DATASET),
-             "sae_handle": AssetIn("sae", partition_mapping=BY_TARGET)},
+        ins=upstream(probes=("probes", SAME), data=("dataset", BY_DATASET), sae_handle=("sae", BY_TARGET)),
         description="The LM as a zero-/k-shot judge (summed option log-probabilities; shots from train only) on the "
         "probes' test rows: macro-F1 with CI, paired SAE − judge, and seconds/LM tokens per 1,000 texts of both.",
     )

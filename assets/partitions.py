@@ -20,6 +20,7 @@ from dagster import (
     IdentityPartitionMapping,
     MultiPartitionsDefinition,
     MultiToSingleDimensionPartitionMapping,
+    PartitionMapping,
     SpecificPartitionsPartitionMapping,
 )
 
@@ -59,7 +60,9 @@ def dataset_part(key: str) -> str:
     return target_dataset_partitions.get_partition_key_from_str(str(key)).keys_by_dimension[DATASET_DIM]
 
 
-def pooled_with_dataset() -> dict[str, AssetIn]:
-    """The inputs of a step on one ``target × dataset`` partition's pooled features and its dataset rows."""
-    return {"pooled": AssetIn("pooled_features", partition_mapping=SAME),
-            "data": AssetIn("dataset", partition_mapping=BY_DATASET)}
+def upstream(**inputs: tuple[str, PartitionMapping]) -> dict[str, AssetIn]:
+    """A step's inputs by name: (upstream asset, how that asset's partitions map onto this step's)."""
+    return {name: AssetIn(asset, partition_mapping=mapping) for name, (asset, mapping) in inputs.items()}
+
+
+POOLED_WITH_DATASET = {"pooled": ("pooled_features", SAME), "data": ("dataset", BY_DATASET)}

@@ -7,8 +7,7 @@ import numpy as np
 from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
 from assets.checks import PROBE_CHECKS, probe_results
-from assets.emit import emit, input_version, step_asset, step_partition
-from assets.partitions import pooled_with_dataset, target_dataset_partitions
+from assets.emit import emit, input_version, pooled_step, step_partition
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.sweeps import (
     best_artifacts,
@@ -32,12 +31,9 @@ from resources import ExperimentResource, MlflowResource
 
 
 def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
-    @step_asset(
-        "probes", cfg, partitions_def=target_dataset_partitions, check_specs=PROBE_CHECKS, group="probes",
-        ins=pooled_with_dataset(),
-        description="Logistic, decision-tree and k-sparse probes on SAE and hidden features, plus the TF-IDF baseline; "
-        "hyper-parameters chosen on train/validation only; macro-F1 with bootstrap 95% CI.",
-    )
+    @pooled_step("probes", cfg, check_specs=PROBE_CHECKS, description="Logistic, decision-tree and k-sparse probes on "
+                 "SAE and hidden features, plus the TF-IDF baseline; hyper-parameters chosen on train/validation only; "
+                 "macro-F1 with bootstrap 95% CI.")
     def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                pooled: PooledHandle, data: DatasetHandle):  # type: ignore[no-untyped-def]
         cfg, target, key = step_partition(context, experiment)
