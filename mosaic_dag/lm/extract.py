@@ -64,14 +64,16 @@ class ActivationShard:
 
 @dataclass
 class ExtractionStats:
+    """What one extraction pass did: the step's metadata and the bench read it."""
+
     texts: int = 0
+    layers: list[int] = field(default_factory=list)
     tokens: int = 0
     real_tokens: int = 0
     batches: int = 0
     forward_calls: int = 0
     seconds: float = 0.0
     truncated_texts: int = 0
-    layers: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
