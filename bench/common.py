@@ -247,12 +247,22 @@ def current_rss_mib() -> float:
 # --------------------------------------------------------------------------- densify guard
 
 
+def _caller_outside_scipy() -> str:
+    """file:line (function) of the innermost frame outside scipy.sparse: who asked for the densification."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "scipy/sparse" not in frame.filename:
+            return f"{'/'.join(Path(frame.filename).parts[-3:])}:{frame.lineno} ({frame.name})"
+    return "?"
+
+
 @contextmanager
-def count_densify(min_elements: int = 1 << 20) -> Iterator[dict[str, int]]:
+def count_densify(min_elements: int = 1 << 20) -> Iterator[dict[str, Any]]:
     """Count ``toarray``/``todense`` calls on scipy sparse objects with at least ``min_elements`` cells."""
     import scipy.sparse as sp
 
-    counter = {"calls": 0, "big_calls": 0}
+    counter: dict[str, Any] = {"calls": 0, "big_calls": 0, "big_vectors": 0, "where": {}}
     classes = {type(x) for x in (sp.csr_matrix((1, 1)), sp.csc_matrix((1, 1)), sp.coo_matrix((1, 1)),
                                  sp.csr_array((1, 1)), sp.csc_array((1, 1)), sp.coo_array((1, 1)))}
     owners: dict[tuple[type, str], Any] = {}
@@ -270,6 +280,9 @@ def count_densify(min_elements: int = 1 << 20) -> Iterator[dict[str, int]]:
                 counter["calls"] += 1
                 if self.shape[0] * self.shape[1] >= min_elements:
                     counter["big_calls"] += 1
+                    counter["big_vectors"] += int(min(self.shape) == 1)  # one row or column of width size
+                    site = _caller_outside_scipy()
+                    counter["where"][site] = counter["where"].get(site, 0) + 1
             depth[0] += 1
             try:
                 return orig(self, *args, **kwargs)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import median, merge_peaks, peak_matmul_gflops, spot_peak
+from bench.common import load_average, median, merge_peaks, peak_matmul_gflops, spot_peak
 
 TARGET = 0.50
 
@@ -109,24 +109,60 @@ def measure(acts: np.ndarray, *, width: int, k: int, batches: list[int], threads
                 if stock:
                     t_stock.append(_steps(*stock, max(1, steps // 4)))
             flops = step_flops(batch, d, width, nnz=int(round(k * batch)))["total"]
+            enc_flops = 2.0 * batch * d * width
+            # each repeat's step against the encoder-shaped product timed right after it (same threads, same load)
+            adjacent = [flops / tf / (enc_flops / tm) for tf, tm in zip(t_fast, t_mm)]
             row = {"threads": n_threads, "batch": batch, "step_s": median(t_fast), "tokens_per_s": batch / median(t_fast),
                    "flops_per_step": flops, "encoder_matmul_s": median(t_mm),
-                   "step_over_encoder_matmul": median(t_fast) / median(t_mm)}
+                   "encoder_matmul_gflops": enc_flops / median(t_mm) / 1e9,
+                   "step_over_encoder_matmul": median(t_fast) / median(t_mm),
+                   "share_of_adjacent_matmul": median(adjacent), "load_average": load_average()}
             if stock:
                 row |= {"stock_step_s": median(t_stock), "stock_tokens_per_s": batch / median(t_stock),
                         "speedup_vs_stock": median(t_stock) / median(t_fast)}
             rows.append(row)
             print(f"[5] threads {n_threads} batch {batch}: {row['tokens_per_s']:.0f} tok/s "
-                  f"({row['step_over_encoder_matmul']:.2f} encoder products per step)"
+                  f"({row['step_over_encoder_matmul']:.2f} encoder products per step; "
+                  f"{100 * row['share_of_adjacent_matmul']:.0f}% of the adjacent product's rate; load {row['load_average']})"
                   + (f", stock {row['stock_tokens_per_s']:.0f} tok/s = {row['speedup_vs_stock']:.1f}x" if stock else ""),
                   flush=True)
     merged = merge_peaks(peak, *spots) if spots else peak
     for row in rows:
         row["achieved_gflops"] = row["flops_per_step"] / row["step_s"] / 1e9
         row["roofline_fraction"] = row["achieved_gflops"] / merged["float32"]["gflops"]
+        # the 1-thread product against the all-threads roofline: what one thread can reach at most
+        row["encoder_matmul_roofline_fraction"] = row["encoder_matmul_gflops"] / merged["float32"]["gflops"]
         if "stock_step_s" in row:
             row["stock_roofline_fraction"] = row["flops_per_step"] / row["stock_step_s"] / 1e9 / merged["float32"]["gflops"]
     return {"rows": rows, "peak": merged}
+
+
+def profile(acts: np.ndarray, *, width: int, k: int, batch: int, threads: int, steps: int = 6, top: int = 14) -> dict[str, Any]:
+    """Where a step's time goes: torch's profiler over ``steps`` steps of (a), ops by self time.
+
+    scipy's products run inside the backward (``_StepBackward``'s self time); the encoder product is
+    the ``aten::addmm`` of the forward.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    trainer, data = _trainer(acts, width, k, batch, 10**6, stock=False)
+    _steps(trainer, data, 2)
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        _steps(trainer, data, steps)
+    wall = (time.perf_counter() - t0) / steps
+    torch.set_num_threads(n_threads)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ops = [{"op": e.key, "share": e.self_cpu_time_total / total, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+            "calls_per_step": e.count / steps} for e in events[:top]]
+    enc = next((o["ms_per_step"] for o in ops if o["op"] == "aten::addmm"), float("nan"))
+    return {"batch": batch, "threads": threads, "step_ms_profiled": wall * 1e3, "encoder_ms": enc, "ops": ops,
+            "load_average": load_average()}
 
 
 def whole_training(acts: np.ndarray, *, width: int, k: int, batch: int, tokens: int, workdir: Path) -> dict[str, Any]:
@@ -180,11 +216,16 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
              f"fp32 peak {r['peak']['float32']['gflops']:.0f} GFLOP/s")]
     for x in r["rows"]:
         v = (f"{x['tokens_per_s']:.0f} tok/s, {x['achieved_gflops']:.0f} GFLOP/s = {100 * x['roofline_fraction']:.0f}% of fp32 roofline; "
-             f"{x['step_over_encoder_matmul']:.2f}x the encoder product's time")
+             f"{x['step_over_encoder_matmul']:.2f}x the encoder product's time = {100 * x['share_of_adjacent_matmul']:.0f}% of "
+             f"the adjacent encoder-shaped product's rate ({x['encoder_matmul_gflops']:.0f} GFLOP/s = "
+             f"{100 * x['encoder_matmul_roofline_fraction']:.0f}% of the roofline); load average {x['load_average']}")
         if "stock_step_s" in x:
             v += (f"; sae-lens stock step {x['stock_tokens_per_s']:.0f} tok/s ({100 * x['stock_roofline_fraction']:.0f}%), "
                   f"speed-up {x['speedup_vs_stock']:.1f}x")
         rows.append((f"5 batch {x['batch']}, {x['threads']} thread(s)", v))
+    for pr in r.get("profiles", []):
+        rows.append((f"5 profile batch {pr['batch']}, {pr['threads']} thread(s) (ms per step, profiled {pr['step_ms_profiled']:.0f})",
+                     "; ".join(f"{o['op']} {o['ms_per_step']:.1f} ({100 * o['share']:.0f}%)" for o in pr["ops"][:10])))
     w = r.get("whole")
     if w:
         rows.append(("5 train_sae end to end", f"{w['training_tokens']} tokens in {w['wall_s']:.1f} s = {w['tokens_per_s']:.0f} tok/s; "
@@ -195,7 +236,9 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 def verdict(r: dict[str, Any]) -> dict[str, Any]:
     x = r["default"]
     return {"target": f"5 SAE training (batch {x['batch']}, {x['threads']} threads) share of the fp32 roofline",
-            "measured": f"{100 * x['roofline_fraction']:.1f}%", "goal": f">= {100 * TARGET:.0f}%",
+            "measured": f"{100 * x['roofline_fraction']:.1f}% (each step against the encoder-shaped product timed next to it: "
+                        f"{100 * x['share_of_adjacent_matmul']:.1f}%; load average {x['load_average']})",
+            "goal": f">= {100 * TARGET:.0f}%",
             "pass": x["roofline_fraction"] >= TARGET}
 
 
@@ -214,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--whole-tokens", type=int, default=100_000, help="tokens for one whole train_sae run (0: skip)")
+    p.add_argument("--peak-repeats", type=int, default=5, help="runs per shape of the roofline matmuls (best is kept)")
+    p.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
+                   help="also profile a step at these batch sizes (ops by self time, default threads)")
     p.add_argument("--synthetic-acts", type=int, default=0, help="N Gaussian rows (d 640) instead of real activations")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "sae_train.json")
     args = p.parse_args(argv)
@@ -224,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             acts = real_acts(args.model_id, tweets(args.texts), 6, Path(tmp))
         res = run(acts, width=args.width, batches=tuple(args.batches), threads=tuple(args.threads), steps=args.steps,
-                  repeats=args.repeats, whole_tokens=args.whole_tokens, workdir=Path(tmp))
+                  repeats=args.repeats, whole_tokens=args.whole_tokens, workdir=Path(tmp),
+                  peak=peak_matmul_gflops(args.peak_repeats))
+        res["profiles"] = [profile(acts, width=args.width, k=32, batch=b, threads=t) for b in args.profile for t in args.threads]
     res["verdict"] = verdict(res)
     for k, v in table_rows(res):
         print(f"| {k} | {v} |")

@@ -56,6 +56,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from bench.common import count_densify
     from mosaic_dag.features.pooling import pool_sparse
     from mosaic_dag.probes.core import fit_ksparse, fit_logistic
+    from mosaic_dag.probes.wide import active_columns
     from mosaic_dag.sae.encode import encode_sparse
     from mosaic_dag.sae.stats import encode_stats
 
@@ -108,7 +109,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "encode_pool_s": encode_s, "logistic_s": logistic_s, "ksparse_s": ksparse_s,
         "encode_pool_s_per_1k_texts": encode_s * per_1k, "probes_s_per_1k_texts": (logistic_s + ksparse_s) * per_1k,
         "encode_gflop": 2.0 * acts.shape[1] * args.width * real_tokens / 1e9,
-        "big_densifications": dens["big_calls"], "threads": args.threads,
+        "big_densifications": dens["big_calls"], "big_densified_vectors": dens["big_vectors"],
+        "densified_where": dens["where"], "fit_active_columns": int(active_columns(pooled[: n_tr + n_va]).size),
+        "threads": args.threads,
     }
 
 
@@ -178,7 +181,7 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((label, f"per 1k texts: codes+stats+pool {x['encode_pool_s_per_1k_texts']:.1f} s, probes "
                      f"{x['probes_s_per_1k_texts']:.1f} s; peak RSS {x['peak_rss_work_mib']:.0f} MiB (weights "
                      f"{x['sae_weights_mib']:.0f} MiB, above them {x['peak_above_weights_mib']:.0f} MiB); L0 {x['mean_l0']:.0f}; "
-                     f"{x['big_densifications']} densifications"))
+                     f"{x['big_densifications']} densifications; logistic fitted on {x.get('fit_active_columns', '?')} active columns"))
     return rows
 
 

@@ -39,6 +39,7 @@ from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 from threadpoolctl import threadpool_limits
 
+from mosaic_dag.probes.wide import fit_on_active_columns
 from mosaic_dag.storage import temp_prefix
 
 Matrix = sp.spmatrix | sp.sparray | np.ndarray
@@ -332,8 +333,7 @@ def fit_logistic(
         error_score="raise",
     )
     with threadpool_limits(limits=blas_threads):
-        search.fit(X_fit, y_fit)
-        model: Pipeline = search.best_estimator_
+        model: Pipeline = fit_on_active_columns(search, X_fit, y_fit)
         pred, proba = _predict(model, Xte)
     classes = np.asarray(model.classes_)
     return ProbeResult(

@@ -22,14 +22,17 @@ from bench.common import count_densify
 def test_count_densify_sees_big_toarray_only():
     big = sp.random(2048, 2048, density=1e-3, format="csr", dtype=np.float32, random_state=0)
     small = sp.csr_matrix(np.eye(3, dtype=np.float32))
+    row = sp.random(1, 1 << 21, density=1e-5, format="csr", dtype=np.float32, random_state=0)
     with count_densify(min_elements=1 << 20) as c:
         small.toarray()
         big.toarray()
         big.tocoo().todense()
+        row.toarray()  # one row of width size: big, and counted as a vector
         (big @ big.T).tocsr()  # sparse products stay sparse: not counted
-    assert c == {"calls": 3, "big_calls": 2}
+    assert (c["calls"], c["big_calls"], c["big_vectors"]) == (4, 3, 1)
+    assert sum(c["where"].values()) == 3 and all("test_bench_smoke.py" in site for site in c["where"])  # the asking line
     big.toarray()  # restored outside the context
-    assert c["calls"] == 3
+    assert c["calls"] == 4
 
 
 def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Path):
@@ -80,9 +83,11 @@ def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Pat
     assert row["batch"] == 64 and row["threads"] == 1 and row["speedup_vs_stock"] > 0
     assert row["flops_per_step"] == pytest.approx(2 * 64 * st["d_in"] * 4096 + 8 * 64 * 32 * st["d_in"])
     assert row["roofline_fraction"] == pytest.approx(row["achieved_gflops"] / st["peak"]["float32"]["gflops"])
+    assert row["share_of_adjacent_matmul"] > 0 and row["encoder_matmul_gflops"] > 0
     # 6: one subprocess per width, its codes never densified, its peak above the weights reported.
     w = res["wide_sae"]["widths"]["512"]
     assert w["texts"] == 30 and w["big_densifications"] == 0 and w["mean_l0"] > 0
+    assert 0 < w["fit_active_columns"] <= 512
     assert w["peak_above_weights_mib"] == pytest.approx(w["peak_rss_work_mib"] - w["sae_weights_mib"])
     assert {v["target"][:1] for v in res["verdicts"]} >= {"5", "6"}
 

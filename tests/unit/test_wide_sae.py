@@ -96,3 +96,55 @@ def test_wide_pooled_codes_fit_sparse_probes(wide: None) -> None:
     assert res.model.steps[-1][1].coef_.shape[-1] == WIDTH
     assert ks.selected_features is not None and ks.selected_features.size == 16
     assert res.metrics.macro_f1 > 0.5
+
+
+def _wide_problem(seed: int = 0) -> tuple[sp.csr_matrix, np.ndarray]:
+    """240 rows x 3,000 columns, 3 classes; only the first 400 columns ever fire (like a wide SAE on few texts)."""
+    rng = np.random.default_rng(seed)
+    X = sp.random(240, 400, density=0.05, random_state=seed, format="csr", dtype=np.float64) * 5.0
+    y = np.arange(240) % 3
+    X = X + sp.csr_matrix((np.eye(3)[y] @ rng.random((3, 400))) * (X.toarray() > 0))  # class signal on active cells
+    return sp.hstack([X, sp.csr_matrix((240, 2600))], format="csr"), y
+
+
+def test_active_column_fit_equals_full_fit() -> None:
+    from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import MaxAbsScaler
+
+    from mosaic_dag.probes.wide import active_columns, fit_on_active_columns
+
+    X, y = _wide_problem()
+    assert active_columns(X).size <= 400 < X.shape[1]
+    pipe = Pipeline([("scale", MaxAbsScaler()),
+                     ("clf", LogisticRegression(class_weight="balanced", max_iter=5000, tol=1e-10))])
+    search = GridSearchCV(pipe, {"clf__C": [0.01, 0.1, 1.0, 10.0]}, scoring="f1_macro",
+                          cv=StratifiedKFold(5, shuffle=True, random_state=0))
+    full = clone(search).fit(X, y)
+    model = fit_on_active_columns(search, X, y)
+    assert search.best_params_ == full.best_params_
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"], full.cv_results_["mean_test_score"], atol=1e-12)
+    ref = full.best_estimator_
+    assert model.named_steps["clf"].coef_.shape == ref.named_steps["clf"].coef_.shape == (3, X.shape[1])
+    np.testing.assert_allclose(model.named_steps["clf"].coef_, ref.named_steps["clf"].coef_, atol=1e-6)
+    np.testing.assert_allclose(model.named_steps["clf"].intercept_, ref.named_steps["clf"].intercept_, atol=1e-6)
+    np.testing.assert_allclose(model.named_steps["scale"].scale_, ref.named_steps["scale"].scale_)
+    # new rows with values in columns never active in fitting: same answers as the full fit
+    rng = np.random.default_rng(5)
+    X_new = sp.random(50, X.shape[1], density=0.02, random_state=rng, format="csr") * 5.0
+    np.testing.assert_array_equal(model.predict(X_new), ref.predict(X_new))
+    np.testing.assert_allclose(model.predict_proba(X_new), ref.predict_proba(X_new), atol=1e-6)
+
+
+def test_fit_logistic_on_wide_sparse_answers_at_full_width(tmp_path: object) -> None:
+    from mosaic_dag.probes.core import load_model, save_model
+
+    X, y = _wide_problem(1)
+    res = fit_logistic(X[:150], y[:150], X[150:200], y[150:200], X[200:], y[200:], n_boot=10)
+    clf = res.model.named_steps["clf"]
+    assert clf.coef_.shape == (3, X.shape[1]) and res.model.n_features_in_ == X.shape[1]
+    assert not clf.coef_[:, 400:].any()  # never-active columns carry no weight
+    path = save_model(res.model, tmp_path / "p.skops")  # type: ignore[operator]
+    np.testing.assert_array_equal(load_model(path).predict(X[200:]), res.test_pred)
