@@ -13,13 +13,9 @@ from dagster import (
 
 from assets.partitions import BY_DATASET, BY_TARGET, EVERY, SAME, dataset_part, multi_keys, target_dataset_partitions, target_partitions
 from assets.versions import code_version
-from mosaic_dag.evaluation.analysis import (
-    build_conditions,
-    build_report,
-    build_transfer,
-    multilingual_datasets,
-    write_transfer,
-)
+from mosaic_dag.evaluation.conditions import build_conditions
+from mosaic_dag.evaluation.transfer import build_transfer, multilingual_datasets, write_transfer
+from mosaic_dag.report.build import build_report
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.paths import conditions_file
 from mosaic_dag.report.figures import conditions_figure, transfer_figure
@@ -28,7 +24,7 @@ from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, dataset_keys, parse_dataset
 from mosaic_dag.report.markdown import embedded_markdown, figure_markdown, transfer_groups
 from mosaic_dag.storage import stable_hash, write_parquet
 from mosaic_dag.tables import markdown_table
-from mosaic_dag.evaluation.transfer import offdiag_mean
+from mosaic_dag.evaluation.transfer_matrix import offdiag_mean
 from resources import ExperimentResource, MlflowResource
 from resources.mlflow import run_metadata
 
@@ -105,7 +101,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         )
         def task_transfer(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
                           pooled: dict, data: dict):  # type: ignore[no-untyped-def, type-arg]
-            from mosaic_dag.evaluation.analysis import build_task_transfer, task_partitions, write_task_transfer
+            from mosaic_dag.evaluation.tasks import build_task_transfer, task_partitions, write_task_transfer
             from mosaic_dag.handles import UpstreamMissing
 
             cfg = experiment.load()

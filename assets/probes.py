@@ -20,18 +20,17 @@ from dagster import (
 from assets.partitions import BY_DATASET, SAME, multi_keys, target_dataset_partitions
 from assets.versions import code_version
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation.sweeps import (
+from mosaic_dag.evaluation.artifacts import (
     best_artifacts,
-    best_rows,
-    comparison_metadata,
-    comparison_metrics,
     label_names,
     probe_checks,
-    run_probes,
     selected_run_log,
     top_latents_markdown,
-    write_results,
 )
+from mosaic_dag.evaluation.comparisons import comparison_metadata, comparison_metrics
+from mosaic_dag.evaluation.results import write_results
+from mosaic_dag.evaluation.selection import best_rows
+from mosaic_dag.evaluation.sweeps import build_probes
 from mosaic_dag.features.pooled import build_pooled
 from mosaic_dag.report.figures import sources_figure
 from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledHandle, TableHandle
@@ -112,7 +111,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         target, key = _keys(context)
         frame = read_frame(data)
         with mlflow.run(context, cfg) as run:
-            results = run_probes(cfg, target, pooled, data, mlflow_run_id=run.run_id,
+            results = build_probes(cfg, target, pooled, data, mlflow_run_id=run.run_id,
                                  progress=lambda d, t: context.log.info(f"probes {d}/{t}") if d % 10 == 0 or d == t else None)
             table = results.table
             path = write_results(cfg, target, key.dataset, key.language, table, predictions=results.predictions)
@@ -136,7 +135,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                     run.log_artifact(file, folder)
                 run.log_artifact(path, "results")
         checks = probe_checks(results)
-        show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "val_macro_f1", "macro_f1",
+        show = best[["features", "pooling", "analyzer", "threshold", "top_n", "classifier", "k", "val_macro_f1", "macro_f1",
                      "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc"]]
         handle = TableHandle(paths=[str(path)], inputs=stable_hash([pooled.version, data.version,
                                                                     code_version("probes", cfg)]))

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from mosaic_dag.evaluation.schema import TABLE_COLUMNS
 from mosaic_dag.report import figures as F
 from mosaic_dag.report.html import html_page
 from mosaic_dag.storage import atomic_path
@@ -45,12 +46,7 @@ __all__ = [
 ]
 
 FIGURE_DPI = 150
-_TABLE_COLUMNS: tuple[str, ...] = (
-    "model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
-    "classifier", "k", "train_language", "test_language", "val_macro_f1", "selected", "macro_f1",
-    "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc", "n_train", "n_test", "vs_hidden", "vs_tfidf",
-    "vs_judge", "cost",
-)
+_TABLE_COLUMNS: tuple[str, ...] = TABLE_COLUMNS
 
 
 @dataclass(frozen=True)

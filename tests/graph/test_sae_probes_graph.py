@@ -11,7 +11,8 @@ from mosaic_dag.cli import main
 from mosaic_dag.sae.codes import CodesStore, forget_saes, load_target_sae
 from mosaic_dag.handles import SaeHandle
 from mosaic_dag.config import load_config
-from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS, results_table
+from mosaic_dag.evaluation.results import results_table
+from mosaic_dag.evaluation.schema import RESULT_COLUMNS
 from mosaic_dag.lm.extract import HiddenCache
 from mosaic_dag.keys import parse_target
 from mosaic_dag.runner import run_experiment
@@ -54,7 +55,7 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
         assert row["val_macro_f1"] == same["val_macro_f1"].max()
     sae_row = chosen[chosen["features"] == "sae"].iloc[0]
     assert sae_row["vs_hidden"].split(":")[0] in {"SAE better", "no difference", "SAE worse"}
-    from mosaic_dag.evaluation.analysis import comparisons_table
+    from mosaic_dag.report.build import comparisons_table
     from mosaic_dag.paths import predictions_file
 
     preds = pd.read_parquet(predictions_file(cfg, parse_target("tiny.L1.btk"), "toy", "en"))

@@ -22,7 +22,7 @@ from mosaic_dag.data.behaviour import (
     multiple_choice_labels,
     option_logprobs,
 )
-from mosaic_dag.probes.core import fit_logistic
+from mosaic_dag.probes.linear import fit_logistic
 from tests.support.models import WORDS
 
 

@@ -10,20 +10,13 @@ import pytest
 from sklearn.metrics import f1_score
 
 from mosaic_dag.evaluation.comparisons import overall, paired_bootstrap, paired_comparison, verdict
-from mosaic_dag.evaluation.sweeps import (
-    PartitionResults,
-    ProbeRun,
-    ProbeSpec,
-    _typed,
-    best_artifacts,
-    best_rows,
-    best_run,
-    mark_selected,
-    oracle_rows,
-    partition_comparisons,
-    probe_checks,
-)
-from mosaic_dag.probes.core import fit_logistic, fit_tree
+from mosaic_dag.evaluation.artifacts import best_artifacts, probe_checks
+from mosaic_dag.evaluation.comparisons import partition_comparisons
+from mosaic_dag.evaluation.schema import typed_results
+from mosaic_dag.evaluation.selection import best_rows, best_run, mark_selected, oracle_rows
+from mosaic_dag.evaluation.sweeps import PartitionResults, ProbeRun, ProbeSpec
+from mosaic_dag.probes.linear import fit_logistic
+from mosaic_dag.probes.tree import fit_tree
 from mosaic_dag.report.markdown import plot_sources, write_report
 
 
@@ -39,7 +32,7 @@ def _row(features: str, classifier: str, val: float, test: float, layer: int = 6
 
 def _planted_table() -> pd.DataFrame:
     """SAE 'tree' is best on TEST and worst on validation; SAE 'logistic' at layer 12 is validation-best."""
-    return _typed(pd.DataFrame([
+    return typed_results(pd.DataFrame([
         _row("sae", "tree", val=0.51, test=0.99),
         _row("sae", "logistic", val=0.80, test=0.70),
         _row("sae", "ksparse", val=0.90, test=0.75, layer=12),
@@ -153,7 +146,7 @@ def test_overall_averages_tasks() -> None:
 
 def test_ties_keep_the_partitions_own_pick_across_tables() -> None:
     """Equal validation scores: the row its partition selected (config order) wins, whatever the table order."""
-    table = _typed(pd.DataFrame([
+    table = typed_results(pd.DataFrame([
         _row("sae", "tree", val=0.9, test=0.99, pooling="max", probe="sae/max/tree"),
         _row("sae", "logistic", val=0.9, test=0.60, probe="sae/mean/logistic"),
     ]))

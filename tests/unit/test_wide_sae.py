@@ -14,7 +14,8 @@ from tests.support.sae import make_sae
 
 import mosaic_dag.sae.core as sae_mod
 from mosaic_dag.features.pooling import pool_sparse
-from mosaic_dag.probes.core import fit_ksparse, fit_logistic
+from mosaic_dag.probes.ksparse import fit_ksparse
+from mosaic_dag.probes.linear import fit_logistic
 from mosaic_dag.sae.core import encode_sparse, encode_stats
 
 WIDTH = 2000  # not a multiple of the tile: the last tile is narrower
@@ -92,6 +93,6 @@ def test_wide_pooled_codes_fit_sparse_probes(wide: None) -> None:
     tr, va, te = slice(0, 36), slice(36, 48), slice(48, 60)
     res = fit_logistic(pooled[tr], y[tr], pooled[va], y[va], pooled[te], y[te], Cs=(0.1, 1.0), n_splits=2, n_boot=20)
     ks = fit_ksparse(pooled[tr], y[tr], pooled[va], y[va], pooled[te], y[te], k=16, Cs=(1.0,), n_splits=2, n_boot=20)
-    assert res.model.steps[-1][1].coef_.shape[-1] == WIDTH
+    assert res.estimator.steps[-1][1].coef_.shape[-1] == WIDTH
     assert ks.selected_features is not None and ks.selected_features.size == 16
     assert res.metrics.macro_f1 > 0.5
