@@ -1,5 +1,5 @@
 """What the probes asset records for a partition: the MLflow params/metrics of each source's selected probe,
-its top SAE latents, a confusion matrix and the skops file of the best probe per source, and the asset checks."""
+its top SAE latents, a confusion matrix and the skops file of the best probe per feature source, and the asset checks."""
 
 from __future__ import annotations
 
@@ -26,29 +26,29 @@ def selected_run_log(results: PartitionResults, label_names: dict[int, str] | No
     """What a partition's MLflow run records for each source's validation-selected probe.
 
     Params: its configuration (pooling, threshold, top-n, classifier, k) and the fitted hyper-parameters
-    (``<source>.<name>``). Metrics: test macro-F1 with its 95% CI bounds, accuracy, AUROC, the validation
-    score it was selected by, and precision/recall/F1 per class (``<source>_<class>_f1``)."""
+    (``<features>.<name>``). Metrics: test macro-F1 with its 95% CI bounds, accuracy, AUROC, the validation
+    score it was selected by, and precision/recall/F1 per class (``<features>_<class>_f1``)."""
     params: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     names = label_names or {}
-    for source in ("sae", "hidden", "tfidf"):
-        run = best_run(results.runs, source)
+    for features in ("sae", "hidden", "tfidf"):
+        run = best_run(results.runs, features)
         if run is None:
             continue
         spec, m = run.spec, run.result.metrics
-        params |= {f"{source}.probe": spec.label, f"{source}.pooling": spec.pooling or "", f"{source}.classifier": spec.classifier,
-                   f"{source}.threshold": spec.threshold, f"{source}.top_n": spec.top_n, f"{source}.k": spec.k}
-        params |= {f"{source}.{k}": v for k, v in (run.result.params or {}).items()}
-        metrics |= {f"{source}_macro_f1": m.macro_f1, f"{source}_macro_f1_ci_low": m.macro_f1_ci_low,
-                    f"{source}_macro_f1_ci_high": m.macro_f1_ci_high, f"{source}_accuracy": m.accuracy,
-                    f"{source}_auroc": m.auroc, f"{source}_val_macro_f1": run.result.val_macro_f1}
+        params |= {f"{features}.probe": spec.label, f"{features}.pooling": spec.pooling or "", f"{features}.classifier": spec.classifier,
+                   f"{features}.threshold": spec.threshold, f"{features}.top_n": spec.top_n, f"{features}.k": spec.k}
+        params |= {f"{features}.{k}": v for k, v in (run.result.params or {}).items()}
+        metrics |= {f"{features}_macro_f1": m.macro_f1, f"{features}_macro_f1_ci_low": m.macro_f1_ci_low,
+                    f"{features}_macro_f1_ci_high": m.macro_f1_ci_high, f"{features}_accuracy": m.accuracy,
+                    f"{features}_auroc": m.auroc, f"{features}_val_macro_f1": run.result.val_macro_f1}
         for cls_value, scores in m.per_class.items():
             try:
                 name = names.get(int(cls_value), str(cls_value))
             except ValueError:
                 name = str(cls_value)
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))
-            metrics |= {f"{source}_{safe}_{k}": float(v) for k, v in scores.items() if k != "support"}
+            metrics |= {f"{features}_{safe}_{k}": float(v) for k, v in scores.items() if k != "support"}
     return params, metrics
 
 
@@ -85,13 +85,13 @@ def best_artifacts(results: PartitionResults, frame: pd.DataFrame, folder: Path)
     names = label_names(frame)
     y_test = frame["label"].to_numpy()[frame["split"].to_numpy() == "test"]
     out: list[tuple[Path, str]] = []
-    for source in ("sae", "hidden", "tfidf"):
-        best = best_run(results.runs, source)
+    for features in ("sae", "hidden", "tfidf"):
+        best = best_run(results.runs, features)
         if best is None:
             continue
-        png = confusion_png(best, y_test, names, folder / f"confusion-{source}.png", f"{source}: {best.spec.label}")
+        png = confusion_png(best, y_test, names, folder / f"confusion-{features}.png", f"{features}: {best.spec.label}")
         out.append((png, "confusion"))
-        out.append((save_probe(best.result.estimator, folder / f"best-{source}.skops"), "models"))
+        out.append((save_probe(best.result.estimator, folder / f"best-{features}.skops"), "models"))
     return out
 
 

@@ -135,13 +135,13 @@ def partition_comparisons(runs: "list[ProbeRun]", y_test: np.ndarray, *, n_boot:
     out: list[Paired] = []
     if sae is None:
         return out
-    for other_source in ("hidden", "tfidf"):
-        other = best_run(runs, other_source)
+    for other_features in ("hidden", "tfidf"):
+        other = best_run(runs, other_features)
         if other is None:
             continue
         if list(other.test_ids) != list(sae.test_ids):
             raise ValueError(f"{other.spec.label}: scored on other test rows than {sae.spec.label}; cannot pair them")
-        out.append(paired_comparison(f"sae-{other_source}", y_test, (sae.spec.label, np.asarray(sae.result.test_pred)),
+        out.append(paired_comparison(f"sae-{other_features}", y_test, (sae.spec.label, np.asarray(sae.result.test_pred)),
                                      (other.spec.label, np.asarray(other.result.test_pred)), n_boot=n_boot, seed=seed))
     return out
 

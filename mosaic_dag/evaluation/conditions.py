@@ -20,7 +20,7 @@ from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.results import read_results_file
 from mosaic_dag.evaluation.schema import SCORE_COLUMNS, score_fields
 from mosaic_dag.evaluation.sweeps import SplitRows
-from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
+from mosaic_dag.features.pooled import PooledResult, feature_name, read_matrix
 from mosaic_dag.features.tfidf import make_vectorizer
 from mosaic_dag.handles import DatasetHandle, PooledHandle
 from mosaic_dag.keys import TargetKey, dataset_keys, targets
@@ -230,25 +230,25 @@ def build_conditions(cfg: ExperimentConfig, target: TargetKey, pooled_handle: Po
     pooled = PooledResult.of(pooled_handle)
     seed, n_boot = cfg.classification.seed, cfg.classification.bootstrap
     parts = []
-    for source in ("sae", "hidden") + (() if is_image_frame(frame) else ("tfidf",)):
+    for features in ("sae", "hidden") + (() if is_image_frame(frame) else ("tfidf",)):
         analyzer = ""
-        if source == "tfidf":
+        if features == "tfidf":
             vec = make_vectorizer("word", language)
             texts = frame["text"].to_numpy()
             vec.fit(list(texts[np.concatenate([r.train, r.validation])]))  # never the test texts
             X = vec.transform(list(texts))
             pooling, analyzer = "", "word"
         else:
-            pooling = cc.pooling if not (source == "hidden" and cc.pooling == "topn_count") else "mean"
-            name = feature_name(source, pooling, cc.top_n if pooling == "topn_count" else None)
-            X = load_matrix(pooled.files[name]) if name in pooled.files else None
+            pooling = cc.pooling if not (features == "hidden" and cc.pooling == "topn_count") else "mean"
+            name = feature_name(features, pooling, cc.top_n if pooling == "topn_count" else None)
+            X = read_matrix(pooled.files[name]) if name in pooled.files else None
             if X is None:
                 continue
         curves = condition_curves(X[r.train], r.y(r.train), X[r.validation], r.y(r.validation), X[r.test], r.y(r.test),
                                   sizes=cc.sizes, imbalances=cc.imbalances, noise_rates=cc.noise_rates,
                                   seed=seed, n_boot=n_boot)
-        parts.append(curves.assign(features=source, pooling=pooling, analyzer=analyzer, model=target.model, layer=target.layer,
-                                   sae=target.sae if source == "sae" else "", dataset=dataset, language=language))
+        parts.append(curves.assign(features=features, pooling=pooling, analyzer=analyzer, model=target.model, layer=target.layer,
+                                   sae=target.sae if features == "sae" else "", dataset=dataset, language=language))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 

@@ -245,7 +245,7 @@ def build_interventions(cfg: Any, target: Any, pooled_handle: Any, data: Any, re
     from mosaic_dag.evaluation.artifacts import label_names
     from mosaic_dag.evaluation.selection import best_rows
     from mosaic_dag.evaluation.sweeps import SplitRows, fit_spec
-    from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
+    from mosaic_dag.features.pooled import PooledResult, feature_name, read_matrix
     from mosaic_dag.pipeline import read_frame
     from mosaic_dag.features.pooling import binarize
     from mosaic_dag.probes.fit import predict
@@ -262,7 +262,7 @@ def build_interventions(cfg: Any, target: Any, pooled_handle: Any, data: Any, re
     row = best_rows(sae_rows).iloc[0]
     spec = _probe_spec(row)
     pooled = PooledResult.of(pooled_handle)
-    X = load_matrix(pooled.files[feature_name("sae", spec.pooling or "", spec.top_n)])
+    X = read_matrix(pooled.files[feature_name("sae", spec.pooling or "", spec.top_n)])
     if spec.threshold is not None:
         X = binarize(X, spec.threshold, signed=pooled.signed)
     result = fit_spec(spec, X, rows, cls.seed, 0, language)

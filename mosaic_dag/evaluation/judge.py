@@ -212,7 +212,7 @@ def judge_partition(cfg: Any, target: Any, dataset: str, language: str, frame: p
     record = result_row(**{
         "model": target.model, "layer": target.layer, "sae": "",  # the partition it is paired in; judge.model answers
         "dataset": dataset, "language": language, "train_language": language, "test_language": language,
-        "features": "judge", "pooling": f"{jc.shots}-shot", "threshold": math.nan, "top_n": None,
+        "features": "judge", "pooling": "", "threshold": math.nan, "top_n": None,  # shots: in probe and n_train
         "classifier": "judge", "k": None, "probe": label, "val_macro_f1": math.nan, "selected": True,
         "macro_f1": m.macro_f1, "macro_f1_ci_low": m.macro_f1_ci_low, "macro_f1_ci_high": m.macro_f1_ci_high,
         "accuracy": m.accuracy, "auroc": m.auroc, "n_train": len(shots), "n_test": m.n_test,

@@ -20,7 +20,7 @@ from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.comparisons import Paired, partition_comparisons, with_verdicts
 from mosaic_dag.evaluation.schema import RESULT_COLUMNS, result_row, typed_results
 from mosaic_dag.evaluation.selection import mark_selected
-from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
+from mosaic_dag.features.pooled import PooledResult, feature_name, read_matrix
 from mosaic_dag.features.pooling import binarize
 from mosaic_dag.features.tfidf import fit_tfidf
 from mosaic_dag.handles import DatasetHandle, PooledHandle
@@ -156,7 +156,7 @@ def build_probes(
         if spec.features != "tfidf":
             name = feature_name(spec.features, spec.pooling or "", spec.top_n)
             if name not in cache:
-                cache[name] = load_matrix(pooled.files[name])
+                cache[name] = read_matrix(pooled.files[name])
             X = cache[name]
             if spec.features == "sae" and spec.threshold is not None:
                 X = binarize(X, spec.threshold, signed=pooled.signed)

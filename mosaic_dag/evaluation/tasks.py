@@ -105,8 +105,8 @@ def build_task_transfer(cfg: ExperimentConfig, target: TargetKey, task: str, poo
 def write_task_transfer(cfg: ExperimentConfig, target: TargetKey, outcome: TaskOutcome) -> TaskOutcome:
     """Matrices next to the cross-lingual ones (``transfer-matrix.task-<task>.<features>``: the report draws
     them as heatmaps); the cells with their intervals under ``<data_dir>/tasks/<target>/<task>.parquet``."""
-    for source, matrix in outcome.matrices.items():
-        path = transfer_matrix_file(cfg, target, f"task-{outcome.task}", source)
+    for features, matrix in outcome.matrices.items():
+        path = transfer_matrix_file(cfg, target, f"task-{outcome.task}", features)
         write_parquet(path, matrix.reset_index(names="train_language"))
         outcome.matrix_paths.append(path)
     outcome.cells_path = task_cells_file(cfg, target, outcome.task)

@@ -21,7 +21,7 @@ from mosaic_dag.errors import ConfigError
 from mosaic_dag.evaluation.schema import RESULT_COLUMNS, result_row, typed_results
 from mosaic_dag.evaluation.sweeps import SplitRows
 from mosaic_dag.evaluation.transfer_matrix import Split, TextSplit, tfidf_transfer_matrix, transfer_matrix
-from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
+from mosaic_dag.features.pooled import PooledResult, feature_name, read_matrix
 from mosaic_dag.features.pooling import binarize
 from mosaic_dag.handles import DatasetHandle, PooledHandle
 from mosaic_dag.keys import TargetKey, targets
@@ -54,7 +54,7 @@ def feature_matrix(cfg: ExperimentConfig, pooled: PooledResult, features: str) -
     name = feature_name(features, pooling, top_n)
     if name not in pooled.files:
         raise ConfigError(f"transfer.pooling {pooling!r} (top_n={top_n}) is not among classification.poolings/top_n; add it")
-    X = load_matrix(pooled.files[name])
+    X = read_matrix(pooled.files[name])
     if features == "sae" and tc.threshold is not None:
         X = binarize(X, tc.threshold, signed=pooled.signed)
     return X, pooling, top_n
@@ -132,8 +132,8 @@ def write_transfer(cfg: ExperimentConfig, target: TargetKey, outcome: TransferOu
     rows = outcome.rows.assign(mlflow_run_id=mlflow_run_id) if outcome.rows is not None else pd.DataFrame()
     path = transfer_file(cfg, target, outcome.dataset)
     write_parquet(path, rows)
-    for source, matrix in outcome.matrices.items():
-        mpath = transfer_matrix_file(cfg, target, outcome.dataset, source)
+    for features, matrix in outcome.matrices.items():
+        mpath = transfer_matrix_file(cfg, target, outcome.dataset, features)
         write_parquet(mpath, matrix.reset_index(names="train_language"))
         outcome.matrix_paths.append(mpath)
     outcome.results_path = path
@@ -153,8 +153,8 @@ def transfer_matrices(cfg: ExperimentConfig, files: list[Path] | None = None) ->
         files = [p for p in sorted(root.glob("*/transfer-matrix.*.parquet"))
                  if p.parent.name in keys and p.name.split(".")[1] in names]
     for p in sorted(Path(f) for f in files):
-        _, dataset, source, _ = p.name.split(".")
-        out[f"{p.parent.name} {dataset} {source}"] = pd.read_parquet(p).set_index("train_language")
+        _, dataset, features, _ = p.name.split(".")
+        out[f"{p.parent.name} {dataset} {features}"] = pd.read_parquet(p).set_index("train_language")
     return out
 
 

@@ -273,7 +273,7 @@ def _decoder(cfg: Any, model: str) -> Callable[[int], str] | None:
 def interpret_probes(cfg: Any, target: Any, results: Any, frame: pd.DataFrame, pooled_handle: Any,
                      names: Mapping[int, str], partition: str) -> Interpretation | None:
     """``interpret_partition`` wired to a partition's stored matrices, codes and the model's tokenizer."""
-    from mosaic_dag.features.pooled import PooledResult, load_matrix
+    from mosaic_dag.features.pooled import PooledResult, read_matrix
     from mosaic_dag.features.pooling import binarize
 
     pooled = PooledResult.of(pooled_handle)
@@ -282,7 +282,7 @@ def interpret_probes(cfg: Any, target: Any, results: Any, frame: pd.DataFrame, p
     def matrix(key: str) -> Any:
         if key not in cache:
             name, threshold = json.loads(key)
-            X = load_matrix(pooled.files[name])
+            X = read_matrix(pooled.files[name])
             cache[key] = binarize(X, threshold, signed=pooled.signed) if threshold is not None else X
         return cache[key]
 

@@ -138,8 +138,8 @@ def comparisons_table(cfg: ExperimentConfig, results: pd.DataFrame | None = None
         same = table[(table["model"] == model) & (table["layer"] == layer) & (table["dataset"] == dataset)
                      & (table["language"] == language)]
         sel = best_rows(part).iloc[0]
-        for source in ("hidden", "tfidf", "judge"):
-            other = same[same["features"] == source]
+        for features in ("hidden", "tfidf", "judge"):
+            other = same[same["features"] == features]
             if len(other):
                 p = _pair(cfg, sel, best_rows(other).iloc[0])
                 if p is not None:
@@ -147,13 +147,13 @@ def comparisons_table(cfg: ExperimentConfig, results: pd.DataFrame | None = None
     tasks = []
     chosen = best_rows(table)
     for (dataset, language), part in chosen.groupby(["dataset", "language"], sort=True):
-        by_source = {r["features"]: r for _, r in part.iterrows()}
-        if "sae" not in by_source:
+        by_features = {r["features"]: r for _, r in part.iterrows()}
+        if "sae" not in by_features:
             continue
-        sae_row = by_source["sae"]
-        for source in ("hidden", "tfidf", "judge"):
-            if source in by_source:
-                p = _pair(cfg, sae_row, by_source[source])
+        sae_row = by_features["sae"]
+        for features in ("hidden", "tfidf", "judge"):
+            if features in by_features:
+                p = _pair(cfg, sae_row, by_features[features])
                 if p is not None:
                     scope = {"scope": "task", "model": sae_row["model"], "layer": int(sae_row["layer"]),
                              "sae": sae_row["sae"], "dataset": dataset, "language": language}

@@ -38,7 +38,7 @@ def _planted_table() -> pd.DataFrame:
         _row("sae", "ksparse", val=0.90, test=0.75, layer=12),
         _row("hidden", "logistic", val=0.85, test=0.95),
         _row("hidden", "tree", val=0.60, test=0.97),
-        _row("tfidf", "logistic", val=0.70, test=0.72, pooling="word"),
+        _row("tfidf", "logistic", val=0.70, test=0.72, pooling="", analyzer="word"),
         # a transfer row with a high validation score must never be a selection
         _row("sae", "logistic", val=0.99, test=0.10, train_language="fr", test_language="en"),
     ]))
