@@ -21,11 +21,11 @@ from assets.partitions import BY_DATASET, SAME, multi_keys, target_dataset_parti
 from assets.versions import code_version
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.artifacts import (
-    best_artifacts,
     label_names,
     probe_checks,
     selected_run_log,
     top_latents_markdown,
+    write_best_artifacts,
 )
 from mosaic_dag.evaluation.comparisons import comparison_metadata, comparison_metrics
 from mosaic_dag.evaluation.results import write_results
@@ -131,7 +131,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             run.log_metrics({"majority_macro_f1": results.majority_f1})
             run.log_metrics(comparison_metrics(results.comparisons))
             with tempfile.TemporaryDirectory() as tmp:
-                for file, folder in best_artifacts(results, frame, Path(tmp)):
+                for file, folder in write_best_artifacts(results, frame, Path(tmp)):
                     run.log_artifact(file, folder)
                 run.log_artifact(path, "results")
         checks = probe_checks(results)

@@ -17,7 +17,7 @@ from mosaic_dag.probes.interpret import top_latents
 from mosaic_dag.probes.io import save_probe
 from mosaic_dag.tables import markdown_table
 
-__all__ = ["ProbeChecks", "best_artifacts", "confusion_png", "label_names", "probe_checks", "selected_run_log",
+__all__ = ["ProbeChecks", "confusion_png", "label_names", "probe_checks", "selected_run_log", "write_best_artifacts",
            "top_latents_markdown", "top_latents_table"]
 
 
@@ -77,7 +77,7 @@ def top_latents_markdown(results: PartitionResults, names: dict[int, str]) -> st
     return f"probe: `{top.spec.label}`\n\n" + markdown_table(top_latents_table(top, neuronpedia, names))
 
 
-def best_artifacts(results: PartitionResults, frame: pd.DataFrame, folder: Path) -> list[tuple[Path, str]]:
+def write_best_artifacts(results: PartitionResults, frame: pd.DataFrame, folder: Path) -> list[tuple[Path, str]]:
     """Confusion PNG and skops model of the best probe per feature source, written into ``folder``.
 
     Returns (file, artifact folder) pairs for the tracker, in source order sae, hidden, tfidf.

@@ -24,10 +24,8 @@ from mosaic_dag.handles import CodesHandle, DatasetHandle, HiddenHandle, PooledH
 from mosaic_dag.paths import pooled_dir
 from mosaic_dag.keys import TargetKey
 from mosaic_dag.pipeline import hidden_cache
-from mosaic_dag.features.pooling import pool_dense, pool_sparse
+from mosaic_dag.features.pooling import DENSE_POOLINGS, pool_dense, pool_sparse
 from mosaic_dag.storage import atomic_dir, atomic_path
-
-DENSE_POOLINGS = ("sum", "mean", "max", "last")
 
 
 def feature_name(features: str, pooling: str, top_n: int | None) -> str:

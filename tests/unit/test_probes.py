@@ -325,7 +325,7 @@ def test_probe_checks_and_best_artifacts(tmp_path) -> None:
     """What the probes asset reports: its checks' inputs and the best probe per source's files."""
     import pandas as pd
 
-    from mosaic_dag.evaluation.artifacts import best_artifacts, probe_checks
+    from mosaic_dag.evaluation.artifacts import probe_checks, write_best_artifacts
 
     from mosaic_dag.evaluation.sweeps import PartitionResults, ProbeRun, ProbeSpec
 
@@ -347,6 +347,6 @@ def test_probe_checks_and_best_artifacts(tmp_path) -> None:
                                          train_ids=["t0"])).train_test_overlap == 1
     frame = pd.DataFrame({"label": parts[5], "label_name": np.where(parts[5] == 1, "pos", "neg"),
                           "split": "test"})
-    files = best_artifacts(results, frame, tmp_path)
+    files = write_best_artifacts(results, frame, tmp_path)
     assert [(p.name, where) for p, where in files] == [("confusion-sae.png", "confusion"), ("best-sae.skops", "models")]
     assert all(p.stat().st_size > 0 for p, _ in files)

@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from mosaic_dag.evaluation.comparisons import overall, paired_bootstrap, paired_comparison, verdict
-from mosaic_dag.evaluation.artifacts import best_artifacts, probe_checks
-from mosaic_dag.evaluation.comparisons import partition_comparisons
+from mosaic_dag.evaluation.artifacts import probe_checks, write_best_artifacts
+from mosaic_dag.evaluation.comparisons import overall, paired_bootstrap, paired_comparison, partition_comparisons, verdict
 from mosaic_dag.evaluation.schema import typed_results
 from mosaic_dag.evaluation.selection import best_rows, best_run, mark_selected, oracle_rows
 from mosaic_dag.evaluation.sweeps import PartitionResults, ProbeRun, ProbeSpec
@@ -101,7 +100,7 @@ def test_runs_are_selected_on_validation_and_compared_paired(tmp_path: Path) -> 
     assert best_run(runs, "sae") is runs[1]
     results = PartitionResults(table=pd.DataFrame(), runs=runs, majority_f1=0.3, train_ids=["a"])
     assert probe_checks(results).sae_macro_f1 == runs[1].result.metrics.macro_f1
-    files = best_artifacts(results, pd.DataFrame({"label": yte, "label_name": yte.astype(str), "split": "test"}), tmp_path)
+    files = write_best_artifacts(results, pd.DataFrame({"label": yte, "label_name": yte.astype(str), "split": "test"}), tmp_path)
     assert {p.name for p, _ in files} >= {"best-sae.skops", "confusion-sae.png"}
     comps = {p.comparison: p for p in partition_comparisons(runs, yte, n_boot=300, seed=0)}
     assert comps["sae-hidden"].verdict == "SAE better" and comps["sae-hidden"].sae_win_share > 0.95
@@ -155,3 +154,20 @@ def test_ties_keep_the_partitions_own_pick_across_tables() -> None:
     from mosaic_dag.report.markdown import summary_table as _summary
 
     assert _summary(table).iloc[0]["macro_f1"] == 0.60
+
+
+def test_results_written_before_the_analyzer_column_read_back_with_it(tmp_path: Path) -> None:
+    """Older results files kept the TF-IDF analyzer in ``pooling``; they read back in the current schema."""
+    from mosaic_dag.evaluation.results import results_table
+    from mosaic_dag.evaluation.schema import RESULT_COLUMNS
+
+    old = _planted_table().drop(columns=["analyzer"], errors="ignore")
+    old.loc[old["features"] == "tfidf", "pooling"] = "word"
+    path = tmp_path / "old.parquet"
+    old.to_parquet(path)
+    table = results_table(None, [path])  # type: ignore[arg-type]  # files given: the config is not read
+    assert list(table.columns) == RESULT_COLUMNS
+    tfidf = table[table["features"] == "tfidf"].iloc[0]
+    assert (tfidf["analyzer"], tfidf["pooling"]) == ("word", "")
+    assert set(table.loc[table["features"] != "tfidf", "analyzer"]) == {""}
+    assert set(table.loc[table["features"] == "sae", "pooling"]) == {"mean"}
