@@ -85,7 +85,8 @@ def results_table(cfg: ExperimentConfig, files: list[Path] | None = None, *, eve
         if col not in table.columns:
             table[col] = RESULT_DEFAULTS.get(col, "")
     old_tfidf = (table["features"] == "tfidf") & (table["analyzer"].astype(str) == "")  # the analyzer sat in pooling
-    table.loc[old_tfidf, "analyzer"] = table.loc[old_tfidf, "pooling"]
-    table.loc[old_tfidf, "pooling"] = ""
+    if old_tfidf.any():
+        table.loc[old_tfidf, "analyzer"] = table.loc[old_tfidf, "pooling"]
+        table.loc[old_tfidf, "pooling"] = ""
     table = table.drop_duplicates(subset=KEY_COLUMNS, keep="first")
     return table.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)[RESULT_COLUMNS]
