@@ -4,7 +4,7 @@ from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
 from assets.emit import emit, input_version, pooled_step, step_partition
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation.analysis import build_conditions
+from mosaic_dag.evaluation.conditions import build_conditions
 from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle
 from mosaic_dag.paths import conditions_file
 from mosaic_dag.report.figures import conditions_figure

@@ -25,12 +25,12 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             result = build_pooled(cfg, target, codes, hidden)
             sizes = {name: round(p.stat().st_size / 2**20, 3) for name, p in sorted(result.files.items())}
             run.log_params({"target": target.key, "dataset": data.key, "matrices": ",".join(sorted(result.files)),
-                            "cache_hit": result.hit})
+                            "cache_hit": result.cache_hit})
             run.log_metrics({"width": float(result.width), "matrices_mb": float(sum(sizes.values()))})
         return emit(result.handle, {
             "sae_path": MetadataValue.path(str(result.sae_dir)),
             "hidden_path": MetadataValue.path(str(result.hidden_dir)),
-            "cache_hit": result.hit,
+            "cache_hit": result.cache_hit,
             "width": result.width,
             "matrices_mb": MetadataValue.json(sizes),
         }, run)

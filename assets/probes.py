@@ -9,18 +9,17 @@ from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 from assets.checks import PROBE_CHECKS, probe_results
 from assets.emit import emit, input_version, pooled_step, step_partition
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation.sweeps import (
-    best_artifacts,
-    best_rows,
-    comparison_metadata,
-    comparison_metrics,
+from mosaic_dag.evaluation.artifacts import (
     label_names,
     probe_checks,
-    run_probes,
     selected_run_log,
     top_latents_markdown,
-    write_results,
+    write_best_artifacts,
 )
+from mosaic_dag.evaluation.comparisons import comparison_metadata, comparison_metrics
+from mosaic_dag.evaluation.results import write_results
+from mosaic_dag.evaluation.selection import best_rows
+from mosaic_dag.evaluation.sweeps import build_probes
 from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle
 from mosaic_dag.data.step import read_frame
 from mosaic_dag.probes.interpret import interpret_probes
@@ -39,7 +38,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         cfg, target, key = step_partition(context, experiment)
         frame = read_frame(data)
         with mlflow.run(context, cfg) as run:
-            results = run_probes(cfg, target, pooled, data, mlflow_run_id=run.run_id,
+            results = build_probes(cfg, target, pooled, data, mlflow_run_id=run.run_id,
                                  progress=lambda d, t: context.log.info(f"probes {d}/{t}") if d % 10 == 0 or d == t else None)
             table = results.table
             path = write_results(cfg, target, key.dataset, key.language, table, predictions=results.predictions)
@@ -52,18 +51,18 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             cls = cfg.classification
             run.log_params({"target": target.key, "dataset": key.key, "probes": len(table), "seed": cls.seed,
                             "bootstrap": cls.bootstrap, "classifiers": ",".join(cls.classifiers),
-                            "poolings": ",".join(cls.poolings), "selection": "best val_macro_f1 per source"})
+                            "poolings": ",".join(cls.poolings), "selection": "best validation_macro_f1 per source"})
             params, metrics = selected_run_log(results, label_names(frame))
             run.log_params(params)
             run.log_metrics(metrics)
             run.log_metrics({"majority_macro_f1": results.majority_f1})
             run.log_metrics(comparison_metrics(results.comparisons))
             with tempfile.TemporaryDirectory() as tmp:
-                for file, folder in best_artifacts(results, frame, Path(tmp)):
+                for file, folder in write_best_artifacts(results, frame, Path(tmp)):
                     run.log_artifact(file, folder)
                 run.log_artifact(path, "results")
         checks = probe_checks(results)
-        show = best[["features", "pooling", "threshold", "top_n", "classifier", "k", "val_macro_f1", "macro_f1",
+        show = best[["features", "pooling", "analyzer", "threshold", "top_n", "classifier", "k", "validation_macro_f1", "macro_f1",
                      "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc"]]
         handle = TableHandle(paths=[str(path)], inputs=input_version("probes", cfg, pooled, data))
         # numbers, so Dagster's metadata plots compare sources (and SAE − hidden) across partitions
@@ -76,7 +75,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             "probes": len(table),
             "figure": MetadataValue.md(figure),
             **numeric,
-            "best": MetadataValue.md("selected on validation (val_macro_f1); macro_f1 is its test score\n\n"
+            "best": MetadataValue.md("selected on validation (validation_macro_f1); macro_f1 is its test score\n\n"
                                      + markdown_table(show)),
             **comparison_metadata(results.comparisons),
             "top_latents": MetadataValue.md(interp.markdown() if interp is not None

@@ -7,7 +7,7 @@ from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataVa
 from assets.emit import emit, step_asset, versions
 from assets.partitions import EVERY, target_dataset_partitions
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation.analysis import build_report
+from mosaic_dag.report.build import build_report
 from mosaic_dag.handles import TableHandle
 from mosaic_dag.keys import DATASET_DIM, TARGET_DIM, dataset_keys, targets
 from mosaic_dag.report.markdown import embedded_markdown

@@ -11,15 +11,9 @@ from assets.emit import emit, step_asset, versions
 from assets.partitions import BY_TARGET, EVERY, dataset_part, target_partitions
 from assets.versions import code_version
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation.analysis import (
-    build_task_transfer,
-    build_transfer,
-    multilingual_datasets,
-    task_partitions,
-    write_task_transfer,
-    write_transfer,
-)
-from mosaic_dag.evaluation.transfer import offdiag_mean
+from mosaic_dag.evaluation.tasks import build_task_transfer, task_partitions, write_task_transfer
+from mosaic_dag.evaluation.transfer import build_transfer, multilingual_datasets, write_transfer
+from mosaic_dag.evaluation.transfer_matrix import offdiag_mean
 from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle, UpstreamMissing
 from mosaic_dag.keys import TargetKey, parse_dataset, parse_target
 from mosaic_dag.report.figures import transfer_figure

@@ -9,9 +9,9 @@ from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.storage import stable_hash
 
 # Bump an asset's number when its step's code changes what it writes.
-REVISION = {"dataset": 1, "hidden_states": 1, "sae": 1, "sae_codes": 1, "pooled_features": 1, "probes": 1,
-            "conditions": 1, "transfer": 1, "report": 2,
-            "judge": 1, "task_transfer": 1, "interventions": 1}
+REVISION = {"dataset": 1, "hidden_states": 1, "sae": 1, "sae_codes": 1, "pooled_features": 1, "probes": 2,
+            "conditions": 2, "transfer": 2, "report": 3,
+            "judge": 2, "task_transfer": 2, "interventions": 1}
 
 # dataset options added after configs were written: read by the step only when set, so a config that
 # does not use them keeps its code versions

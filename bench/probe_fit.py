@@ -52,7 +52,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import scipy.sparse as sp
 
-    from mosaic_dag.probes.core import fit_logistic
+    from mosaic_dag.probes.linear import fit_logistic
 
     X, y = synthetic_features(args.rows, args.width, args.nnz, args.seed)
     if args.dense:

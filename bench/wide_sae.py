@@ -55,7 +55,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     from bench.common import count_densify
     from mosaic_dag.features.pooling import pool_sparse
-    from mosaic_dag.probes.core import fit_ksparse, fit_logistic
+    from mosaic_dag.probes.ksparse import fit_ksparse
+    from mosaic_dag.probes.linear import fit_logistic
     from mosaic_dag.probes.wide import active_columns
     from mosaic_dag.sae.encode import encode_sparse
     from mosaic_dag.sae.stats import encode_stats

@@ -62,7 +62,7 @@ def check_models(cfg, config_name: str) -> None:  # type: ignore[no-untyped-def]
             raise ConfigError(f"{config_name}: models.{i}.layers: layers {bad} out of range for model {m.name!r} with {n} blocks; "
                               f"use 0..{n - 1} (resid_post of block L)")
 def _print_comparisons(cfg, table) -> None:  # type: ignore[no-untyped-def]
-    from mosaic_dag.evaluation.analysis import comparisons_table
+    from mosaic_dag.report.build import comparisons_table
 
     comp = comparisons_table(cfg, table)
     comp = comp[comp["scope"] != "partition"]
@@ -76,7 +76,8 @@ def _print_comparisons(cfg, table) -> None:  # type: ignore[no-untyped-def]
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mosaic_dag.config import load_config
-    from mosaic_dag.evaluation.sweeps import best_rows, results_table
+    from mosaic_dag.evaluation.results import results_table
+    from mosaic_dag.evaluation.selection import best_rows
     from mosaic_dag.runner import run_experiment
     from mosaic_dag.tables import markdown_table
 
@@ -84,8 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_experiment(args.config, progress=not args.quiet, workers=getattr(args, "workers", None))
     table = results_table(summary.config)
     if len(table):
-        cols = ["model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
-                "classifier", "k", "val_macro_f1", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "n_test"]
+        cols = ["model", "layer", "sae", "dataset", "language", "features", "pooling", "analyzer", "threshold", "top_n",
+                "classifier", "k", "validation_macro_f1", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "n_test"]
         print("\nselected probe per feature source (chosen on validation; test macro-F1 on the same held-out rows):\n")
         in_language = table[table["train_language"] == table["test_language"]]
         print(markdown_table(best_rows(in_language)[cols], max_rows=200))
@@ -100,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     from mosaic_dag.config import load_config
     from mosaic_dag.errors import MosaicError
-    from mosaic_dag.evaluation.sweeps import results_table
+    from mosaic_dag.evaluation.results import results_table
     from mosaic_dag.tables import markdown_table
 
     cfg = load_config(args.config)
@@ -121,9 +122,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """(Re)build the report from the stored results of the config's partitions; print the HTML page's path."""
-    from mosaic_dag.evaluation.analysis import build_report
+    from mosaic_dag.report.build import build_report
     from mosaic_dag.config import load_config
-    from mosaic_dag.evaluation.sweeps import results_table
+    from mosaic_dag.evaluation.results import results_table
 
     cfg = load_config(args.config)
     if results_table(cfg).empty:

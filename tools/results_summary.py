@@ -12,14 +12,15 @@ import sys
 
 import pandas as pd
 
-from mosaic_dag.evaluation.analysis import comparisons_table
+from mosaic_dag.report.build import comparisons_table
 from mosaic_dag.config import load_config
-from mosaic_dag.evaluation.sweeps import best_rows, results_table
+from mosaic_dag.evaluation.results import results_table
+from mosaic_dag.evaluation.selection import best_rows
 
 
 def _probe(row: pd.Series) -> str:
     parts = [f"L{int(row['layer'])}"]
-    for key in ("pooling", "threshold", "top_n", "classifier", "k"):
+    for key in ("pooling", "analyzer", "threshold", "top_n", "classifier", "k"):
         value = row.get(key)
         if value is not None and not pd.isna(value) and value != "":
             parts.append(f"{key}={value:g}" if isinstance(value, float) else str(value))

@@ -12,13 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from mosaic_dag.probes.core import resampled_macro_f1
+from mosaic_dag.evaluation.selection import best_run
+from mosaic_dag.probes.metrics import resampled_macro_f1
 
-__all__ = ["COMPARISON_COLUMNS", "Paired", "overall", "paired_bootstrap", "paired_comparison", "verdict"]
+
+if TYPE_CHECKING:
+    from mosaic_dag.evaluation.sweeps import ProbeRun
+
+__all__ = ["COMPARISON_COLUMNS", "Paired", "comparison_metadata", "comparison_metrics", "describe", "overall",
+           "paired_bootstrap", "paired_comparison", "partition_comparisons", "verdict", "with_verdicts"]
 
 BETTER, SAME, WORSE = "SAE better", "no difference", "SAE worse"
 COMPARISON_COLUMNS = [
@@ -120,3 +127,49 @@ def comparison_frame(rows: Sequence[tuple[Mapping[str, object], Paired]]) -> pd.
     blank: dict[str, object] = {c: "" for c in COMPARISON_COLUMNS[:6]} | {"layer": None}
     records = [{**blank, **dict(scope), **p.record()} for scope, p in rows]
     return pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS)
+
+
+def partition_comparisons(runs: "list[ProbeRun]", y_test: np.ndarray, *, n_boot: int, seed: int) -> list[Paired]:
+    """SAE − hidden and SAE − TF-IDF for the validation-selected probe of each source."""
+    sae = best_run(runs, "sae")
+    out: list[Paired] = []
+    if sae is None:
+        return out
+    for other_features in ("hidden", "tfidf"):
+        other = best_run(runs, other_features)
+        if other is None:
+            continue
+        if list(other.test_ids) != list(sae.test_ids):
+            raise ValueError(f"{other.spec.label}: scored on other test rows than {sae.spec.label}; cannot pair them")
+        out.append(paired_comparison(f"sae-{other_features}", y_test, (sae.spec.label, np.asarray(sae.result.test_pred)),
+                                     (other.spec.label, np.asarray(other.result.test_pred)), n_boot=n_boot, seed=seed))
+    return out
+
+
+def describe(p: Paired) -> str:
+    """One plain line: verdict, difference and its paired 95% interval."""
+    return (f"{p.verdict}: {p.diff:+.3f} [{p.diff_ci_low:+.3f}, {p.diff_ci_high:+.3f}], "
+            f"SAE wins {p.sae_win_share:.0%} of resamples")
+
+
+def comparison_metrics(comparisons: list[Paired]) -> dict[str, float]:
+    """MLflow metrics of the paired comparisons, e.g. ``sae_minus_hidden_macro_f1``."""
+    out: dict[str, float] = {}
+    for p in comparisons:
+        name = "sae_minus_" + p.comparison.removeprefix("sae-")
+        out |= {f"{name}_macro_f1": p.diff, f"{name}_ci_low": p.diff_ci_low, f"{name}_ci_high": p.diff_ci_high,
+                f"{name}_win_share": p.sae_win_share}
+    return out
+
+
+def comparison_metadata(comparisons: list[Paired]) -> dict[str, str]:
+    """Dagster metadata: one plain line per comparison, e.g. ``sae_vs_hidden``."""
+    return {"sae_vs_" + p.comparison.removeprefix("sae-"): describe(p) for p in comparisons}
+
+
+def with_verdicts(table: pd.DataFrame, comparisons: list[Paired]) -> pd.DataFrame:
+    out = table.copy()
+    sel = out.index[out["selected"] & (out["features"] == "sae")]
+    for p in comparisons:
+        out.loc[sel, "vs_" + p.comparison.removeprefix("sae-")] = describe(p)
+    return out

@@ -7,7 +7,8 @@ scored on the very same test rows. Row selections are seeded and returned sorted
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,28 +16,30 @@ import numpy.typing as npt
 import pandas as pd
 import scipy.sparse as sp
 
-from mosaic_dag.probes.core import Matrix, ProbeResult, fit_logistic
+from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.evaluation.results import read_results_file
+from mosaic_dag.evaluation.schema import SCORE_COLUMNS, score_fields
+from mosaic_dag.evaluation.sweeps import SplitRows
+from mosaic_dag.features.pooled import PooledResult, feature_name, read_matrix
+from mosaic_dag.features.tfidf import make_vectorizer
+from mosaic_dag.handles import DatasetHandle, PooledHandle
+from mosaic_dag.keys import TargetKey, dataset_keys, targets
+from mosaic_dag.paths import conditions_file
+from mosaic_dag.data.step import read_frame
+from mosaic_dag.probes.fit import FitFn, Matrix
+from mosaic_dag.probes.linear import fit_logistic
 
 __all__ = [
     "CURVE_COLUMNS",
+    "build_conditions",
     "condition_curves",
+    "conditions_table",
     "imbalance",
     "label_noise",
     "subsample_train",
 ]
 
-CURVE_COLUMNS: tuple[str, ...] = (
-    "condition",
-    "value",
-    "macro_f1",
-    "ci_low",
-    "ci_high",
-    "accuracy",
-    "auroc",
-    "n_train",
-    "n_test",
-    "note",
-)
+CURVE_COLUMNS: tuple[str, ...] = ("condition", "value", *SCORE_COLUMNS, "note")
 
 
 def _alloc(counts: np.ndarray, n: int) -> np.ndarray:
@@ -153,15 +156,15 @@ def _size_split(n: int, n_tr: int, n_va: int) -> tuple[int, int]:
 def condition_curves(
     X_train: Matrix,
     y_train: npt.ArrayLike,
-    X_val: Matrix,
-    y_val: npt.ArrayLike,
+    X_validation: Matrix,
+    y_validation: npt.ArrayLike,
     X_test: Matrix,
     y_test: npt.ArrayLike,
     *,
     sizes: Sequence[int | None] = (16, 64, 256, 1024, None),
     imbalances: Sequence[float] = (0.5, 0.2, 0.1, 0.05),
     noise_rates: Sequence[float] = (0.0, 0.1, 0.2, 0.3),
-    fit: Callable[..., ProbeResult] | None = None,
+    fit: FitFn | None = None,
     seed: int = 0,
     n_boot: int = 1000,
 ) -> pd.DataFrame:
@@ -175,8 +178,8 @@ def condition_curves(
     per class for cross-validation) gets NaN scores and the reason in ``note``; the test
     split is the same for every point.
     """
-    fit_fn: Callable[..., ProbeResult] = fit if fit is not None else fit_logistic
-    ytr, yva, yte = np.asarray(y_train), np.asarray(y_val), np.asarray(y_test)
+    fit_fn: FitFn = fit if fit is not None else fit_logistic
+    ytr, yva, yte = np.asarray(y_train), np.asarray(y_validation), np.asarray(y_test)
     n_tr, n_va = ytr.size, yva.size
     rows: list[dict[str, Any]] = []
 
@@ -185,7 +188,7 @@ def condition_curves(
         base = {"condition": condition, "value": float(value), "n_test": int(yte.size)}
         try:
             res = fit_fn(
-                _rows(X_train, tr_idx), y_tr[tr_idx], _rows(X_val, va_idx), y_va[va_idx],
+                _rows(X_train, tr_idx), y_tr[tr_idx], _rows(X_validation, va_idx), y_va[va_idx],
                 X_test, yte, seed=seed, n_boot=n_boot,
             )
         except ValueError as err:
@@ -193,9 +196,7 @@ def condition_curves(
             rows.append({**base, "macro_f1": np.nan, "ci_low": np.nan, "ci_high": np.nan, "accuracy": np.nan,
                          "auroc": np.nan, "n_train": int(tr_idx.size + va_idx.size), "note": first})
             return
-        m = res.metrics
-        rows.append({**base, "macro_f1": m.macro_f1, "ci_low": m.macro_f1_ci_low, "ci_high": m.macro_f1_ci_high,
-                     "accuracy": m.accuracy, "auroc": m.auroc, "n_train": int(m.n_train), "note": ""})
+        rows.append({**base, **score_fields(res.metrics), "note": ""})
 
     all_tr, all_va = np.arange(n_tr), np.arange(n_va)
     for size in sizes:
@@ -213,3 +214,49 @@ def condition_curves(
         run("noise", rate, all_tr, all_va, label_noise(ytr, rate, seed), label_noise(yva, rate, seed + 1))
     return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
 
+
+# --------------------------------------------------------------------------- the step
+
+
+def build_conditions(cfg: ExperimentConfig, target: TargetKey, pooled_handle: PooledHandle,
+                     data: DatasetHandle) -> pd.DataFrame:
+    """Hard-condition curves for SAE, hidden and TF-IDF features on one partition (same test rows)."""
+    from mosaic_dag.data.images import is_image_frame
+
+    cc = cfg.conditions
+    dataset, _, language = data.key.partition(".")
+    frame = read_frame(data)
+    r = SplitRows.of(frame)
+    pooled = PooledResult.of(pooled_handle)
+    seed, n_boot = cfg.classification.seed, cfg.classification.bootstrap
+    parts = []
+    for features in ("sae", "hidden") + (() if is_image_frame(frame) else ("tfidf",)):
+        analyzer = ""
+        if features == "tfidf":
+            vec = make_vectorizer("word", language)
+            texts = frame["text"].to_numpy()
+            vec.fit(list(texts[np.concatenate([r.train, r.validation])]))  # never the test texts
+            X = vec.transform(list(texts))
+            pooling, analyzer = "", "word"
+        else:
+            pooling = cc.pooling if not (features == "hidden" and cc.pooling == "topn_count") else "mean"
+            name = feature_name(features, pooling, cc.top_n if pooling == "topn_count" else None)
+            X = read_matrix(pooled.files[name]) if name in pooled.files else None
+            if X is None:
+                continue
+        curves = condition_curves(X[r.train], r.y(r.train), X[r.validation], r.y(r.validation), X[r.test], r.y(r.test),
+                                  sizes=cc.sizes, imbalances=cc.imbalances, noise_rates=cc.noise_rates,
+                                  seed=seed, n_boot=n_boot)
+        parts.append(curves.assign(features=features, pooling=pooling, analyzer=analyzer, model=target.model, layer=target.layer,
+                                   sae=target.sae if features == "sae" else "", dataset=dataset, language=language))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def conditions_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> pd.DataFrame:
+    """Hard-condition curves of ``files``, else of the config's own partitions (not an earlier config's)."""
+    if files is None:
+        if not cfg.conditions.enabled:
+            return pd.DataFrame()
+        files = [conditions_file(cfg, t, d.dataset, d.language) for t in targets(cfg) for d in dataset_keys(cfg)]
+    frames = [read_results_file(p) for p in files if Path(p).exists()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -113,7 +113,7 @@ def _last_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], max
     """log-softmax of the next-token logits at each prompt's last real token [prompts, vocab]."""
     import torch
 
-    from mosaic_dag.lm.scoring import _final_hidden, _head_logits
+    from mosaic_dag.data.behaviour import _final_hidden, _head_logits
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -143,7 +143,7 @@ def model_reliance(loaded: Any, sae: Any, layer: int, prompts: Sequence[str], la
     ``options`` given (behaviour labels): the mean absolute change of the log-probability of the
     option the clean model chose, metric ``abs_delta_logprob``; else the mean KL(clean ‖ intervened)
     of the next-token distribution at the last real token, metric ``kl_last_token``."""
-    from mosaic_dag.lm.scoring import option_logprobs
+    from mosaic_dag.data.behaviour import option_logprobs
     from mosaic_dag.lm.extract import special_ids
 
     model, tok = loaded.model, loaded.tokenizer
@@ -215,12 +215,12 @@ def _probe_spec(row: pd.Series) -> Any:
 
 def _choices(result: Any, names: Mapping[int, str], top: int) -> list[LatentChoice]:
     """Top latents per class of a linear probe; a tree's by importance (class: the one whose train mean is higher)."""
-    from mosaic_dag.probes.core import top_latents
+    from mosaic_dag.probes.interpret import top_latents
 
     try:
         per_class = top_latents(result, top=top)
     except ValueError:  # a tree: no weights per class
-        est = result.model.steps[-1][1] if hasattr(result.model, "steps") else result.model
+        est = result.estimator.steps[-1][1] if hasattr(result.estimator, "steps") else result.estimator
         imp = np.asarray(getattr(est, "feature_importances_", []), dtype=np.float64)
         orig = result.selected_features if result.selected_features is not None else np.arange(imp.size)
         order = [int(j) for j in np.argsort(-imp, kind="stable")[: top * 2] if imp[j] > 0]
@@ -242,11 +242,13 @@ def build_interventions(cfg: Any, target: Any, pooled_handle: Any, data: Any, re
 
     The probe is fitted again with its selected settings (same rows, same seed; ``refit_matches``
     says whether its test predictions equal the probes step's)."""
-    from mosaic_dag.evaluation.sweeps import SplitRows, _fit, best_rows, label_names
-    from mosaic_dag.features.pooled import PooledResult, feature_name, load_matrix
+    from mosaic_dag.evaluation.artifacts import label_names
+    from mosaic_dag.evaluation.selection import best_rows
+    from mosaic_dag.evaluation.sweeps import SplitRows, fit_spec
+    from mosaic_dag.features.pooled import PooledResult, feature_name, read_matrix
     from mosaic_dag.data.step import read_frame
     from mosaic_dag.features.pooling import binarize
-    from mosaic_dag.evaluation.transfer import _predict
+    from mosaic_dag.probes.fit import predict
 
     ic, cls = cfg.interventions, cfg.classification
     frame = read_frame(data)
@@ -260,15 +262,15 @@ def build_interventions(cfg: Any, target: Any, pooled_handle: Any, data: Any, re
     row = best_rows(sae_rows).iloc[0]
     spec = _probe_spec(row)
     pooled = PooledResult.of(pooled_handle)
-    X = load_matrix(pooled.files[feature_name("sae", spec.pooling or "", spec.top_n)])
+    X = read_matrix(pooled.files[feature_name("sae", spec.pooling or "", spec.top_n)])
     if spec.threshold is not None:
         X = binarize(X, spec.threshold, signed=pooled.signed)
-    result = _fit(spec, X, rows, cls.seed, 0, language)
+    result = fit_spec(spec, X, rows, cls.seed, 0, language)
     matches = bool(predictions is not None and row["probe"] in predictions.columns
                    and np.array_equal(predictions[row["probe"]].to_numpy(), np.asarray(result.test_pred)))
     choices = _choices(result, label_names(frame), ic.top)
     latents = sorted({c.latent for c in choices})
-    flips = probe_flips(lambda M: _predict(result, M)[0], X[rows.test], latents)
+    flips = probe_flips(lambda M: predict(result.estimator, M)[0], X[rows.test], latents)
     texts = frame["text"].astype(str).to_numpy()[rows.test][: ic.texts].tolist()
     options = None
     beh = cfg.dataset(dataset).behaviour

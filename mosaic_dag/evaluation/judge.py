@@ -159,7 +159,7 @@ def cost_line(cost: Mapping[str, float]) -> str:
 def selected_sae(results: pd.DataFrame, predictions: pd.DataFrame | None) -> tuple[str, np.ndarray] | None:
     """The validation-selected SAE probe of one partition (``evaluation.best_rows``) and its test
     predictions in ``predictions``' row order; None when the partition has no SAE probe."""
-    from mosaic_dag.evaluation.sweeps import best_rows
+    from mosaic_dag.evaluation.selection import best_rows
 
     sae = results[(results["features"] == "sae") & (results["train_language"] == results["test_language"])]
     if sae.empty or predictions is None:
@@ -176,8 +176,11 @@ def judge_partition(cfg: Any, target: Any, dataset: str, language: str, frame: p
 
     ``results``/``predictions``: the probes step's rows and per-row test predictions of this
     partition (the same test ids, checked)."""
-    from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS, SplitRows, _typed, describe, label_names
-    from mosaic_dag.probes.core import evaluate
+    from mosaic_dag.evaluation.artifacts import label_names
+    from mosaic_dag.evaluation.comparisons import describe
+    from mosaic_dag.evaluation.schema import RESULT_COLUMNS, result_row, typed_results
+    from mosaic_dag.evaluation.sweeps import SplitRows
+    from mosaic_dag.probes.metrics import evaluate
 
     jc, cls = cfg.judge, cfg.classification
     rows = SplitRows.of(frame)
@@ -209,16 +212,16 @@ def judge_partition(cfg: Any, target: Any, dataset: str, language: str, frame: p
             raise ValueError(f"judge {target.key}: the probes' test rows differ from the dataset's; re-materialize probes")
         sae_label = chosen[0]
         paired = paired_comparison("sae-judge", y_test, chosen, (label, run.pred), n_boot=cls.bootstrap, seed=cls.seed)
-    record = {c: "" for c in RESULT_COLUMNS} | {
+    record = result_row(**{
         "model": target.model, "layer": target.layer, "sae": "",  # the partition it is paired in; judge.model answers
         "dataset": dataset, "language": language, "train_language": language, "test_language": language,
-        "features": "judge", "pooling": f"{jc.shots}-shot", "threshold": math.nan, "top_n": None,
-        "classifier": "judge", "k": None, "probe": label, "val_macro_f1": math.nan, "selected": True,
+        "features": "judge", "pooling": "", "threshold": math.nan, "top_n": None,  # shots: in probe and n_train
+        "classifier": "judge", "k": None, "probe": label, "validation_macro_f1": math.nan, "selected": True,
         "macro_f1": m.macro_f1, "macro_f1_ci_low": m.macro_f1_ci_low, "macro_f1_ci_high": m.macro_f1_ci_high,
         "accuracy": m.accuracy, "auroc": m.auroc, "n_train": len(shots), "n_test": m.n_test,
         "vs_judge": describe(paired) if paired is not None else "", "cost": cost_line(cost),
-    }
-    row = _typed(pd.DataFrame.from_records([record], columns=RESULT_COLUMNS))
+    })
+    row = typed_results(pd.DataFrame.from_records([record], columns=RESULT_COLUMNS))
     return JudgeOutcome(row, pred_frame, paired, cost, sae_label, [str(i) for i in frame["id"].to_numpy()[shots]])
 
 

@@ -1,333 +1,206 @@
-"""Cross-lingual transfer: fit a probe on one language, score it on every language's test split.
+"""The cross-lingual transfer step: per multilingual dataset, train on each language and test on every
+language with SAE, hidden-state and TF-IDF probes; the off-diagonal cells become results rows.
 
-The probe for a train language is fitted exactly once with the probes API (hyper-parameters
-from that language's train+validation rows only), so the diagonal of the matrix *is* the
-in-language probe on the same held-out test rows. Off-diagonal cells reuse the fitted model
-on the other languages' test rows; nothing about those rows ever reaches the fit.
-
-Features must live in one column space across languages. SAE codes and hidden states do by
-construction; for TF-IDF, ``tfidf_transfer_matrix`` fits the vectoriser on the train language
-only and applies it unchanged to the other languages' texts.
+    <data_dir>/results/<target>/transfer.<dataset>.parquet               off-diagonal rows of the results table
+    <data_dir>/results/<target>/transfer-matrix.<dataset>.<features>.parquet
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pandas as pd
-import scipy.sparse as sp
 
-from mosaic_dag.probes.core import DEFAULT_CS, Matrix, ProbeResult, evaluate, fit_logistic
-from mosaic_dag.features.tfidf import fit_tfidf
+from mosaic_dag.config import ExperimentConfig
+from mosaic_dag.errors import ConfigError
+from mosaic_dag.evaluation.schema import RESULT_COLUMNS, result_row, typed_results
+from mosaic_dag.evaluation.sweeps import SplitRows
+from mosaic_dag.evaluation.transfer_matrix import Split, TextSplit, tfidf_transfer_matrix, transfer_matrix
+from mosaic_dag.features.pooled import PooledResult, feature_name, read_matrix
+from mosaic_dag.features.pooling import binarize
+from mosaic_dag.handles import DatasetHandle, PooledHandle
+from mosaic_dag.keys import TargetKey, targets
+from mosaic_dag.paths import results_root, transfer_file, transfer_matrix_file
+from mosaic_dag.data.step import read_frame
+from mosaic_dag.storage import atomic_path, write_parquet
 
-__all__ = [
-    "LONG_COLUMNS",
-    "FitFn",
-    "Split",
-    "TextSplit",
-    "TransferResult",
-    "check_label_space",
-    "common_labels",
-    "tfidf_transfer_matrix",
-    "transfer_matrix",
-]
-
-LONG_COLUMNS: tuple[str, ...] = (
-    "train_language",
-    "test_language",
-    "macro_f1",
-    "ci_low",
-    "ci_high",
-    "accuracy",
-    "auroc",
-    "n_train",
-    "n_test",
-)
+__all__ = ["TransferOutcome", "build_transfer", "feature_matrix", "feature_splits", "heatmap_png",
+           "multilingual_datasets", "text_splits", "transfer_matrices", "write_transfer"]
 
 
-class FitFn(Protocol):
-    """A probes-API fit: ``fit(Xtr, ytr, Xva, yva, Xte, yte, *, seed, n_boot) -> ProbeResult``."""
-
-    def __call__(
-        self,
-        X_train: Matrix,
-        y_train: npt.ArrayLike,
-        X_val: Matrix,
-        y_val: npt.ArrayLike,
-        X_test: Matrix,
-        y_test: npt.ArrayLike,
-        *,
-        seed: int,
-        n_boot: int,
-    ) -> ProbeResult: ...
+def multilingual_datasets(cfg: ExperimentConfig) -> list[str]:
+    return [d.name for d in cfg.datasets if len(cfg.dataset_languages(d.name)) >= 2]
 
 
-@dataclass(frozen=True, eq=False)
-class Split:
-    """One language's features and labels; ``ids_test`` names the test rows (for predictions)."""
-
-    X_train: Matrix
-    y_train: np.ndarray
-    X_val: Matrix
-    y_val: np.ndarray
-    X_test: Matrix
-    y_test: np.ndarray
-    ids_test: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        for part in ("train", "val", "test"):
-            X = getattr(self, f"X_{part}")
-            y = np.asarray(getattr(self, f"y_{part}"))
-            object.__setattr__(self, f"y_{part}", y)
-            if y.ndim != 1 or X.shape[0] != y.shape[0]:
-                raise ValueError(f"X_{part}: has {X.shape[0]} rows but y_{part} has shape {y.shape}")
-        if self.ids_test is None:
-            object.__setattr__(self, "ids_test", np.arange(self.y_test.shape[0]))
-        ids = np.asarray(self.ids_test)
-        if ids.shape != self.y_test.shape:
-            raise ValueError(f"ids_test: has shape {ids.shape} but y_test has shape {self.y_test.shape}")
-        object.__setattr__(self, "ids_test", ids)
-
-    @property
-    def n_features(self) -> int:
-        return int(self.X_train.shape[1])
-
-    @property
-    def labels(self) -> frozenset[Any]:
-        """Every label this language uses, over all three splits."""
-        ys = np.concatenate([self.y_train, self.y_val, self.y_test])
-        return frozenset(np.unique(ys).tolist())
+@dataclass
+class TransferOutcome:
+    dataset: str
+    matrices: dict[str, pd.DataFrame] = field(default_factory=dict)  # features -> train x test macro-F1
+    rows: pd.DataFrame | None = None
+    results_path: Path | None = None
+    matrix_paths: list[Path] = field(default_factory=list)
 
 
-@dataclass(frozen=True, eq=False)
-class TransferResult:
-    """``long``: one row per (train, test) language pair; ``matrix``: macro-F1, rows = train.
-
-    ``predictions`` has one row per scored test row (train_language, test_language, id,
-    y_true, y_pred); ``probes`` keeps the fitted probe of every train language.
-    """
-
-    long: pd.DataFrame
-    matrix: pd.DataFrame
-    predictions: pd.DataFrame
-    probes: dict[str, ProbeResult] = field(default_factory=dict)
-
-
-def check_label_space(labels_by_language: Mapping[str, frozenset[Any] | set[Any]]) -> None:
-    """Raise one-line ValueError when languages do not share one label set (transfer is then undefined)."""
-    langs = list(labels_by_language)
-    if not langs:
-        raise ValueError("splits: need at least one language")
-    ref = frozenset(labels_by_language[langs[0]])
-    bad = [lang for lang in langs[1:] if frozenset(labels_by_language[lang]) != ref]
-    if bad:
-        detail = "; ".join(
-            f"{lang}={sorted(map(str, labels_by_language[lang]))}" for lang in [langs[0], *bad]
-        )
-        raise ValueError(
-            f"labels: languages {', '.join(bad)} do not share the label set of {langs[0]} ({detail}); "
-            "map them to one label space first"
-        )
+def feature_matrix(cfg: ExperimentConfig, pooled: PooledResult, features: str) -> tuple[Any, str, int | None]:
+    """The pooled matrix the transfer settings (``transfer:``) name, binarized for SAE codes when asked."""
+    tc = cfg.transfer
+    pooling = tc.pooling if not (features == "hidden" and tc.pooling == "topn_count") else "mean"
+    top_n = tc.top_n if pooling == "topn_count" else None
+    name = feature_name(features, pooling, top_n)
+    if name not in pooled.files:
+        raise ConfigError(f"transfer.pooling {pooling!r} (top_n={top_n}) is not among classification.poolings/top_n; add it")
+    X = read_matrix(pooled.files[name])
+    if features == "sae" and tc.threshold is not None:
+        X = binarize(X, tc.threshold, signed=pooled.signed)
+    return X, pooling, top_n
 
 
-def _predict(probe: ProbeResult, X: Matrix) -> tuple[np.ndarray, np.ndarray | None]:
-    """Apply a fitted probe to new rows (undoing the k-sparse column selection)."""
-    if probe.selected_features is not None:
-        idx = probe.selected_features
-        X = X[:, idx] if sp.issparse(X) else np.asarray(X)[:, idx]
-    if sp.issparse(X):
-        X = sp.csr_matrix(X)
-        if X.dtype not in (np.float32, np.float64):
-            X = X.astype(np.float32)
-    pred = np.asarray(probe.model.predict(X))
-    proba = np.asarray(probe.model.predict_proba(X)) if hasattr(probe.model, "predict_proba") else None
-    return pred, proba
+def feature_splits(cfg: ExperimentConfig, pooled: Mapping[str, PooledResult], frames: Mapping[str, pd.DataFrame],
+                   features: str) -> tuple[dict[str, Split], str, int | None]:
+    """Per key (language or dataset partition), its train / validation / test rows of one feature matrix."""
+    splits: dict[str, Split] = {}
+    pooling, top_n = "", None
+    for key, frame in frames.items():
+        X, pooling, top_n = feature_matrix(cfg, pooled[key], features)
+        r = SplitRows.of(frame)
+        splits[key] = Split(X[r.train], r.y(r.train), X[r.validation], r.y(r.validation), X[r.test], r.y(r.test),
+                            np.asarray(frame["id"].to_numpy()[r.test]))
+    return splits, pooling, top_n
 
 
-def _assemble(
-    languages: Sequence[str],
-    probes: dict[str, ProbeResult],
-    scored: dict[tuple[str, str], tuple[Any, np.ndarray, np.ndarray, np.ndarray]],
-    train_languages: Sequence[str] | None = None,
-) -> TransferResult:
-    """Build the tidy table, the square matrix and the predictions from per-cell results."""
-    rows = []
-    preds = []
-    for (tr, te), (metrics, ids, y_true, y_pred) in scored.items():
-        rows.append(
-            {
-                "train_language": tr,
-                "test_language": te,
-                "macro_f1": metrics.macro_f1,
-                "ci_low": metrics.macro_f1_ci_low,
-                "ci_high": metrics.macro_f1_ci_high,
-                "accuracy": metrics.accuracy,
-                "auroc": metrics.auroc,
-                "n_train": metrics.n_train,
-                "n_test": metrics.n_test,
-            }
-        )
-        preds.append(
-            pd.DataFrame(
-                {"train_language": tr, "test_language": te, "id": ids, "y_true": y_true, "y_pred": y_pred}
-            )
-        )
-    long = pd.DataFrame(rows, columns=list(LONG_COLUMNS))
-    matrix = (
-        long.pivot(index="train_language", columns="test_language", values="macro_f1")
-        .reindex(index=list(train_languages or languages), columns=list(languages))
-        .astype(float)
-    )
-    matrix.index.name = "train_language"
-    matrix.columns.name = "test_language"
-    predictions = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
-    return TransferResult(long=long, matrix=matrix, predictions=predictions, probes=probes)
+def text_splits(frames: Mapping[str, pd.DataFrame]) -> dict[str, TextSplit]:
+    """Per key, its train / validation / test texts and labels (what the TF-IDF matrix fits and scores)."""
+    out: dict[str, TextSplit] = {}
+    for key, frame in frames.items():
+        r, t = SplitRows.of(frame), frame["text"].to_numpy()
+        out[key] = (list(t[r.train]), r.y(r.train), list(t[r.validation]), r.y(r.validation), list(t[r.test]), r.y(r.test))
+    return out
 
 
-def transfer_matrix(
-    splits: Mapping[str, Split],
-    fit: FitFn | Callable[..., ProbeResult] | None = None,
-    *,
-    seed: int = 0,
-    n_boot: int = 1000,
-    train_languages: Sequence[str] | None = None,
-) -> TransferResult:
-    """Fit once per train language, then score on every language's test split.
+def build_transfer(cfg: ExperimentConfig, target: TargetKey, dataset: str, pooled: dict[str, PooledHandle],
+                   data: dict[str, DatasetHandle]) -> TransferOutcome:
+    """Train on each language, test on every language: SAE, hidden and TF-IDF matrices.
 
-    ``fit`` defaults to ``fit_logistic``; it gets the train language's own test split so the
-    diagonal cell is exactly that in-language probe's metrics. Bootstrap CIs of every cell use
-    ``seed``. ``train_languages`` restricts the rows (default: every language).
-    """
-    if not splits:
-        raise ValueError("splits: need at least one language")
-    langs = list(splits)
-    check_label_space({lang: splits[lang].labels for lang in langs})
-    widths = {lang: splits[lang].n_features for lang in langs}
-    if len(set(widths.values())) != 1:
-        raise ValueError(f"splits: feature widths differ across languages ({widths}); use one column space")
-    fit_fn: Callable[..., ProbeResult] = fit if fit is not None else fit_logistic
-    rows_langs = list(train_languages) if train_languages is not None else langs
-    unknown = [lang for lang in rows_langs if lang not in splits]
-    if unknown:
-        raise ValueError(f"train_languages: {unknown} are not in splits ({langs})")
+    ``pooled`` and ``data``: the upstream handles of this dataset's partitions, by language."""
+    from mosaic_dag.data.images import is_image_frame
 
-    probes: dict[str, ProbeResult] = {}
-    scored: dict[tuple[str, str], tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
-    for tr in rows_langs:
-        s = splits[tr]
-        probe = fit_fn(s.X_train, s.y_train, s.X_val, s.y_val, s.X_test, s.y_test, seed=seed, n_boot=n_boot)
-        probes[tr] = probe
-        n_fit = probe.metrics.n_train
-        for te in langs:
-            t = splits[te]
-            if te == tr:
-                scored[(tr, te)] = (probe.metrics, t.ids_test, t.y_test, probe.test_pred)
-                continue
-            pred, proba = _predict(probe, t.X_test)
-            m = evaluate(t.y_test, pred, proba, probe.classes, seed, n_train=n_fit, n_boot=n_boot)
-            scored[(tr, te)] = (m, t.ids_test, t.y_test, pred)
-    return _assemble(langs, probes, scored, rows_langs)
+    languages = cfg.dataset_languages(dataset)
+    seed, n_boot = cfg.classification.seed, cfg.classification.bootstrap
+    frames = {lang: read_frame(data[lang]) for lang in languages}
+    matrices = {lang: PooledResult.of(pooled[lang]) for lang in languages}
+    out = TransferOutcome(dataset)
+    records: list[pd.DataFrame] = []
+    for features in ("sae", "hidden"):
+        splits, pooling, top_n = feature_splits(cfg, matrices, frames, features)
+        res = transfer_matrix(splits, seed=seed, n_boot=n_boot)
+        out.matrices[features] = res.matrix
+        records.append(res.long.assign(features=features, pooling=pooling, analyzer="", top_n=top_n,
+                                       threshold=cfg.transfer.threshold if features == "sae" else math.nan,
+                                       validation_macro_f1=_validation_scores(res)))
+    if not any(is_image_frame(f) for f in frames.values()):  # TF-IDF has no words to read in an image
+        res = tfidf_transfer_matrix(text_splits(frames), cfg.transfer.tfidf, seed=seed, n_boot=n_boot)
+        out.matrices["tfidf"] = res.matrix
+        records.append(res.long.assign(features="tfidf", pooling="", analyzer=cfg.transfer.tfidf, top_n=None,
+                                       threshold=math.nan, validation_macro_f1=_validation_scores(res)))
+    long = pd.concat(records, ignore_index=True)
+    long = long[long["train_language"] != long["test_language"]]  # the diagonal lives in the probes rows
+    setting = np.where(long["features"] == "tfidf", long["analyzer"].astype(str), long["pooling"].astype(str))
+    table = pd.DataFrame(result_row(
+        model=target.model, layer=target.layer, sae=np.where(long["features"] == "sae", target.sae, ""),
+        dataset=dataset, language=long["test_language"], features=long["features"], pooling=long["pooling"],
+        analyzer=long["analyzer"], threshold=long["threshold"], top_n=long["top_n"], classifier="logistic", k=None,
+        train_language=long["train_language"], test_language=long["test_language"],
+        probe=long["features"] + "/" + setting + "/logistic", validation_macro_f1=long["validation_macro_f1"],
+        macro_f1=long["macro_f1"], macro_f1_ci_low=long["ci_low"], macro_f1_ci_high=long["ci_high"],
+        accuracy=long["accuracy"], auroc=long["auroc"], n_train=long["n_train"], n_test=long["n_test"],
+    ))[RESULT_COLUMNS]
+    out.rows = typed_results(table.reset_index(drop=True))
+    return out
 
 
-TextSplit = tuple[
-    Sequence[str], npt.ArrayLike, Sequence[str], npt.ArrayLike, Sequence[str], npt.ArrayLike
-]
+def _validation_scores(res: Any) -> Any:
+    """Per long row, the validation score of the probe fitted on its train language."""
+    return res.long["train_language"].map(lambda lang: res.probes[lang].validation_macro_f1 if lang in res.probes else math.nan)
 
 
-def tfidf_transfer_matrix(
-    texts_by_language: Mapping[str, TextSplit],
-    analyzer: Literal["word", "char"] = "word",
-    *,
-    seed: int = 0,
-    n_boot: int = 1000,
-    Cs: Sequence[float] = DEFAULT_CS,
-    min_df: float = 1,
-    max_features: int | None = 200_000,
-    ids_test: Mapping[str, npt.ArrayLike] | None = None,
-    languages: Mapping[str, str] | None = None,
-    **logistic_kwargs: Any,
-) -> TransferResult:
-    """TF-IDF transfer: per train language, the vectoriser sees that language's train+val texts only.
-
-    ``texts_by_language[lang] = (train_texts, y_train, val_texts, y_val, test_texts, y_test)``.
-    The diagonal equals ``fit_tfidf`` on that language; other languages' test texts go through
-    the same fitted vectoriser (words it never saw simply have no column). English stop words
-    are used only when the train language is ``en`` (as in ``fit_tfidf``); ``languages`` gives each
-    key's language when the keys are not languages (cross-dataset matrices).
-    """
-    if not texts_by_language:
-        raise ValueError("texts_by_language: need at least one language")
-    langs = list(texts_by_language)
-    for lang in langs:
-        if len(texts_by_language[lang]) != 6:
-            raise ValueError(
-                f"texts_by_language[{lang!r}]: expected (train_texts, y_train, val_texts, y_val, test_texts, y_test)"
-            )
-    check_label_space(
-        {
-            lang: frozenset(
-                np.unique(np.concatenate([np.asarray(v[1]), np.asarray(v[3]), np.asarray(v[5])])).tolist()
-            )
-            for lang, v in texts_by_language.items()
-        }
-    )
-    ids = {
-        lang: np.asarray(ids_test[lang]) if ids_test is not None and lang in ids_test
-        else np.arange(len(texts_by_language[lang][4]))
-        for lang in langs
-    }
-    probes: dict[str, ProbeResult] = {}
-    scored: dict[tuple[str, str], tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
-    for tr in langs:
-        ttr, ytr, tva, yva, tte, yte = texts_by_language[tr]
-        probe = fit_tfidf(
-            ttr, ytr, tva, yva, tte, yte, analyzer=analyzer, language=(languages or {}).get(tr, tr),
-            min_df=min_df, max_features=max_features, Cs=Cs, seed=seed, n_boot=n_boot, **logistic_kwargs,
-        )
-        probes[tr] = probe
-        for te in langs:
-            y_te = np.asarray(texts_by_language[te][5])
-            if te == tr:
-                scored[(tr, te)] = (probe.metrics, ids[te], y_te, probe.test_pred)
-                continue
-            texts = list(texts_by_language[te][4])
-            pred = np.asarray(probe.model.predict(texts))
-            proba = np.asarray(probe.model.predict_proba(texts))
-            m = evaluate(y_te, pred, proba, probe.classes, seed, n_train=probe.metrics.n_train, n_boot=n_boot)
-            scored[(tr, te)] = (m, ids[te], y_te, pred)
-    return _assemble(langs, probes, scored)
+def write_transfer(cfg: ExperimentConfig, target: TargetKey, outcome: TransferOutcome, mlflow_run_id: str) -> Path:
+    rows = outcome.rows.assign(mlflow_run_id=mlflow_run_id) if outcome.rows is not None else pd.DataFrame()
+    path = transfer_file(cfg, target, outcome.dataset)
+    write_parquet(path, rows)
+    for features, matrix in outcome.matrices.items():
+        mpath = transfer_matrix_file(cfg, target, outcome.dataset, features)
+        write_parquet(mpath, matrix.reset_index(names="train_language"))
+        outcome.matrix_paths.append(mpath)
+    outcome.results_path = path
+    return path
 
 
-# --------------------------------------------------------------------------- across datasets of one task
-
-
-def common_labels(label_names: Sequence[str], mapping: Mapping[str, str], classes: Sequence[str],
-                  what: str = "dataset") -> np.ndarray:
-    """Each row's label name mapped onto the task's common classes, as an index into ``classes``.
-
-    Datasets of one task label the same thing differently (davidson's hate / offensive / neither,
-    a toxicity set's toxic / not toxic); the mapping puts them in one label space so a probe fitted
-    on one dataset can be scored on another."""
-    names = np.asarray(label_names, dtype=object)
-    unmapped = sorted(set(names.tolist()) - set(mapping))
-    if unmapped:
-        raise ValueError(f"{what}: task_classes has no common class for the labels {unmapped}; map every label name")
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({mapping[n] for n in set(names.tolist())} - set(index))
-    if unknown:
-        raise ValueError(f"{what}: task_classes maps onto {unknown}, not among the task's classes {list(classes)}")
-    return np.asarray([index[mapping[n]] for n in names.tolist()], dtype=np.int64)
+def transfer_matrices(cfg: ExperimentConfig, files: list[Path] | None = None) -> dict[str, pd.DataFrame]:
+    """Transfer matrices named '<target> <dataset> <features>': ``files`` (what the report's inputs
+    name), else the saved matrices of the config's own targets and datasets (not an earlier config's)."""
+    out: dict[str, pd.DataFrame] = {}
+    root = results_root(cfg)
+    if files is None:
+        if not cfg.transfer.enabled or not root.exists():
+            return out
+        keys = {t.key for t in targets(cfg)}
+        names = {d.name for d in cfg.datasets}
+        files = [p for p in sorted(root.glob("*/transfer-matrix.*.parquet"))
+                 if p.parent.name in keys and p.name.split(".")[1] in names]
+    for p in sorted(Path(f) for f in files):
+        _, dataset, features, _ = p.name.split(".")
+        out[f"{p.parent.name} {dataset} {features}"] = pd.read_parquet(p).set_index("train_language")
+    return out
 
 
 # --------------------------------------------------------------------------- plotting
 
 
-def offdiag_mean(matrix: pd.DataFrame) -> float:
-    """Mean macro-F1 over cross-language cells (train language != test language); NaN for one language."""
-    values = matrix.to_numpy(dtype=float)
-    off = values[~np.eye(len(values), dtype=bool)]
-    return float(off.mean()) if off.size else float("nan")
+def heatmap_png(
+    matrix_df: pd.DataFrame,
+    path: str | Path,
+    title: str = "macro-F1: train language (rows) -> test language (columns)",
+    *,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    cmap: str = "viridis",
+) -> Path:
+    """Annotated heatmap of a train x test matrix, written atomically as PNG.
+
+    Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so
+    it is safe in worker processes and threads. NaN cells are shown as "n/a".
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = matrix_df.to_numpy(dtype=float)
+    if values.size == 0 or np.all(np.isnan(values)):
+        raise ValueError("matrix_df: is empty or all NaN; nothing to plot")
+    n_rows, n_cols = values.shape
+    fig = Figure(figsize=(1.2 + 0.9 * n_cols, 1.0 + 0.8 * n_rows), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(n_cols), [str(c) for c in matrix_df.columns])
+    ax.set_yticks(range(n_rows), [str(r) for r in matrix_df.index])
+    ax.set_xlabel(str(matrix_df.columns.name or "test"))
+    ax.set_ylabel(str(matrix_df.index.name or "train"))
+    ax.set_title(title, fontsize=9)
+    mid = (vmin + vmax) / 2
+    for i in range(n_rows):
+        for j in range(n_cols):
+            v = values[i, j]
+            text = "n/a" if np.isnan(v) else f"{v:.2f}"
+            color = "black" if np.isnan(v) or v > mid else "white"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color=color)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    return target
+

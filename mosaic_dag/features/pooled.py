@@ -1,6 +1,6 @@
 """Pooled feature matrices per dataset partition: SAE codes (CSR, never densified) and hidden states.
 
-One file per (source, pooling[, top_n]), rows in dataset order:
+One file per (features, pooling[, top_n]), rows in dataset order:
 
     <data_dir>/pooled/<model>/L<layer>/<sae>/<dataset>.<language>/<key>/sae-<pooling>.npz
     <data_dir>/pooled/<model>/L<layer>/hidden/<dataset>.<language>/<key>/hidden-<pooling>.npz
@@ -28,11 +28,12 @@ from mosaic_dag.features.pooling import DENSE_POOLINGS, pool_dense, pool_sparse
 from mosaic_dag.storage import atomic_dir, atomic_path
 
 
-def feature_name(source: str, pooling: str, top_n: int | None) -> str:
-    return f"{source}-{pooling}" + (f"-n{top_n}" if pooling == "topn_count" else "")
+def feature_name(features: str, pooling: str, top_n: int | None) -> str:
+    """The name of one pooled matrix: ``<features>-<pooling>[-n<top_n>]`` (features: sae | hidden)."""
+    return f"{features}-{pooling}" + (f"-n{top_n}" if pooling == "topn_count" else "")
 
 
-def save_csr(path: Path, X: sp.csr_matrix) -> None:
+def write_csr(path: Path, X: sp.csr_matrix) -> None:
     """CSR as plain arrays in an .npz (no pickle), atomically."""
     X = sp.csr_matrix(X)
     with atomic_path(path) as tmp:
@@ -41,14 +42,14 @@ def save_csr(path: Path, X: sp.csr_matrix) -> None:
                      indptr=X.indptr.astype(np.int64), shape=np.asarray(X.shape, dtype=np.int64))
 
 
-def load_matrix(path: Path) -> sp.csr_matrix | np.ndarray:
+def read_matrix(path: Path) -> sp.csr_matrix | np.ndarray:
     with np.load(path, allow_pickle=False) as z:
         if "dense" in z:
             return z["dense"]
         return sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
 
 
-def save_dense(path: Path, X: np.ndarray) -> None:
+def write_dense(path: Path, X: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, dense=np.asarray(X, dtype=np.float32))
@@ -71,7 +72,7 @@ class PooledResult:
     sae_dir: Path
     hidden_dir: Path
     files: dict[str, Path]
-    hit: bool
+    cache_hit: bool
     width: int
     signed: bool
     neuronpedia_id: str | None
@@ -135,7 +136,7 @@ def build_pooled(cfg: ExperimentConfig, target: TargetKey, codes_handle: CodesHa
                 acc[feature_name("sae", p, k)].append((shard.rows, pooled))
         with atomic_dir(sae_out) as tmp:
             for name, parts in acc.items():
-                save_csr(tmp / f"{name}.npz", _reorder(parts, n))
+                write_csr(tmp / f"{name}.npz", _reorder(parts, n))
             (tmp / "meta.json").write_text(json.dumps({"codes": str(codes.path), "poolings": poolings}))
     if not all(files[feature_name("hidden", p, None)].exists() for p, _ in hid_pool):
         acc_h: dict[str, list] = {feature_name("hidden", p, None): [] for p, _ in hid_pool}
@@ -145,6 +146,6 @@ def build_pooled(cfg: ExperimentConfig, target: TargetKey, codes_handle: CodesHa
                     (shard.rows, pool_dense(shard.acts, shard.offsets, shard.real_mask, p)))
         with atomic_dir(hid_out) as tmp:
             for name, parts in acc_h.items():
-                save_dense(tmp / f"{name}.npz", _reorder(parts, n))
+                write_dense(tmp / f"{name}.npz", _reorder(parts, n))
             (tmp / "meta.json").write_text(json.dumps({"hidden": str(hidden.path), "poolings": hid_pool}))
     return PooledResult(sae_out, hid_out, files, False, int(man["width"]), signed, man.get("neuronpedia_id"), data)

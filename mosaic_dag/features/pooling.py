@@ -115,9 +115,9 @@ def _sparse_max(codes: sp.csr_matrix, offsets: np.ndarray, real_mask: np.ndarray
     t = text_of[np.flatnonzero(real_mask)][real.row]
     key = t * np.int64(width) + real.col.astype(np.int64)
     order = np.argsort(key, kind="stable")
-    key_s, val_s = key[order], real.data[order]
+    key_s, value_s = key[order], real.data[order]
     starts = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
-    gmax = np.maximum.reduceat(val_s, starts)
+    gmax = np.maximum.reduceat(value_s, starts)
     gcount = np.diff(np.r_[starts, key_s.size])
     gkey = key_s[starts]
     g_text = gkey // width

@@ -1,11 +1,12 @@
 """TF-IDF + logistic regression baseline on raw texts.
 
 The vectoriser is fitted on train+validation texts only (never test); the classifier
-is chosen exactly like the SAE probes by reusing ``probes.fit_logistic``.
+is chosen exactly like the SAE probes by reusing ``probes.linear.fit_logistic``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -13,7 +14,8 @@ import numpy.typing as npt
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.pipeline import Pipeline
 
-from mosaic_dag.probes.core import ProbeResult, fit_logistic
+from mosaic_dag.probes.fit import ProbeResult
+from mosaic_dag.probes.linear import fit_logistic
 
 ANALYZERS: tuple[str, ...] = ("word", "char")
 
@@ -54,8 +56,8 @@ def make_vectorizer(
 def fit_tfidf(
     texts_train: Sequence[str],
     y_train: npt.ArrayLike,
-    texts_val: Sequence[str],
-    y_val: npt.ArrayLike,
+    texts_validation: Sequence[str],
+    y_validation: npt.ArrayLike,
     texts_test: Sequence[str],
     y_test: npt.ArrayLike,
     analyzer: Literal["word", "char"] = "word",
@@ -65,35 +67,14 @@ def fit_tfidf(
     max_features: int | None = 200_000,
     **logistic_kwargs: Any,
 ) -> ProbeResult:
-    """TF-IDF baseline; ``result.model`` is a Pipeline that takes raw texts.
+    """TF-IDF baseline (classifier ``logistic``); ``result.estimator`` is a Pipeline that takes raw texts.
 
     TF-IDF rows are already L2-normalised, so no extra scaler is used.
     """
     vec = make_vectorizer(analyzer, language, min_df=min_df, max_features=max_features)
-    vec.fit(list(texts_train) + list(texts_val))
+    vec.fit(list(texts_train) + list(texts_validation))
     logistic_kwargs.setdefault("scale", False)
-    res = fit_logistic(
-        vec.transform(texts_train),
-        y_train,
-        vec.transform(texts_val),
-        y_val,
-        vec.transform(texts_test),
-        y_test,
-        classifier=f"tfidf_{analyzer}",
-        **logistic_kwargs,
-    )
-    steps = [("tfidf", vec), *res.model.steps]
+    res = fit_logistic(vec.transform(texts_train), y_train, vec.transform(texts_validation), y_validation,
+                       vec.transform(texts_test), y_test, **logistic_kwargs)
     params = {**res.params, "analyzer": analyzer, "language": language, "n_features": len(vec.vocabulary_)}
-    return ProbeResult(
-        classifier=res.classifier,
-        k=None,
-        params=params,
-        metrics=res.metrics,
-        model=Pipeline(steps),
-        selected_features=None,
-        test_pred=res.test_pred,
-        test_proba=res.test_proba,
-        classes=res.classes,
-        selection_score=res.selection_score,
-        val_macro_f1=res.val_macro_f1,
-    )
+    return dataclasses.replace(res, params=params, estimator=Pipeline([("tfidf", vec), *res.estimator.steps]))

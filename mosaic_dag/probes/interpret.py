@@ -22,7 +22,7 @@ import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Interpretation", "interpret_partition", "latent_table", "tree_figure"]
+__all__ = ["Interpretation", "interpret_partition", "latent_table", "top_latents", "tree_figure"]
 
 LATENT_COLUMNS = ["class", "latent", "weight", "activation_frequency", "class_mean_diff", "neuronpedia"]
 
@@ -126,7 +126,7 @@ def latent_table(weights: Mapping[Any, Sequence[tuple[int, float]]], X: Any, y: 
 
 def _tree_weights(result: Any, classes: np.ndarray, X: Any, y: np.ndarray, rows: np.ndarray, top: int) -> dict[Any, list]:
     """A tree has no per-class weights: its most important latents, each listed under the class it is higher in."""
-    est = result.model.steps[-1][1] if hasattr(result.model, "steps") else result.model
+    est = result.estimator.steps[-1][1] if hasattr(result.estimator, "steps") else result.estimator
     imp = np.asarray(getattr(est, "feature_importances_", []), dtype=float)
     out: dict[Any, list] = {c: [] for c in classes}
     for j in np.argsort(-imp, kind="stable")[:top]:
@@ -144,7 +144,7 @@ def tree_figure(result: Any, names: Mapping[int, str], label: str) -> Any:
 
     from mosaic_dag.report.style import new_figure
 
-    est = result.model.steps[-1][1] if hasattr(result.model, "steps") else result.model
+    est = result.estimator.steps[-1][1] if hasattr(result.estimator, "steps") else result.estimator
     n_features = int(getattr(est, "n_features_in_", 0))
     depth = min(int(est.get_depth()), 4)
     fig = new_figure(max(6.0, 1.6 * 2 ** depth), 1.8 * (depth + 1) + 0.6)
@@ -198,14 +198,14 @@ def interpret_partition(
 ) -> Interpretation | None:
     """Interpretation of the validation-selected SAE probe among ``runs``; ``X_by_name(feature_name)`` gives the
     matrix a probe was fitted on (binarized when its spec says so). None when there is no SAE probe."""
-    from mosaic_dag.evaluation.sweeps import SplitRows, best_run
-    from mosaic_dag.probes.core import top_latents
+    from mosaic_dag.evaluation.selection import best_run
+    from mosaic_dag.evaluation.sweeps import SplitRows
 
     run = best_run(list(runs), "sae")
     if run is None:
         return None
     rows = SplitRows.of(frame)
-    fit_rows = np.concatenate([rows.train, rows.val])
+    fit_rows = np.concatenate([rows.train, rows.validation])
     y = frame["label"].to_numpy()
     X = X_by_name(_matrix_key(run.spec))
     note = ""
@@ -273,7 +273,7 @@ def _decoder(cfg: Any, model: str) -> Callable[[int], str] | None:
 def interpret_probes(cfg: Any, target: Any, results: Any, frame: pd.DataFrame, pooled_handle: Any,
                      names: Mapping[int, str], partition: str) -> Interpretation | None:
     """``interpret_partition`` wired to a partition's stored matrices, codes and the model's tokenizer."""
-    from mosaic_dag.features.pooled import PooledResult, load_matrix
+    from mosaic_dag.features.pooled import PooledResult, read_matrix
     from mosaic_dag.features.pooling import binarize
 
     pooled = PooledResult.of(pooled_handle)
@@ -282,7 +282,7 @@ def interpret_probes(cfg: Any, target: Any, results: Any, frame: pd.DataFrame, p
     def matrix(key: str) -> Any:
         if key not in cache:
             name, threshold = json.loads(key)
-            X = load_matrix(pooled.files[name])
+            X = read_matrix(pooled.files[name])
             cache[key] = binarize(X, threshold, signed=pooled.signed) if threshold is not None else X
         return cache[key]
 
@@ -293,3 +293,55 @@ def interpret_probes(cfg: Any, target: Any, results: Any, frame: pd.DataFrame, p
     return interpret_partition(partition, results.runs, matrix, frame, names,
                                neuronpedia_id=pooled.neuronpedia_id, codes_dir=codes_dir,
                                decode=_decoder(cfg, target.model) if codes_dir else None)
+
+
+def _py(v: Any) -> Any:
+    """numpy scalar -> plain Python value (dict keys that JSON/YAML understand)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _linear_step(estimator: Any) -> Any:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    est = estimator.steps[-1][1] if isinstance(estimator, Pipeline) else estimator
+    if not isinstance(est, LogisticRegression):
+        raise ValueError(f"result: top_latents needs a logistic probe, got {type(est).__name__}")
+    return est
+
+
+def top_latents(
+    result: Any,
+    feature_names: Sequence[str] | Mapping[int, str] | None = None,
+    top: int = 10,
+) -> dict[Any, list[tuple[int | str, float]]]:
+    """Per class, the features with the largest weights pointing to that class.
+
+    Weights are in the probe's (scaled) input space, so they are comparable across
+    features. Indices refer to the original columns (the k-sparse selection is undone);
+    with ``feature_names`` the name replaces the index. Binary: the positive class
+    (``classes[1]``) gets the largest positive weights, the negative class the most
+    negative ones (reported with their negative sign).
+    """
+    clf = _linear_step(result.estimator)
+    coef = np.asarray(clf.coef_, dtype=np.float64)
+    classes = np.asarray(clf.classes_)
+    sel = result.selected_features
+    orig = sel if sel is not None else np.arange(coef.shape[1])
+
+    def name(j: int) -> int | str:
+        i = int(orig[j])
+        return feature_names[i] if feature_names is not None else i
+
+    def pick(w: np.ndarray, sign: float) -> list[tuple[int | str, float]]:
+        order = np.argsort(-sign * w, kind="stable")
+        return [(name(int(j)), float(w[j])) for j in order[:top] if sign * w[j] > 0]
+
+    out: dict[Any, list[tuple[int | str, float]]] = {}
+    if coef.shape[0] == 1:
+        out[_py(classes[0])] = pick(coef[0], -1.0)
+        out[_py(classes[1])] = pick(coef[0], 1.0)
+    else:
+        for ci, c in enumerate(classes):
+            out[_py(c)] = pick(coef[ci], 1.0)
+    return out

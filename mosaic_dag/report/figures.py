@@ -5,7 +5,7 @@ Every figure is faceted by task (dataset.language, or dataset for the sources fi
 each feature set the same way in every figure (``features_colour``), puts its legend outside
 the axes (a figure legend right of the panels), draws the majority-class baseline when it is
 known, and shows bars where an axis has a single value. Every plotted point is the
-validation-selected configuration of its group (``val_macro_f1``), drawn at its TEST macro-F1
+validation-selected configuration of its group (``validation_macro_f1``), drawn at its TEST macro-F1
 with its 95% bootstrap interval; a table without validation scores falls back to the test-best
 and the title says "test-best (oracle)".
 

@@ -6,8 +6,8 @@ without data. Figures come from ``mosaic_dag.report.figures`` (one per question,
 one colour per feature set); every file is written atomically, ``index.html`` before
 ``index.md``, and ``index.md`` last, so a reader never sees a link to a missing file.
 
-Every plotted point is the configuration with the best VALIDATION score (``val_macro_f1``) of
-its group, drawn at its own test macro-F1 and CI. A table without ``val_macro_f1`` falls back
+Every plotted point is the configuration with the best VALIDATION score (``validation_macro_f1``) of
+its group, drawn at its own test macro-F1 and CI. A table without ``validation_macro_f1`` falls back
 to the test-best, and the figure's title then says "test-best (oracle)".
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from mosaic_dag.evaluation.schema import TABLE_COLUMNS
 from mosaic_dag.report import figures as F
 from mosaic_dag.report.html import data_uri, html_page
 from mosaic_dag.report.rows import NoData, best, by_validation, in_language, usable
@@ -46,12 +47,7 @@ __all__ = [
 ]
 
 FIGURE_DPI = 150
-_TABLE_COLUMNS: tuple[str, ...] = (
-    "model", "layer", "sae", "dataset", "language", "features", "pooling", "threshold", "top_n",
-    "classifier", "k", "train_language", "test_language", "val_macro_f1", "selected", "macro_f1",
-    "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "auroc", "n_train", "n_test", "vs_hidden", "vs_tfidf",
-    "vs_judge", "cost",
-)
+_TABLE_COLUMNS: tuple[str, ...] = TABLE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -212,7 +208,7 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame | None:
     return out
 
 
-_SELECTED_NOTE = ("Chosen by validation score (`val_macro_f1`: cross-validated macro-F1 on train+validation); "
+_SELECTED_NOTE = ("Chosen by validation score (`validation_macro_f1`: cross-validated macro-F1 on train+validation); "
                   "`macro_f1` is its test score. `oracle_test_best_macro_f1` is the best TEST score of any "
                   "configuration: an oracle for reference, not a result.")
 _PAIRED_NOTE = ("Difference of test macro-F1 (SAE − other) on the identical test rows, paired bootstrap 95% "
@@ -288,10 +284,10 @@ def write_report(
         md += [_md(conditions.reset_index(drop=True), max_rows), ""]
     all_rows = None
     if len(res):
-        order_col = "val_macro_f1" if by_validation(res) else "macro_f1" if "macro_f1" in res.columns else None
+        order_col = "validation_macro_f1" if by_validation(res) else "macro_f1" if "macro_f1" in res.columns else None
         rows = res.sort_values(order_col, ascending=False, kind="stable") if order_col else res
         cols = [c for c in _TABLE_COLUMNS if c in rows.columns] or list(rows.columns)
-        how = "validation score" if order_col == "val_macro_f1" else "test macro-F1 (no validation score)"
+        how = "validation score" if order_col == "validation_macro_f1" else "test macro-F1 (no validation score)"
         all_rows = rows[cols]
         md += [f"## All results (top {max_rows} by {how})", "", _md(all_rows, max_rows), ""]
     if extra_md.strip():

@@ -57,7 +57,7 @@ def in_language(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def by_validation(df: pd.DataFrame) -> bool:
-    return "val_macro_f1" in df.columns and bool(df["val_macro_f1"].notna().any())
+    return "validation_macro_f1" in df.columns and bool(df["validation_macro_f1"].notna().any())
 
 
 def rule(df: pd.DataFrame) -> str:
@@ -67,7 +67,7 @@ def rule(df: pd.DataFrame) -> str:
 def best(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """The validation-best row of each group (ties: the partition's own pick, then the first row);
     test-best only without a validation score."""
-    col = "val_macro_f1" if by_validation(df) else "macro_f1"
+    col = "validation_macro_f1" if by_validation(df) else "macro_f1"
     sel = df["selected"].fillna(False).astype(bool) if "selected" in df.columns else pd.Series(False, index=df.index)
     order = df.assign(_score=df[col].astype(float).fillna(-np.inf), _sel=sel)
     order = order.sort_values(["_score", "_sel"], ascending=False, kind="stable")

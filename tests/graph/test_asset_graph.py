@@ -190,7 +190,8 @@ def test_release_sensor_ticks_add_partitions_and_automation_requests_the_runs(
 def test_two_workers_run_a_stages_partitions_at_once_with_the_same_results(tmp_path: Path, tiny_model_dir: Path,
                                                                            dagster_home: Path, clean):
     """Independent partitions in two worker processes: the same table as one at a time."""
-    from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS, results_table
+    from mosaic_dag.evaluation.results import results_table
+    from mosaic_dag.evaluation.schema import RESULT_COLUMNS
 
     tables = {}
     for workers in (1, 2):

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from mosaic_dag.evaluation.analysis import conditions_table, transfer_matrices
+from mosaic_dag.evaluation.conditions import conditions_table
+
+from mosaic_dag.evaluation.transfer import transfer_matrices
 from mosaic_dag.cli import main
 from mosaic_dag.config import load_config
-from mosaic_dag.evaluation.sweeps import results_table
+from mosaic_dag.evaluation.results import results_table
 from mosaic_dag.lm.extract import HiddenCache
 from mosaic_dag.data.step import dataset_handle, read_dataset
 from mosaic_dag.lm.hidden_states import build_hidden_states, hidden_cache

@@ -15,8 +15,8 @@ from mosaic_dag.evaluation.interventions import (
     probe_flips,
     reliance_table,
 )
-from mosaic_dag.probes.core import fit_logistic
-from mosaic_dag.evaluation.transfer import _predict
+from mosaic_dag.probes.linear import fit_logistic
+from mosaic_dag.probes.fit import predict
 from tests.support.models import tiny_config
 
 PLANTED, INERT, NOISE = 0, 1, 2
@@ -81,7 +81,7 @@ def test_planted_latent_flips_the_probe_and_an_inert_one_never_does():
     X[:, NOISE] = rng.random(120)                     # INERT never fires
     X = sp.csr_matrix(X)
     probe = fit_logistic(X[:60], y[:60], X[60:80], y[60:80], X[80:], y[80:], n_boot=0)
-    flips = probe_flips(lambda M: _predict(probe, M)[0], X[80:], [PLANTED, INERT])
+    flips = probe_flips(lambda M: predict(probe.estimator, M)[0], X[80:], [PLANTED, INERT])
     assert flips[PLANTED] > 0.3 and flips[INERT] == 0.0
     table = reliance_table([LatentChoice("toxic", PLANTED, 1.0), LatentChoice("toxic", INERT, 0.0)], flips,
                            {PLANTED: 0.5, INERT: 0.0}, {PLANTED: 1.0, INERT: 0.0}, "kl_last_token",
@@ -93,7 +93,7 @@ def test_planted_latent_flips_the_probe_and_an_inert_one_never_does():
 
 def test_interventions_in_the_graph(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
     from mosaic_dag.config import load_config
-    from mosaic_dag.evaluation.sweeps import results_table
+    from mosaic_dag.evaluation.results import results_table
     from mosaic_dag.runner import run_experiment
 
     path = tiny_config(tmp_path, tiny_model_dir, layers=[1])

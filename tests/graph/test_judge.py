@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score
 from mosaic_dag.config import parse_config
 from mosaic_dag.errors import ConfigError
 from mosaic_dag.evaluation.judge import class_options, judge_texts, pick_shots, shot_prefix
-from mosaic_dag.probes.core import majority_baseline_f1
+from mosaic_dag.probes.metrics import majority_baseline_f1
 from tests.support.models import tiny_config
 
 
@@ -72,9 +72,9 @@ def test_judge_config_is_strict(tmp_path: Path, tiny_model_dir: Path):
 
 def test_judge_in_the_graph_results_comparisons_and_report(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path,
                                                           clean):
-    from mosaic_dag.evaluation.analysis import comparisons_table
+    from mosaic_dag.report.build import comparisons_table
     from mosaic_dag.config import load_config
-    from mosaic_dag.evaluation.sweeps import results_table
+    from mosaic_dag.evaluation.results import results_table
     from mosaic_dag.data.step import read_dataset
     from mosaic_dag.runner import run_experiment
 

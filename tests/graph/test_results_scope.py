@@ -81,7 +81,7 @@ def test_report_without_results_is_one_line(tmp_path: Path, tiny_model_dir: Path
 def test_results_into_a_closed_pipe_stops_quietly(tmp_path: Path, tiny_model_dir: Path):
     """`mosaic results | head`: the reader is gone before mosaic writes; no BrokenPipeError traceback."""
     config = fast_config(tmp_path, tiny_model_dir, layers=[0])
-    from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS
+    from mosaic_dag.evaluation.schema import RESULT_COLUMNS
 
     results = tmp_path / "data" / "results" / "tiny.L0.s16"
     results.mkdir(parents=True)

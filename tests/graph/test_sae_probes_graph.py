@@ -12,7 +12,8 @@ from mosaic_dag.sae.codes import CodesStore
 from mosaic_dag.sae.resolve import forget_saes, load_target_sae
 from mosaic_dag.handles import SaeHandle
 from mosaic_dag.config import load_config
-from mosaic_dag.evaluation.sweeps import RESULT_COLUMNS, results_table
+from mosaic_dag.evaluation.results import results_table
+from mosaic_dag.evaluation.schema import RESULT_COLUMNS
 from mosaic_dag.lm.extract import HiddenCache
 from mosaic_dag.keys import parse_target
 from mosaic_dag.runner import run_experiment
@@ -47,15 +48,15 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
     assert (table["mlflow_run_id"] != "").all()
     # one validation-selected row per source and partition; its paired verdicts sit on the SAE row
     in_lang = table[table["train_language"] == table["test_language"]]
-    assert in_lang["val_macro_f1"].notna().all()
+    assert in_lang["validation_macro_f1"].notna().all()
     chosen = in_lang[in_lang["selected"]]
     assert sorted(chosen["features"]) == ["hidden", "sae", "tfidf"]
     for _, row in chosen.iterrows():
         same = in_lang[in_lang["features"] == row["features"]]
-        assert row["val_macro_f1"] == same["val_macro_f1"].max()
+        assert row["validation_macro_f1"] == same["validation_macro_f1"].max()
     sae_row = chosen[chosen["features"] == "sae"].iloc[0]
     assert sae_row["vs_hidden"].split(":")[0] in {"SAE better", "no difference", "SAE worse"}
-    from mosaic_dag.evaluation.analysis import comparisons_table
+    from mosaic_dag.report.build import comparisons_table
     from mosaic_dag.paths import predictions_file
 
     preds = pd.read_parquet(predictions_file(cfg, parse_target("tiny.L1.btk"), "toy", "en"))

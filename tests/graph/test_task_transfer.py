@@ -9,7 +9,8 @@ import yaml
 
 from mosaic_dag.config import load_config, parse_config
 from mosaic_dag.errors import ConfigError
-from mosaic_dag.evaluation.transfer import Split, common_labels, offdiag_mean, tfidf_transfer_matrix, transfer_matrix
+from mosaic_dag.evaluation.tasks import common_labels
+from mosaic_dag.evaluation.transfer_matrix import Split, offdiag_mean, tfidf_transfer_matrix, transfer_matrix
 from tests.support.models import SHARED_DATA, TINY_SAE, WORDS
 
 CLASSES = ["not_offensive", "offensive"]
@@ -118,7 +119,7 @@ def _csv(path: Path, good_name: str, bad_name: str, offset: int) -> Path:
 
 
 def test_task_transfer_in_the_graph(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
-    from mosaic_dag.evaluation.analysis import transfer_matrices
+    from mosaic_dag.evaluation.transfer import transfer_matrices
     from mosaic_dag.runner import run_experiment
 
     a, b = _csv(tmp_path / "a.csv", "ok", "toxic", 0), _csv(tmp_path / "b.csv", "neither", "offensive", 11)

@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from mosaic_dag.evaluation.analysis import conditions_table, transfer_matrices
+from mosaic_dag.evaluation.conditions import conditions_table
+
+from mosaic_dag.evaluation.transfer import transfer_matrices
 from mosaic_dag.config import load_config
-from mosaic_dag.evaluation.sweeps import results_table
+from mosaic_dag.evaluation.results import results_table
 from mosaic_dag.data.step import read_dataset
 from mosaic_dag.runner import run_experiment
 from tests.support.models import TINY_SAE, SHARED_DATA, WORDS

@@ -89,7 +89,7 @@ def test_demo_caches_hidden_states_then_hits(tmp_path: Path, monkeypatch: pytest
     assert all(s.metadata["texts"] == 120 for s in hidden)
     # the demo goes end to end: a locally trained SAE, sparse codes, and all three feature sources
     from mosaic_dag.config import load_config
-    from mosaic_dag.evaluation.sweeps import results_table
+    from mosaic_dag.evaluation.results import results_table
 
     table = results_table(load_config(None))
     assert set(table["features"]) == {"sae", "hidden", "tfidf"}

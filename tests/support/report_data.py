@@ -8,7 +8,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from mosaic_dag.evaluation.sweeps import ProbeRun, ProbeSpec
-from mosaic_dag.probes.core import fit_logistic, fit_tree
+from mosaic_dag.probes.linear import fit_logistic
+from mosaic_dag.probes.tree import fit_tree
 
 
 def results() -> pd.DataFrame:
@@ -28,7 +29,7 @@ def results() -> pd.DataFrame:
             rows.append({"model": "gemma", "layer": 6, "dataset": "tox", "language": lang, "features": "hidden",
                          "pooling": "mean", "threshold": None, "classifier": "logistic", "macro_f1": 0.8,
                          "macro_f1_ci_low": 0.7, "macro_f1_ci_high": 0.9, "n_train": 100, "n_test": 40})
-        rows.append({"dataset": "tox", "language": lang, "features": "tfidf", "classifier": "tfidf_word",
+        rows.append({"dataset": "tox", "language": lang, "features": "tfidf", "classifier": "logistic", "analyzer": "word",
                      "macro_f1": 0.7, "macro_f1_ci_low": 0.6, "macro_f1_ci_high": 0.8, "n_train": 100, "n_test": 40})
     return pd.DataFrame(rows)
 

@@ -22,7 +22,7 @@ from mosaic_dag.data.behaviour import (
 from mosaic_dag.config import SplitConfig
 from mosaic_dag.data.splits import assign_splits
 from mosaic_dag.lm.scoring import build_prompts, option_logprobs
-from mosaic_dag.probes.core import fit_logistic
+from mosaic_dag.probes.linear import fit_logistic
 from tests.support.models import WORDS
 
 

@@ -17,7 +17,8 @@ from mosaic_dag.evaluation.conditions import (
     label_noise,
     subsample_train,
 )
-from mosaic_dag.probes.core import fit_logistic, fit_tree
+from mosaic_dag.probes.linear import fit_logistic
+from mosaic_dag.probes.tree import fit_tree
 
 
 def _y(counts: dict[int, int], seed: int = 0) -> np.ndarray:

@@ -26,7 +26,7 @@ def test_selected_probe_latents_texts_and_tree() -> None:
 
     out = interpret_partition("m.L1.s toy.en", runs, matrix, frame, names, neuronpedia_id="gemma/6-res-16k", top=3)
     assert out is not None and seen == [key]
-    best = max(runs, key=lambda r: r.result.val_macro_f1)
+    best = max(runs, key=lambda r: r.result.validation_macro_f1)
     assert out.probe == best.spec.label
     toxic = out.latents[out.latents["class"] == "toxic"].iloc[0]
     assert toxic["latent"] == 3 and toxic["weight"] > 0 and toxic["class_mean_diff"] > 1

@@ -15,20 +15,14 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.tree import DecisionTreeClassifier
 
-from mosaic_dag.probes import core as probes
-from mosaic_dag.probes.core import (
-    Metrics,
-    ProbeResult,
-    evaluate,
-    fit_ksparse,
-    fit_logistic,
-    fit_tree,
-    load_model,
-    majority_baseline_f1,
-    save_model,
-    select_features,
-    top_latents,
-)
+from mosaic_dag.probes import ksparse, metrics
+from mosaic_dag.probes.fit import ProbeResult
+from mosaic_dag.probes.interpret import top_latents
+from mosaic_dag.probes.io import load_probe, save_probe
+from mosaic_dag.probes.ksparse import fit_ksparse, select_features
+from mosaic_dag.probes.linear import fit_logistic
+from mosaic_dag.probes.metrics import Metrics, evaluate, majority_baseline_f1
+from mosaic_dag.probes.tree import fit_tree
 from tests.support.sparse import forbid_densify, random_csr
 
 WIDTH = 20_000
@@ -162,7 +156,7 @@ def test_no_fit_ever_sees_test_rows(monkeypatch: pytest.MonkeyPatch, kind: str) 
         fit_tree(*parts, max_depths=(2, None), min_samples_leafs=(1,), n_boot=0)
     else:
         # keep the marker column so the fitted columns can still reveal test rows
-        monkeypatch.setattr(probes, "select_features", lambda X, y, k: np.array([_col(1, 2_000), marker]))
+        monkeypatch.setattr(ksparse, "select_features", lambda X, y, k: np.array([_col(1, 2_000), marker]))
         fit_ksparse(*parts, k=2, Cs=SMALL_CS, n_boot=0)
     seen = rec_lr.seen + rec_tree.seen
     assert len(seen) >= 2
@@ -190,10 +184,8 @@ def test_selection_is_blind_to_test_split(kind: str) -> None:
     a, b = run(Xte, yte), run(Xadv, yadv)
     assert a.params == b.params
     assert a.selection_score == b.selection_score
-    assert np.isfinite(a.val_macro_f1) and a.val_macro_f1 == b.val_macro_f1  # the validation score never sees test
-    pa, pb = a.model.predict_proba(Xte[:, a.selected_features] if kind == "ksparse" else Xte), b.model.predict_proba(
-        Xte[:, b.selected_features] if kind == "ksparse" else Xte
-    )
+    assert np.isfinite(a.validation_macro_f1) and a.validation_macro_f1 == b.validation_macro_f1  # the validation score never sees test
+    pa, pb = a.estimator.predict_proba(Xte), b.estimator.predict_proba(Xte)  # k-sparse: the selector is a step
     np.testing.assert_array_equal(pa, pb)
     assert b.metrics.macro_f1 < 0.5 < a.metrics.macro_f1  # the adversarial split really is adversarial
 
@@ -267,7 +259,7 @@ def test_bootstrap_matches_sklearn_per_resample() -> None:
     rng = np.random.default_rng(9)
     t = rng.integers(0, 4, size=60)
     p = np.where(rng.random(60) < 0.5, t, rng.integers(0, 4, size=60))
-    boot = probes._bootstrap_macro_f1(t, p, 4, n_boot=30, seed=11)
+    boot = metrics.bootstrap_macro_f1(t, p, 4, n_boot=30, seed=11)
     idx = np.random.default_rng(11).integers(0, 60, size=(30, 60))
     expected = [f1_score(t[i], p[i], average="macro", zero_division=0) for i in idx]
     np.testing.assert_allclose(boot, expected, rtol=1e-12)
@@ -308,12 +300,11 @@ def test_skops_round_trip(tmp_path: Path) -> None:
         fit_ksparse(*parts, k=5, Cs=SMALL_CS, n_boot=0),
     ):
         path = tmp_path / "sub" / f"{res.classifier}.skops"
-        save_model(res.model, path)
-        loaded = load_model(path)
-        assert type(loaded) is type(res.model)
-        Xin = Xte[:, res.selected_features] if res.selected_features is not None else Xte
-        np.testing.assert_array_equal(loaded.predict(Xin), res.test_pred)
-        np.testing.assert_array_equal(loaded.predict_proba(Xin), res.test_proba)
+        save_probe(res.estimator, path)
+        loaded = load_probe(path)
+        assert type(loaded) is type(res.estimator)
+        np.testing.assert_array_equal(loaded.predict(Xte), res.test_pred)  # k-sparse: the selector is a step
+        np.testing.assert_array_equal(loaded.predict_proba(Xte), res.test_proba)
     assert sorted(os.listdir(tmp_path / "sub")) == ["ksparse.skops", "logistic.skops", "tree.skops"]
 
 
@@ -325,16 +316,18 @@ def test_load_model_refuses_non_sklearn_types(tmp_path: Path) -> None:
     model = Pipeline([("f", FunctionTransformer(_custom)), ("clf", LogisticRegression())])
     model.fit(np.array([[0.0], [1.0], [0.1], [0.9]]), [0, 1, 0, 1])
     path = tmp_path / "m.skops"
-    save_model(model, path)
+    save_probe(model, path)
     with pytest.raises(ValueError, match=r"^path: .*test_probes"):
-        load_model(path)
+        load_probe(path)
 
 
 def test_probe_checks_and_best_artifacts(tmp_path) -> None:
     """What the probes asset reports: its checks' inputs and the best probe per source's files."""
     import pandas as pd
 
-    from mosaic_dag.evaluation.sweeps import PartitionResults, ProbeRun, ProbeSpec, best_artifacts, probe_checks
+    from mosaic_dag.evaluation.artifacts import probe_checks, write_best_artifacts
+
+    from mosaic_dag.evaluation.sweeps import PartitionResults, ProbeRun, ProbeSpec
 
     X, y = _planted(300, seed=11, n_classes=2)
     parts = _split(X, y)
@@ -354,6 +347,6 @@ def test_probe_checks_and_best_artifacts(tmp_path) -> None:
                                          train_ids=["t0"])).train_test_overlap == 1
     frame = pd.DataFrame({"label": parts[5], "label_name": np.where(parts[5] == 1, "pos", "neg"),
                           "split": "test"})
-    files = best_artifacts(results, frame, tmp_path)
+    files = write_best_artifacts(results, frame, tmp_path)
     assert [(p.name, where) for p, where in files] == [("confusion-sae.png", "confusion"), ("best-sae.skops", "models")]
     assert all(p.stat().st_size > 0 for p, _ in files)

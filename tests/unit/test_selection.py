@@ -9,21 +9,13 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from mosaic_dag.evaluation.comparisons import overall, paired_bootstrap, paired_comparison, verdict
-from mosaic_dag.evaluation.sweeps import (
-    PartitionResults,
-    ProbeRun,
-    ProbeSpec,
-    _typed,
-    best_artifacts,
-    best_rows,
-    best_run,
-    mark_selected,
-    oracle_rows,
-    partition_comparisons,
-    probe_checks,
-)
-from mosaic_dag.probes.core import fit_logistic, fit_tree
+from mosaic_dag.evaluation.artifacts import probe_checks, write_best_artifacts
+from mosaic_dag.evaluation.comparisons import overall, paired_bootstrap, paired_comparison, partition_comparisons, verdict
+from mosaic_dag.evaluation.schema import typed_results
+from mosaic_dag.evaluation.selection import best_rows, best_run, mark_selected, oracle_rows
+from mosaic_dag.evaluation.sweeps import PartitionResults, ProbeRun, ProbeSpec
+from mosaic_dag.probes.linear import fit_logistic
+from mosaic_dag.probes.tree import fit_tree
 from mosaic_dag.report.markdown import plot_sources, write_report
 
 
@@ -31,7 +23,7 @@ def _row(features: str, classifier: str, val: float, test: float, layer: int = 6
     base = {"model": "m", "layer": layer, "sae": "s" if features == "sae" else "", "dataset": "d", "language": "en",
             "features": features, "pooling": "mean", "threshold": np.nan, "top_n": None, "classifier": classifier,
             "k": None, "train_language": "en", "test_language": "en", "probe": f"{features}/mean/{classifier}/L{layer}",
-            "val_macro_f1": val, "selected": False, "macro_f1": test, "macro_f1_ci_low": test - 0.05,
+            "validation_macro_f1": val, "selected": False, "macro_f1": test, "macro_f1_ci_low": test - 0.05,
             "macro_f1_ci_high": test + 0.05, "accuracy": test, "auroc": np.nan, "n_train": 80, "n_test": 20,
             "vs_hidden": "", "vs_tfidf": "", "mlflow_run_id": ""}
     return base | extra
@@ -39,13 +31,13 @@ def _row(features: str, classifier: str, val: float, test: float, layer: int = 6
 
 def _planted_table() -> pd.DataFrame:
     """SAE 'tree' is best on TEST and worst on validation; SAE 'logistic' at layer 12 is validation-best."""
-    return _typed(pd.DataFrame([
+    return typed_results(pd.DataFrame([
         _row("sae", "tree", val=0.51, test=0.99),
         _row("sae", "logistic", val=0.80, test=0.70),
         _row("sae", "ksparse", val=0.90, test=0.75, layer=12),
         _row("hidden", "logistic", val=0.85, test=0.95),
         _row("hidden", "tree", val=0.60, test=0.97),
-        _row("tfidf", "logistic", val=0.70, test=0.72, pooling="word"),
+        _row("tfidf", "logistic", val=0.70, test=0.72, pooling="", analyzer="word"),
         # a transfer row with a high validation score must never be a selection
         _row("sae", "logistic", val=0.99, test=0.10, train_language="fr", test_language="en"),
     ]))
@@ -104,11 +96,11 @@ def _runs() -> tuple[list[ProbeRun], np.ndarray]:
 
 def test_runs_are_selected_on_validation_and_compared_paired(tmp_path: Path) -> None:
     runs, yte = _runs()
-    assert runs[1].result.val_macro_f1 > runs[0].result.val_macro_f1
+    assert runs[1].result.validation_macro_f1 > runs[0].result.validation_macro_f1
     assert best_run(runs, "sae") is runs[1]
     results = PartitionResults(table=pd.DataFrame(), runs=runs, majority_f1=0.3, train_ids=["a"])
     assert probe_checks(results).sae_macro_f1 == runs[1].result.metrics.macro_f1
-    files = best_artifacts(results, pd.DataFrame({"label": yte, "label_name": yte.astype(str), "split": "test"}), tmp_path)
+    files = write_best_artifacts(results, pd.DataFrame({"label": yte, "label_name": yte.astype(str), "split": "test"}), tmp_path)
     assert {p.name for p, _ in files} >= {"best-sae.skops", "confusion-sae.png"}
     comps = {p.comparison: p for p in partition_comparisons(runs, yte, n_boot=300, seed=0)}
     assert comps["sae-hidden"].verdict == "SAE better" and comps["sae-hidden"].sae_win_share > 0.95
@@ -153,7 +145,7 @@ def test_overall_averages_tasks() -> None:
 
 def test_ties_keep_the_partitions_own_pick_across_tables() -> None:
     """Equal validation scores: the row its partition selected (config order) wins, whatever the table order."""
-    table = _typed(pd.DataFrame([
+    table = typed_results(pd.DataFrame([
         _row("sae", "tree", val=0.9, test=0.99, pooling="max", probe="sae/max/tree"),
         _row("sae", "logistic", val=0.9, test=0.60, probe="sae/mean/logistic"),
     ]))
@@ -162,3 +154,20 @@ def test_ties_keep_the_partitions_own_pick_across_tables() -> None:
     from mosaic_dag.report.markdown import summary_table as _summary
 
     assert _summary(table).iloc[0]["macro_f1"] == 0.60
+
+
+def test_results_written_before_the_analyzer_column_read_back_with_it(tmp_path: Path) -> None:
+    """Older results files kept the TF-IDF analyzer in ``pooling``; they read back in the current schema."""
+    from mosaic_dag.evaluation.results import results_table
+    from mosaic_dag.evaluation.schema import RESULT_COLUMNS
+
+    old = _planted_table().drop(columns=["analyzer"], errors="ignore")
+    old.loc[old["features"] == "tfidf", "pooling"] = "word"
+    path = tmp_path / "old.parquet"
+    old.to_parquet(path)
+    table = results_table(None, [path])  # type: ignore[arg-type]  # files given: the config is not read
+    assert list(table.columns) == RESULT_COLUMNS
+    tfidf = table[table["features"] == "tfidf"].iloc[0]
+    assert (tfidf["analyzer"], tfidf["pooling"]) == ("word", "")
+    assert set(table.loc[table["features"] != "tfidf", "analyzer"]) == {""}
+    assert set(table.loc[table["features"] == "sae", "pooling"]) == {"mean"}

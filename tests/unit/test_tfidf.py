@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from mosaic_dag.probes.core import ProbeResult, load_model, save_model, top_latents
+from mosaic_dag.probes.fit import ProbeResult
+from mosaic_dag.probes.interpret import top_latents
+from mosaic_dag.probes.io import load_probe, save_probe
 from mosaic_dag.features.tfidf import fit_tfidf
 
 POS = ["great", "lovely", "wonderful", "excellent", "superb"]
@@ -37,7 +39,7 @@ def _data() -> tuple[Any, ...]:
 
 
 def _vocab(res: ProbeResult) -> dict[str, int]:
-    vec = res.model.steps[0][1]
+    vec = res.estimator.steps[0][1]
     assert isinstance(vec, TfidfVectorizer)
     return vec.vocabulary_
 
@@ -46,13 +48,13 @@ def _vocab(res: ProbeResult) -> dict[str, int]:
 def test_tfidf_learns_and_never_sees_test_vocabulary(analyzer: str) -> None:
     tr, ytr, va, yva, te, yte = _data()
     res = fit_tfidf(tr, ytr, va, yva, te, yte, analyzer=analyzer, language="en", Cs=(1.0, 10.0), n_boot=100)
-    assert res.classifier == f"tfidf_{analyzer}"
+    assert res.classifier == "logistic" and res.params["analyzer"] == analyzer  # the analyzer is its own field
     assert res.metrics.macro_f1 > 0.9
     vocab = _vocab(res)
     assert vocab
     assert not [term for term in vocab if "zqxj" in term or "þ" in term]
     # the returned pipeline works on raw texts and reproduces the test predictions
-    np.testing.assert_array_equal(res.model.predict(te), res.test_pred)
+    np.testing.assert_array_equal(res.estimator.predict(te), res.test_pred)
 
 
 def test_stop_words_only_for_english() -> None:
@@ -70,7 +72,7 @@ def test_validation_texts_are_in_vocabulary_and_top_terms_make_sense() -> None:
     va = [t + " onlyinvalidation" for t in va]
     res = fit_tfidf(tr, ytr, va, yva, te, yte, analyzer="word", language="en", Cs=(1.0,), n_boot=0)
     assert "onlyinvalidation" in _vocab(res)
-    names = res.model.steps[0][1].get_feature_names_out()
+    names = res.estimator.steps[0][1].get_feature_names_out()
     tops = top_latents(res, feature_names=list(names), top=3)
     assert len(tops[1]) == 3 and len(tops[0]) == 3
     assert all(any(p in str(t) for p in POS) for t, _ in tops[1])
@@ -87,5 +89,5 @@ def test_tfidf_pipeline_skops_round_trip(tmp_path: Path) -> None:
     tr, ytr, va, yva, te, yte = _data()
     res = fit_tfidf(tr, ytr, va, yva, te, yte, analyzer="char", language="fr", Cs=(1.0,), n_boot=0)
     path = tmp_path / "tfidf.skops"
-    save_model(res.model, path)
-    np.testing.assert_array_equal(load_model(path).predict_proba(te), res.test_proba)
+    save_probe(res.estimator, path)
+    np.testing.assert_array_equal(load_probe(path).predict_proba(te), res.test_proba)

@@ -11,15 +11,10 @@ import pytest
 import scipy.sparse as sp
 from matplotlib.image import imread
 
-from mosaic_dag.probes.core import fit_ksparse, fit_logistic
+from mosaic_dag.probes.ksparse import fit_ksparse
+from mosaic_dag.probes.linear import fit_logistic
 from mosaic_dag.report.figures import heatmap_png
-from mosaic_dag.evaluation.transfer import (
-    LONG_COLUMNS,
-    Split,
-    offdiag_mean,
-    tfidf_transfer_matrix,
-    transfer_matrix,
-)
+from mosaic_dag.evaluation.transfer_matrix import LONG_COLUMNS, Split, offdiag_mean, tfidf_transfer_matrix, transfer_matrix
 
 FIT = functools.partial(fit_logistic, Cs=(0.1, 1.0), n_splits=3)
 
@@ -47,22 +42,22 @@ def test_flipped_language_collapses_and_diagonal_is_in_language_probe() -> None:
     assert len(res.long) == 4
     # the diagonal is exactly an in-language fit on the same rows (same seed, same CI)
     s = splits["xx"]
-    alone = FIT(s.X_train, s.y_train, s.X_val, s.y_val, s.X_test, s.y_test, seed=3, n_boot=50)
+    alone = FIT(s.X_train, s.y_train, s.X_validation, s.y_validation, s.X_test, s.y_test, seed=3, n_boot=50)
     row = res.long.set_index(["train_language", "test_language"]).loc[("xx", "xx")]
     assert row["macro_f1"] == alone.metrics.macro_f1
     assert row["ci_low"] == alone.metrics.macro_f1_ci_low
-    assert row["n_train"] == alone.metrics.n_train == s.y_train.size + s.y_val.size
+    assert row["n_train"] == alone.metrics.n_train == s.y_train.size + s.y_validation.size
     assert row["n_test"] == s.y_test.size
     # off-diagonal cells score the other language's test rows with the train language's probe
     off = res.predictions.query("train_language == 'en' and test_language == 'xx'")
     assert list(off["id"]) == list(s.ids_test)
-    np.testing.assert_array_equal(off["y_pred"].to_numpy(), res.probes["en"].model.predict(s.X_test))
+    np.testing.assert_array_equal(off["y_pred"].to_numpy(), res.probes["en"].estimator.predict(s.X_test))
 
 
 def test_sparse_ksparse_probe_transfers_with_its_selected_columns() -> None:
     dense = {"a": _lang(4, flip=False), "b": _lang(5, flip=False)}
     splits = {
-        k: Split(sp.csr_matrix(v.X_train), v.y_train, sp.csr_matrix(v.X_val), v.y_val, sp.csr_matrix(v.X_test), v.y_test)
+        k: Split(sp.csr_matrix(v.X_train), v.y_train, sp.csr_matrix(v.X_validation), v.y_validation, sp.csr_matrix(v.X_test), v.y_test)
         for k, v in dense.items()
     }
     fit = functools.partial(fit_ksparse, k=2, Cs=(1.0,), n_splits=3)
@@ -83,7 +78,7 @@ def test_train_languages_restricts_rows_only() -> None:
 def test_mismatched_label_sets_name_the_languages() -> None:
     a = _lang(1, flip=False)
     b = _lang(2, flip=False)
-    c = Split(b.X_train, b.y_train + 5, b.X_val, b.y_val + 5, b.X_test, b.y_test + 5)
+    c = Split(b.X_train, b.y_train + 5, b.X_validation, b.y_validation + 5, b.X_test, b.y_test + 5)
     with pytest.raises(ValueError, match=r"languages de do not share the label set of en") as err:
         transfer_matrix({"en": a, "fr": b, "de": c}, FIT, n_boot=0)
     assert "\n" not in str(err.value)
@@ -116,8 +111,8 @@ def test_tfidf_vectoriser_is_fitted_on_the_train_language_only() -> None:
         t, y = _texts(lang, 60, i)
         data[lang] = (t[:36], y[:36], t[36:45], y[36:45], t[45:], y[45:])
     res = tfidf_transfer_matrix(data, "word", seed=0, n_boot=20, Cs=(1.0,), n_splits=3)
-    vocab_en = res.probes["en"].model.named_steps["tfidf"].vocabulary_
-    vocab_fr = res.probes["fr"].model.named_steps["tfidf"].vocabulary_
+    vocab_en = res.probes["en"].estimator.named_steps["tfidf"].vocabulary_
+    vocab_fr = res.probes["fr"].estimator.named_steps["tfidf"].vocabulary_
     assert "stupide" not in vocab_en and "merci" not in vocab_en  # French-only words
     assert "stupide" in vocab_fr and "lovely" not in vocab_fr
     assert res.matrix.loc["en", "en"] > 0.9 and res.matrix.loc["fr", "fr"] > 0.9

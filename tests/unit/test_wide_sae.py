@@ -14,7 +14,8 @@ from tests.support.sae import make_sae
 
 import mosaic_dag.sae.encode as sae_mod
 from mosaic_dag.features.pooling import pool_sparse
-from mosaic_dag.probes.core import fit_ksparse, fit_logistic
+from mosaic_dag.probes.ksparse import fit_ksparse
+from mosaic_dag.probes.linear import fit_logistic
 from mosaic_dag.sae.encode import encode_sparse
 from mosaic_dag.sae.stats import encode_stats
 
@@ -93,7 +94,7 @@ def test_wide_pooled_codes_fit_sparse_probes(wide: None) -> None:
     tr, va, te = slice(0, 36), slice(36, 48), slice(48, 60)
     res = fit_logistic(pooled[tr], y[tr], pooled[va], y[va], pooled[te], y[te], Cs=(0.1, 1.0), n_splits=2, n_boot=20)
     ks = fit_ksparse(pooled[tr], y[tr], pooled[va], y[va], pooled[te], y[te], k=16, Cs=(1.0,), n_splits=2, n_boot=20)
-    assert res.model.steps[-1][1].coef_.shape[-1] == WIDTH
+    assert res.estimator.steps[-1][1].coef_.shape[-1] == WIDTH
     assert ks.selected_features is not None and ks.selected_features.size == 16
     assert res.metrics.macro_f1 > 0.5
 
@@ -139,12 +140,12 @@ def test_active_column_fit_equals_full_fit() -> None:
 
 
 def test_fit_logistic_on_wide_sparse_answers_at_full_width(tmp_path: object) -> None:
-    from mosaic_dag.probes.core import load_model, save_model
+    from mosaic_dag.probes.io import load_probe, save_probe
 
     X, y = _wide_problem(1)
     res = fit_logistic(X[:150], y[:150], X[150:200], y[150:200], X[200:], y[200:], n_boot=10)
-    clf = res.model.named_steps["clf"]
-    assert clf.coef_.shape == (3, X.shape[1]) and res.model.n_features_in_ == X.shape[1]
+    clf = res.estimator.named_steps["clf"]
+    assert clf.coef_.shape == (3, X.shape[1]) and res.estimator.n_features_in_ == X.shape[1]
     assert not clf.coef_[:, 400:].any()  # never-active columns carry no weight
-    path = save_model(res.model, tmp_path / "p.skops")  # type: ignore[operator]
-    np.testing.assert_array_equal(load_model(path).predict(X[200:]), res.test_pred)
+    path = save_probe(res.estimator, tmp_path / "p.skops")  # type: ignore[operator]
+    np.testing.assert_array_equal(load_probe(path).predict(X[200:]), res.test_pred)
