@@ -47,7 +47,7 @@ def test_fused_blocks_replace_norms_linears_and_mlps_then_restore(pair):
         if _onednn() is not None:
             assert n.mlps == 3 and n.linears == sum(type(m) is nn.Linear for b in blocks for m in b.modules())
             assert n.attentions == 3
-        assert _replaced(l16.model) == n.total
+        assert _replaced(l16.model) == n.total()
         assert "forward" not in vars(decoder_layers(l16.model)[3].mlp)  # blocks after the deepest untouched
     assert _replaced(l16.model) == 0
     with pytest.raises(RuntimeError, match="boom"), fused_blocks(l16, 2, 64):
@@ -297,7 +297,7 @@ def test_blocks_that_disagree_with_the_stock_forward_get_no_replacement(pair, tm
     monkeypatch.setattr(attention, "_norm_rotate", lambda *a: real_norm_rotate(*a) * 3.0)  # a wrong attention
     base._reported.clear()
     with caplog.at_level("WARNING", logger="mosaic_dag.lm.fused"), fused_blocks(l16, 2, 64) as n:
-        assert n.total == 0 and _replaced(l16.model) == 0
+        assert n.total() == 0 and _replaced(l16.model) == 0
     if _onednn() is not None:
         assert any("probe batch differs" in r.getMessage() for r in caplog.records)
     extract_to_cache(l16, TEXTS, [2], {2: tmp_path / "after"}, max_length=32, batch_tokens=24)

@@ -57,8 +57,8 @@ class Fused:
     norms: int = 0
     attentions: int = 0
 
-    @property
     def total(self) -> int:
+        """Replaced modules of every kind."""
         return self.linears + self.mlps + self.norms + self.attentions
 
 
