@@ -113,7 +113,7 @@ def _last_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], max
     """log-softmax of the next-token logits at each prompt's last real token [prompts, vocab]."""
     import torch
 
-    from mosaic_dag.data.behaviour import _final_hidden, _head_logits
+    from mosaic_dag.lm.scoring import _final_hidden, _head_logits
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
