@@ -92,7 +92,13 @@ def test_demo_caches_hidden_states_then_hits(tmp_path: Path, monkeypatch: pytest
     from mosaic_dag.evaluation.results import results_table
 
     table = results_table(load_config(None))
-    assert set(table["features"]) == {"sae", "hidden", "tfidf"}
+    assert set(table["features"]) == {"sae", "hidden", "tfidf", "judge"}
+    judge = table[table["features"] == "judge"]  # the zero-shot judge: one row per demo_toxicity language
+    assert sorted(judge["language"]) == ["de", "en", "es", "fr"]
+    assert judge["vs_judge"].str.contains("SAE").all() and judge["cost"].str.startswith("per 1k texts").all()
+    report = (load_config(None).data_path / "report" / "index.md").read_text()
+    assert "judge/0-shot" in report  # the judge's row with its paired difference and cost
+    assert "## Interventions" in report and "probe_flip_share" in report
     assert set(table["language"]) == {"en", "fr", "de", "es"}
     assert table.groupby("language")["n_test"].nunique().eq(1).all()
     codes = [s for s in first.steps if s.asset == "sae_codes"]
