@@ -15,7 +15,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.tree import DecisionTreeClassifier
 
-from mosaic_dag.probes import ksparse, metrics
+from mosaic_dag.probes import ksparse, linear, metrics
 from mosaic_dag.probes.fit import ProbeResult
 from mosaic_dag.probes.interpret import top_latents
 from mosaic_dag.probes.io import load_probe, save_probe
@@ -150,6 +150,9 @@ def test_no_fit_ever_sees_test_rows(monkeypatch: pytest.MonkeyPatch, kind: str) 
     assert parts[4].shape[0] == n_test
     rec_lr = _FitRecorder(monkeypatch, LogisticRegression)
     rec_tree = _FitRecorder(monkeypatch, DecisionTreeClassifier)
+    searched: list[Any] = []  # the matrices a logistic search gets before it drops never-active columns
+    real_search = linear.fit_on_active_columns
+    monkeypatch.setattr(linear, "fit_on_active_columns", lambda search, X, y: searched.append(X) or real_search(search, X, y))
     if kind == "logistic":
         fit_logistic(*parts, Cs=SMALL_CS, n_boot=0)
     elif kind == "tree":
@@ -160,9 +163,17 @@ def test_no_fit_ever_sees_test_rows(monkeypatch: pytest.MonkeyPatch, kind: str) 
         fit_ksparse(*parts, k=2, Cs=SMALL_CS, n_boot=0)
     seen = rec_lr.seen + rec_tree.seen
     assert len(seen) >= 2
-    for Xf in seen:
+    assert kind == "tree" or searched
+    for Xf in searched:  # full width: the marker column is there to be read
         col = marker if Xf.shape[1] > 2 else 1
-        assert sp.csr_matrix(Xf)[:, col].nnz == 0, "a fit saw test rows"
+        assert sp.csr_matrix(Xf)[:, col].nnz == 0, "a logistic search saw test rows"
+    full = {2_000, 2}
+    for Xf in seen:
+        if Xf.shape[1] in full:
+            col = marker if Xf.shape[1] > 2 else 1
+            assert sp.csr_matrix(Xf)[:, col].nnz == 0, "a fit saw test rows"
+        else:  # a fit on the active columns of a searched matrix (checked above)
+            assert Xf.shape[1] < max(m.shape[1] for m in searched)
         assert Xf.shape[0] <= 400
 
 
