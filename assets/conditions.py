@@ -4,12 +4,10 @@ from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
 from assets.emit import emit, input_version, pooled_step, step_partition
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation.conditions import build_conditions
+from mosaic_dag.evaluation.conditions import build_conditions, write_conditions
 from mosaic_dag.handles import DatasetHandle, PooledHandle, TableHandle
-from mosaic_dag.paths import conditions_file
 from mosaic_dag.report.figures import conditions_figure
 from mosaic_dag.report.markdown import figure_markdown
-from mosaic_dag.storage import write_parquet
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource
 
@@ -25,8 +23,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             return emit(TableHandle(paths=[], inputs=inputs), {"enabled": False})
         with mlflow.run(context, cfg) as run:
             curves = build_conditions(cfg, target, pooled, data)
-            path = conditions_file(cfg, target, key.dataset, key.language)
-            write_parquet(path, curves)
+            path = write_conditions(cfg, target, key.dataset, key.language, curves)
             run.log_artifact(path, "conditions")
         show = curves[["features", "condition", "value", "macro_f1", "ci_low", "ci_high", "n_train"]] if len(curves) else curves
         return emit(TableHandle(paths=[str(path)], inputs=inputs), {

@@ -1,15 +1,13 @@
 """Do the selected SAE probe's top latents matter to the probe and to the model? (opt-in: ``interventions.enabled``)"""
 
-import pandas as pd
 from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
 from assets.emit import emit, input_version, step_asset, step_partition
 from assets.partitions import BY_TARGET, POOLED_WITH_DATASET, SAME, target_dataset_partitions, upstream
 from mosaic_dag.config import ExperimentConfig
-from mosaic_dag.evaluation.interventions import build_interventions
+from mosaic_dag.evaluation.interventions import build_interventions, write_interventions
 from mosaic_dag.handles import DatasetHandle, PooledHandle, SaeHandle, TableHandle
-from mosaic_dag.paths import interventions_file, predictions_file
-from mosaic_dag.storage import write_parquet
+from mosaic_dag.evaluation.results import read_partition_results
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 
@@ -30,14 +28,11 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                       data: DatasetHandle, sae_handle: SaeHandle):  # type: ignore[no-untyped-def]
         cfg, target, key = step_partition(context, experiment)
         inputs = input_version("interventions", cfg, probes, pooled, data, sae_handle)
-        results = pd.read_parquet(probes.paths[0])
-        pred_path = predictions_file(cfg, target, key.dataset, key.language)
-        predictions = pd.read_parquet(pred_path) if pred_path.exists() else None
+        results, predictions = read_partition_results(cfg, target, key.dataset, key.language, probes.paths[0])
         with mlflow.run(context, cfg) as run:
             outcome = build_interventions(cfg, target, pooled, data, results, predictions,
                                           model.load(cfg, target.model), sae.load(cfg, target, sae_handle))
-            path = interventions_file(cfg, target, key.dataset, key.language)
-            write_parquet(path, outcome.table)
+            path = write_interventions(cfg, target, key.dataset, key.language, outcome.table)
             run.log_artifact(path, "interventions")
             for _, r in outcome.table.iterrows():
                 run.log_metrics({f"latent_{r['latent']}_probe_flip_share": float(r["probe_flip_share"]),

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import pandas as pd
 from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
 from assets.emit import emit, input_version, step_asset, step_partition
@@ -10,7 +9,7 @@ from assets.partitions import BY_DATASET, BY_TARGET, SAME, target_dataset_partit
 from mosaic_dag.config import ExperimentConfig
 from mosaic_dag.evaluation.judge import judge_partition, write_judge
 from mosaic_dag.handles import DatasetHandle, SaeHandle, TableHandle
-from mosaic_dag.paths import predictions_file
+from mosaic_dag.evaluation.results import read_partition_results
 from mosaic_dag.data.step import read_frame
 from mosaic_dag.tables import markdown_table
 from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
@@ -39,9 +38,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         inputs = input_version("judge", cfg, probes, data, sae_handle)
         if not judged(cfg, key.dataset):
             return emit(TableHandle(paths=[], inputs=inputs), {"judged": False})
-        results = pd.read_parquet(probes.paths[0])
-        pred_path = predictions_file(cfg, target, key.dataset, key.language)
-        predictions = pd.read_parquet(pred_path) if pred_path.exists() else None
+        results, predictions = read_partition_results(cfg, target, key.dataset, key.language, probes.paths[0])
         with mlflow.run(context, cfg) as run:
             loaded = model.load(cfg, cfg.judge.model or target.model)
             outcome = judge_partition(cfg, target, key.dataset, key.language, read_frame(data), loaded,

@@ -25,6 +25,7 @@ from mosaic_dag.features.tfidf import make_vectorizer
 from mosaic_dag.handles import DatasetHandle, PooledHandle
 from mosaic_dag.keys import TargetKey, dataset_keys, targets
 from mosaic_dag.paths import conditions_file
+from mosaic_dag.storage import write_parquet
 from mosaic_dag.data.step import read_frame
 from mosaic_dag.probes.fit import FitFn, Matrix
 from mosaic_dag.probes.linear import fit_logistic
@@ -37,6 +38,7 @@ __all__ = [
     "imbalance",
     "label_noise",
     "subsample_train",
+    "write_conditions",
 ]
 
 CURVE_COLUMNS: tuple[str, ...] = ("condition", "value", *SCORE_COLUMNS, "note")
@@ -260,3 +262,10 @@ def conditions_table(cfg: ExperimentConfig, files: list[Path] | None = None) -> 
         files = [conditions_file(cfg, t, d.dataset, d.language) for t in targets(cfg) for d in dataset_keys(cfg)]
     frames = [read_results_file(p) for p in files if Path(p).exists()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_conditions(cfg: ExperimentConfig, target: TargetKey, dataset: str, language: str, curves: pd.DataFrame) -> Path:
+    """The partition's hard-condition curves, where the report reads them (``paths.conditions_file``)."""
+    path = conditions_file(cfg, target, dataset, language)
+    write_parquet(path, curves)
+    return path

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["INTERVENTION_COLUMNS", "latent_intervention", "model_reliance", "probe_flips", "reliance_table",
-           "verdict"]
+           "verdict", "build_interventions", "write_interventions"]
 
 INTERVENTION_COLUMNS = ["class", "latent", "weight", "probe_flip_share", "model_effect", "model_metric",
                         "fires_share", "verdict"]
@@ -285,3 +286,12 @@ def build_interventions(cfg: Any, target: Any, pooled_handle: Any, data: Any, re
                          probe=str(row["probe"]), scale=ic.scale, n_test=int(rows.test.size), n_texts=len(texts))
     return InterventionOutcome(table, str(row["probe"]), matches, metric)
 
+
+def write_interventions(cfg: Any, target: Any, dataset: str, language: str, table: pd.DataFrame) -> Path:
+    """The partition's interventions table, where the report reads it (``paths.interventions_file``)."""
+    from mosaic_dag.paths import interventions_file
+    from mosaic_dag.storage import write_parquet
+
+    path = interventions_file(cfg, target, dataset, language)
+    write_parquet(path, table)
+    return path

@@ -69,6 +69,13 @@ def read_results_file(path: Path) -> pd.DataFrame:
     return frame.rename(columns={"val_macro_f1": "validation_macro_f1"})  # the column's name in older files
 
 
+def read_partition_results(cfg: ExperimentConfig, target: TargetKey, dataset: str, language: str,
+                           results_path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """One partition's probe rows (the probes step's file) and its per-row test predictions, if written."""
+    pred_path = predictions_file(cfg, target, dataset, language)
+    return read_results_file(Path(results_path)), pd.read_parquet(pred_path) if pred_path.exists() else None
+
+
 def results_table(cfg: ExperimentConfig, files: list[Path] | None = None, *, every: bool = False) -> pd.DataFrame:
     """The results of ``files``, else of the config's own partitions, in one tidy table; hidden/TF-IDF rows
     shared by SAEs appear once.
