@@ -19,7 +19,6 @@ from mosaic_dag.data.leakage import shared_texts
 from mosaic_dag.errors import MosaicError
 from mosaic_dag.keys import DatasetKey
 from mosaic_dag.data.step import read_frame
-from mosaic_dag.sae.resolve import load_target_sae
 from mosaic_dag.sae.quality import check_quality, floors_of, partition_quality
 
 # --------------------------------------------------------------------------- dataset
@@ -81,15 +80,16 @@ SAE_QUALITY_CHECK = AssetCheckSpec(
 )
 
 
-def sae_quality_result(cfg, target, data, manifest, model, sae, hidden) -> AssetCheckResult:  # type: ignore[no-untyped-def]
+def sae_quality_result(cfg, target, data, manifest, model, sae, sae_handle, hidden) -> AssetCheckResult:  # type: ignore[no-untyped-def]
     """Measure (or reuse the cached measurement) and compare with the floors; one line says why it failed.
 
-    ``sae`` and ``hidden``: the step's own upstream handles (the SAE it encoded with, the rows it read)."""
+    ``model``/``sae``: the step's resources; ``sae_handle`` and ``hidden``: its own upstream handles (the
+    SAE it encoded with, the rows it read)."""
     if not cfg.sae_quality.enabled:
         return AssetCheckResult(check_name="sae_quality", passed=True, metadata={"result": "disabled in the config"})
     loaded = model.load(cfg, target.model)
     quality = partition_quality(cfg, target, data.dataset, data.language, loaded, manifest,
-                                load_target_sae(cfg, target, sae), read_frame(hidden.data))
+                                sae.load(cfg, target, sae_handle), read_frame(hidden.data))
     outcome = check_quality(quality, floors_of(cfg), name=target.sae)
     return AssetCheckResult(
         check_name="sae_quality", passed=outcome.passed, severity=AssetCheckSeverity.ERROR,

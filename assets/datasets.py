@@ -11,7 +11,7 @@ from mosaic_dag.data.splits import SPLITS
 from mosaic_dag.keys import parse_dataset
 from mosaic_dag.data.step import build_dataset, dataset_handle
 from mosaic_dag.tables import markdown_table
-from resources import ExperimentResource, MlflowResource
+from resources import ExperimentResource, MlflowResource, ModelResource
 
 WEEKLY = "0 3 * * 1"
 
@@ -23,11 +23,12 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
         description="Rows of one dataset in one language: id, text, label, label_name, language, split. "
         "Re-read every Monday 03:00 (a changed source changes its data version, and so what is stale).",
     )
-    def dataset(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource):  # type: ignore[no-untyped-def]
+    def dataset(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+                model: ModelResource):  # type: ignore[no-untyped-def]
         cfg = experiment.load()
         key = parse_dataset(context.partition_key)
         with mlflow.run(context, cfg) as run:
-            result = build_dataset(cfg, key.dataset, key.language)
+            result = build_dataset(cfg, key.dataset, key.language, models=model.cache)
             frame = result.frame
             run.log_params({"dataset": key.dataset, "language": key.language, "content_hash": result.content_hash})
             run.log_metrics({"texts": len(frame), **{f"texts_{s}": float((frame["split"] == s).sum()) for s in SPLITS}})

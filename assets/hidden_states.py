@@ -16,7 +16,7 @@ from mosaic_dag.keys import targets
 from mosaic_dag.paths import models_dir
 from mosaic_dag.lm.hidden_states import build_hidden_states, hidden_cache
 from mosaic_dag.tables import markdown_table
-from resources import ExperimentResource, MlflowResource, ModelResource
+from resources import ExperimentResource, MlflowResource, ModelResource, SaeResource
 
 
 def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
@@ -28,7 +28,7 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
         "all its layers. Registry/local SAEs are checked against each model before its forward pass.",
     )
     def hidden_states(context: AssetExecutionContext, experiment: ExperimentResource, model: ModelResource,
-                      mlflow: MlflowResource, data: DatasetHandle):  # type: ignore[no-untyped-def]
+                      sae: SaeResource, mlflow: MlflowResource, data: DatasetHandle):  # type: ignore[no-untyped-def]
         cfg = experiment.load()
         step = 1
 
@@ -42,10 +42,10 @@ def build(cfg: ExperimentConfig | None) -> AssetsDefinition:
             hf_name, d_model, _ = model_dims(cfg.model(name), models_dir())
             for target in targets(cfg):
                 if target.model == name:
-                    check_target(cfg, target, hf_name, d_model)
+                    check_target(cfg, target, hf_name, d_model, saes=sae.cache)
 
         with mlflow.run(context, cfg) as run:
-            result = build_hidden_states(cfg, data, loader=lambda name: model.load(cfg, name), progress=progress,
+            result = build_hidden_states(cfg, data, loader=model.loader(cfg), progress=progress,
                                          show_bar=os.environ.get("MOSAIC_PROGRESS") == "1", preflight=preflight)
             rows = []
             for m in result.models:

@@ -42,7 +42,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
         with mlflow.run(context, cfg) as run:
             loaded = model.load(cfg, cfg.judge.model or target.model)
             outcome = judge_partition(cfg, target, key.dataset, key.language, read_frame(data), loaded,
-                                      sae.load(cfg, target, sae_handle), results, predictions)
+                                      sae.load(cfg, target, sae_handle), results, predictions, models=model.cache)
             handle = write_judge(cfg, target, key.dataset, key.language, outcome, run.run_id, inputs)
             r = outcome.row.iloc[0]
             run.log_params({"target": target.key, "dataset": key.key, "shots": cfg.judge.shots,

@@ -26,7 +26,7 @@ from mosaic_dag.probes.interpret import interpret_probes
 from mosaic_dag.report.figures import sources_figure
 from mosaic_dag.report.markdown import figure_markdown
 from mosaic_dag.tables import markdown_table
-from resources import ExperimentResource, MlflowResource
+from resources import ExperimentResource, MlflowResource, ModelResource
 
 
 def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
@@ -34,7 +34,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                  "SAE and hidden features, plus the TF-IDF baseline; hyper-parameters chosen on train/validation only; "
                  "macro-F1 with bootstrap 95% CI.")
     def probes(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
-               pooled: PooledHandle, data: DatasetHandle):  # type: ignore[no-untyped-def]
+               model: ModelResource, pooled: PooledHandle, data: DatasetHandle):  # type: ignore[no-untyped-def]
         cfg, target, key = step_partition(context, experiment)
         frame = read_frame(data)
         with mlflow.run(context, cfg) as run:
@@ -43,7 +43,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
             table = results.table
             path = write_results(cfg, target, key.dataset, key.language, table, predictions=results.predictions)
             interp = interpret_probes(cfg, target, results, frame, pooled, label_names(frame),
-                                      f"{target.key} {key.key}")
+                                      f"{target.key} {key.key}", models=model.cache)
             interp_files = interp.save(path.parent, f"{key.dataset}.{key.language}") if interp is not None else []
             for f in interp_files:
                 run.log_artifact(f, "interpretation")

@@ -19,7 +19,7 @@ from mosaic_dag.report.markdown import figure_markdown
 from mosaic_dag.sae.build import build_sae
 from mosaic_dag.sae.resolve import sae_config, training_partitions
 from mosaic_dag.tracking import log_curve, split_sae_metrics
-from resources import ExperimentResource, MlflowResource
+from resources import ExperimentResource, MlflowResource, SaeResource
 
 
 def _training_keys(cfg: ExperimentConfig | None) -> list[str] | None:
@@ -32,14 +32,14 @@ def _curve_markdown(curve: list[dict[str, float]], name: str) -> str:
     return figure_markdown(lambda: training_curve_figure(curve, name), f"training curve of {name}")
 
 
-def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+def _sae_step(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource, sae: SaeResource,
               hidden: dict[str, HiddenHandle | None], data: dict[str, DatasetHandle | None]) -> Iterator[Any]:
     cfg = experiment.load()
     target = parse_target(context.partition_key)
     scfg = sae_config(cfg, target)
     hf_name, d_model, _ = model_dims(cfg.model(target.model), models_dir())
     with mlflow.run(context, cfg) as run:
-        result = build_sae(cfg, target, hf_name, d_model, hidden, data)
+        result = build_sae(cfg, target, hf_name, d_model, hidden, data, saes=sae.cache)
         params, metrics = split_sae_metrics(result.metrics)
         run.log_params({"origin": scfg.origin, "architecture": result.info.architecture, "width": result.info.width,
                         "release": scfg.release, "sae_id": scfg.sae_id, "hook": result.info.hook_name,
@@ -99,10 +99,11 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
     if train_ins:
         @shell
         def sae(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
-                hidden: dict, data: dict):  # type: ignore[no-untyped-def, type-arg]
-            yield from _sae_step(context, experiment, mlflow, hidden, data)
+                sae: SaeResource, hidden: dict, data: dict):  # type: ignore[no-untyped-def, type-arg]
+            yield from _sae_step(context, experiment, mlflow, sae, hidden, data)
     else:
         @shell
-        def sae(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource):  # type: ignore[no-untyped-def]
-            yield from _sae_step(context, experiment, mlflow, {}, {})
+        def sae(context: AssetExecutionContext, experiment: ExperimentResource, mlflow: MlflowResource,
+                sae: SaeResource):  # type: ignore[no-untyped-def]
+            yield from _sae_step(context, experiment, mlflow, sae, {}, {})
     return [sae]

@@ -135,10 +135,10 @@ class PartitionRun:
     error: str | None = None
 
 
-def _definitions(config_path: str) -> Any:
+def _definitions(config_path: str, resource_defs: dict[str, object] | None = None) -> Any:
     from mosaic_dag.definitions import build_definitions
 
-    return build_definitions(load_config(config_path or None))
+    return build_definitions(load_config(config_path or None), resource_defs=resource_defs)
 
 
 def _provenance_tags(config_path: str) -> dict[str, str]:
@@ -149,15 +149,19 @@ def _provenance_tags(config_path: str) -> dict[str, str]:
     return {k.replace("mosaic.", "mosaic/", 1): v[:255] for k, v in provenance(load_config(config_path or None)).items()}
 
 
-def run_partition(config_path: str, job_name: str, partition: Any, label: str) -> PartitionRun:
-    """Execute one stage job for one partition in this process's Dagster instance."""
+def run_partition(config_path: str, job_name: str, partition: Any, label: str,
+                  resource_defs: dict[str, object] | None = None) -> PartitionRun:
+    """Execute one stage job for one partition in this process's Dagster instance.
+
+    ``resource_defs``: the resources to run with (``definitions.resources``); passing the same ones to
+    every partition's run is what lets the model and SAE resources keep their loads between runs."""
     from dagster import DagsterInstance
     from dagster._core.errors import DagsterAssetCheckFailedError
 
     from mosaic_dag.errors import MosaicError
 
     console_level = os.environ.get("MOSAIC_LOG_LEVEL", "CRITICAL")
-    job = _definitions(config_path).resolve_job_def(job_name)
+    job = _definitions(config_path, resource_defs).resolve_job_def(job_name)
     t0 = time.perf_counter()
     run_id = str(uuid.uuid4())
     try:
@@ -188,12 +192,23 @@ def _failed_check_line(run_id: str, label: str) -> str:
     return f"a blocking check failed for {label}; see the run's Checks in the Dagster UI"
 
 
+_WORKER_RESOURCES: dict[str, object] | None = None
+
+
+def _start_worker(config_path: str) -> None:
+    """A worker process's resources, made once when the pool starts it, so its runs share their loads."""
+    global _WORKER_RESOURCES
+    from mosaic_dag.definitions import resources
+
+    _WORKER_RESOURCES = resources(config_path or None)
+
+
 def _run_in_worker(config_path: str, job_name: str, partition: str | None, label: str) -> PartitionRun:
     """A worker process: the same run, with the error line instead of a traceback across processes."""
     from mosaic_dag.cli import _root_cause
 
     try:
-        return run_partition(config_path, job_name, partition, label)
+        return run_partition(config_path, job_name, partition, label, _WORKER_RESOURCES)
     except Exception as err:  # noqa: BLE001 - reported as one line by the parent
         return PartitionRun(job_name, label, 0.0, [], error=str(_root_cause(err)))
 
@@ -219,7 +234,8 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
     home = dagster_home()
     instance = open_instance(home)
     register_partitions(instance, cfg)
-    summary = RunSummary(cfg, home, resources()["mlflow"].uri(cfg))  # type: ignore[attr-defined]
+    shared = resources(abs_config or None)  # one set for every run in this process: models and SAEs load once
+    summary = RunSummary(cfg, home, shared["mlflow"].uri(cfg))  # type: ignore[attr-defined]
     defs = _definitions(abs_config)
     n_workers = workers or cfg.run.workers
     echo(f"mosaic: experiment {cfg.name!r}, Dagster instance {home}" + (f", {n_workers} workers" if n_workers > 1 else ""))
@@ -233,13 +249,13 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
         parts = _stage_partitions(cfg, stage[0].partitions_def)
         if n_workers <= 1 or len(parts) <= 1:
             for partition, label in parts:
-                show(run_partition(abs_config, job, partition, label))
+                show(run_partition(abs_config, job, partition, label, shared))
             continue
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=min(n_workers, len(parts)),
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=min(n_workers, len(parts)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_worker, initargs=(abs_config,)) as pool:
             futures = [pool.submit(_run_in_worker, abs_config, job, None if p is None else str(p), label)
                        for p, label in parts]
             errors = []

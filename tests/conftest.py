@@ -60,13 +60,3 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture
-def clean():
-    """No model or SAE held over from another test (they are cached per process)."""
-    from mosaic_dag.sae.resolve import forget_saes
-    from mosaic_dag.lm.models import forget_loaded
-
-    forget_loaded()
-    forget_saes()
-    yield
-    forget_saes()

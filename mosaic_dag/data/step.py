@@ -14,7 +14,7 @@ from mosaic_dag.config import ExperimentConfig, ModelConfig
 from mosaic_dag.data import datasets as ds
 from mosaic_dag.errors import DatasetError
 from mosaic_dag.handles import DatasetHandle, UpstreamMissing
-from mosaic_dag.lm.models import LoadedModel, load_model
+from mosaic_dag.lm.models import LoadedModel, ModelCache, load_model
 from mosaic_dag.paths import dataset_file, models_dir
 from mosaic_dag.storage import stable_hash, write_parquet
 
@@ -26,14 +26,15 @@ class DatasetResult:
     content_hash: str
 
 
-def load_behaviour_model(cfg: ExperimentConfig, name: str) -> LoadedModel:
-    """The behaviour model: a configured model by name, else any id/folder/bundled model."""
+def load_behaviour_model(cfg: ExperimentConfig, name: str, models: ModelCache | None = None) -> LoadedModel:
+    """The behaviour model: a configured model by name, else any id/folder/bundled model (held in ``models``)."""
     known = {m.name: m for m in cfg.models}
     mcfg = known.get(name) or ModelConfig(name="behaviour-target", id=name, layers=[0])
-    return load_model(mcfg, models_dir())
+    return models.load(mcfg, models_dir()) if models is not None else load_model(mcfg, models_dir())
 
 
-def with_behaviour_labels(cfg: ExperimentConfig, dataset: str, language: str, raw: pd.DataFrame) -> pd.DataFrame:
+def with_behaviour_labels(cfg: ExperimentConfig, dataset: str, language: str, raw: pd.DataFrame,
+                          models: ModelCache | None = None) -> pd.DataFrame:
     """Add a ``__behaviour`` column: what the behaviour model did on each text (see mosaic_dag.data.behaviour)."""
     from mosaic_dag.data.behaviour import KeywordJudge, ModelJudge, behaviour_labels
 
@@ -44,7 +45,7 @@ def with_behaviour_labels(cfg: ExperimentConfig, dataset: str, language: str, ra
         raw = raw[raw[dcfg.language_field].astype(str) == language].reset_index(drop=True)
     if dcfg.text_field not in raw.columns:
         raise DatasetError(f"dataset {dataset!r}: text_field {dcfg.text_field!r} is not a column")
-    behaviour_model = load_behaviour_model(cfg, b.model)
+    behaviour_model = load_behaviour_model(cfg, b.model, models)
     texts = raw[dcfg.text_field].astype(str).tolist()
     options = answers = None
     judge = None
@@ -59,7 +60,7 @@ def with_behaviour_labels(cfg: ExperimentConfig, dataset: str, language: str, ra
         options = [list(b.options or [])] * len(texts)
         answers = [mapping[g] for g in gold]
     elif b.judge == "model":
-        judge_model = load_behaviour_model(cfg, str(b.judge_model))
+        judge_model = load_behaviour_model(cfg, str(b.judge_model), models)
         judge = ModelJudge(judge_model.model, judge_model.tokenizer)
     else:
         judge = KeywordJudge(b.refusal_patterns) if b.refusal_patterns else KeywordJudge()
@@ -74,13 +75,14 @@ def with_behaviour_labels(cfg: ExperimentConfig, dataset: str, language: str, ra
     return out
 
 
-def build_dataset(cfg: ExperimentConfig, dataset: str, language: str) -> DatasetResult:
-    """Read, normalise and write one (dataset, language) parquet atomically."""
+def build_dataset(cfg: ExperimentConfig, dataset: str, language: str, models: ModelCache | None = None) -> DatasetResult:
+    """Read, normalise and write one (dataset, language) parquet atomically (``models``: where behaviour
+    labels' models are held)."""
     dcfg = cfg.dataset(dataset)
     if language not in cfg.dataset_languages(dataset):
         raise DatasetError(f"dataset {dataset!r} has no language {language!r} in the config; add it to 'languages'")
     if dcfg.behaviour is not None:
-        raw = with_behaviour_labels(cfg, dataset, language, ds.read_source(dcfg, cfg.base_dir, language))
+        raw = with_behaviour_labels(cfg, dataset, language, ds.read_source(dcfg, cfg.base_dir, language), models)
         frame = ds.normalise(raw, dcfg.model_copy(update={"label_field": "__behaviour", "label_names": None}),
                              language, cfg.split)
     else:

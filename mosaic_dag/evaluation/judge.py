@@ -171,11 +171,12 @@ def selected_sae(results: pd.DataFrame, predictions: pd.DataFrame | None) -> tup
 
 
 def judge_partition(cfg: Any, target: Any, dataset: str, language: str, frame: pd.DataFrame, loaded: Any,
-                    sae: Any, results: pd.DataFrame, predictions: pd.DataFrame | None) -> JudgeOutcome:
+                    sae: Any, results: pd.DataFrame, predictions: pd.DataFrame | None, models: Any = None) -> JudgeOutcome:
     """Judge one partition's test rows, pair it with the selected SAE probe, cost both.
 
-    ``results``/``predictions``: the probes step's rows and per-row test predictions of this
-    partition (the same test ids, checked)."""
+    ``loaded``: the judge model; ``results``/``predictions``: the probes step's rows and per-row test
+    predictions of this partition (the same test ids, checked); ``models``: the ``ModelCache`` the
+    target model is taken from when the judge is another model."""
     from mosaic_dag.evaluation.artifacts import label_names
     from mosaic_dag.evaluation.comparisons import describe
     from mosaic_dag.evaluation.schema import RESULT_COLUMNS, result_row, typed_results
@@ -197,7 +198,7 @@ def judge_partition(cfg: Any, target: Any, dataset: str, language: str, frame: p
     mc = cfg.model(target.model)
     from mosaic_dag.lm.models import default_batch_tokens
 
-    f_sec, f_tok = feature_cost(loaded if jc.model in (None, target.model) else _target_model(cfg, target), target.layer,
+    f_sec, f_tok = feature_cost(loaded if jc.model in (None, target.model) else _target_model(cfg, target, models), target.layer,
                                 sae, test_texts, max_length=mc.max_length,
                                 batch_tokens=mc.batch_tokens or default_batch_tokens(loaded.device))
     n = len(test_texts)
@@ -235,8 +236,8 @@ def write_judge(cfg: Any, target: Any, dataset: str, language: str, outcome: Jud
     return TableHandle(paths=[str(row_path), str(pred_path)], inputs=inputs)
 
 
-def _target_model(cfg: Any, target: Any) -> Any:
+def _target_model(cfg: Any, target: Any, models: Any) -> Any:
     from mosaic_dag.lm.models import load_named_model
 
-    return load_named_model(cfg, target.model)
+    return load_named_model(cfg, target.model, models)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 
 BUNDLED_HF_ID = "google/gemma-3-270m"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LOADED: dict[tuple[str, str, str], "LoadedModel"] = {}
-_LOCK = threading.Lock()
 
 
 @dataclass
@@ -303,63 +302,91 @@ def _source(cfg: ModelConfig, cache_root: Path) -> tuple[str, str, str]:
 
 
 def load_model(cfg: ModelConfig, cache_root: Path) -> LoadedModel:
-    """Load (or reuse from this process) the model and tokenizer named in the config."""
+    """Load the model and tokenizer named in the config (every call loads; ``ModelCache`` keeps them)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    key = (cfg.id, dtype_name(dtype), str(device))
-    with _LOCK:
-        if key in _LOADED:
-            held = _LOADED[key]
-            return LoadedModel(cfg.name, held.hf_name, held.model, held.tokenizer, held.fingerprint, held.device, held.dtype,
-                               held.processor)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        src, hf_name, fingerprint = _source(cfg, cache_root)
-        check_remote_code(cfg)
-        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-        if cfg.revision:
-            kwargs["revision"] = cfg.revision
-        processor = None
-        try:
-            from mosaic_dag.lm import vlm
-            if vlm.is_vlm(src, kwargs):
-                model, tokenizer, processor = vlm.load_vlm(src, dtype, kwargs)
-            else:
-                tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-                model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
-        except (OSError, ValueError) as err:
-            raise _load_failure(cfg, err, "could not be loaded") from None
-        model.eval().to(device)
-        model.requires_grad_(False)
-        loaded = LoadedModel(cfg.name, hf_name, model, tokenizer, fingerprint, device, dtype, processor)
-        _LOADED[key] = loaded
-        return loaded
+    src, hf_name, fingerprint = _source(cfg, cache_root)
+    check_remote_code(cfg)
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    processor = None
+    try:
+        from mosaic_dag.lm import vlm
+        if vlm.is_vlm(src, kwargs):
+            model, tokenizer, processor = vlm.load_vlm(src, dtype, kwargs)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _load_failure(cfg, err, "could not be loaded") from None
+    model.eval().to(device)
+    model.requires_grad_(False)
+    return LoadedModel(cfg.name, hf_name, model, tokenizer, fingerprint, device, dtype, processor)
 
 
-def load_named_model(cfg: ExperimentConfig, model: str) -> LoadedModel:
-    """The config's model called ``model``, its snapshots under the machine's model cache."""
-    return load_model(cfg.model(model), models_dir())
+class ModelCache:
+    """Models loaded once and shared by every step given this cache (the model resource holds one).
+
+    Keyed by (id, dtype, device): two config names for one model share its weights; each caller gets
+    its own ``LoadedModel`` record carrying its config name.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str, str], LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def load(self, cfg: ModelConfig, cache_root: Path) -> LoadedModel:
+        device = resolve_device(cfg.device)
+        key = (cfg.id, dtype_name(resolve_dtype(cfg.dtype, device)), str(device))
+        with self._lock:
+            if key not in self._held:
+                self._held[key] = load_model(cfg, cache_root)
+            held = self._held[key]
+        return LoadedModel(cfg.name, held.hf_name, held.model, held.tokenizer, held.fingerprint, held.device,
+                           held.dtype, held.processor)
+
+    def tokenizer(self, cfg: ModelConfig, cache_root: Path) -> Any:
+        """The held model's tokenizer when this cache has the model, else read alone (no weights)."""
+        with self._lock:
+            for (model_id, _, _), held in self._held.items():
+                if model_id == cfg.id:
+                    return held.tokenizer
+        return load_tokenizer(cfg, cache_root)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+ModelLoader = Callable[[str], LoadedModel]
+
+
+def load_named_model(cfg: ExperimentConfig, model: str, cache: ModelCache | None = None) -> LoadedModel:
+    """The config's model called ``model``, its snapshots under the machine's model cache; held in ``cache`` if given."""
+    mcfg = cfg.model(model)
+    return cache.load(mcfg, models_dir()) if cache is not None else load_model(mcfg, models_dir())
+
+
+def model_loader(cfg: ExperimentConfig, cache: ModelCache | None = None) -> ModelLoader:
+    """Config model name -> loaded model, through ``cache`` when given (what steps take as ``loader``)."""
+    return lambda name: load_named_model(cfg, name, cache)
 
 
 def load_tokenizer(cfg: ModelConfig, cache_root: Path) -> Any:
-    """The model's tokenizer: the loaded model's when this process holds it, else read alone (no weights)."""
+    """The model's tokenizer alone (no weights)."""
     from transformers import AutoTokenizer
 
-    with _LOCK:
-        for held in _LOADED.values():
-            if held.name == cfg.name:
-                return held.tokenizer
     src, _, _ = _source(cfg, cache_root)
     kwargs: dict[str, Any] = {}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
     return AutoTokenizer.from_pretrained(src, **kwargs)
-
-
-def forget_loaded() -> None:
-    """Drop models held by this process (tests, memory pressure)."""
-    with _LOCK:
-        _LOADED.clear()
 
 
 def model_dims(cfg: ModelConfig, cache_root: Path) -> tuple[str, int, int]:

@@ -257,13 +257,14 @@ def _matrix_key(spec: Any) -> str:
     return json.dumps([feature_name(spec.features, spec.pooling or "", spec.top_n), spec.threshold])
 
 
-def _decoder(cfg: Any, model: str) -> Callable[[int], str] | None:
-    """Token id -> text, from the model's tokenizer (the loaded model's when this process has one)."""
+def _decoder(cfg: Any, model: str, models: Any = None) -> Callable[[int], str] | None:
+    """Token id -> text, from the model's tokenizer (the held model's when ``models``, a ``ModelCache``, has it)."""
     try:
         from mosaic_dag.lm.models import load_tokenizer
         from mosaic_dag.paths import models_dir
 
-        tok = load_tokenizer(cfg.model(model), models_dir())
+        mcfg = cfg.model(model)
+        tok = models.tokenizer(mcfg, models_dir()) if models is not None else load_tokenizer(mcfg, models_dir())
     except Exception as err:  # noqa: BLE001 - without a tokenizer the texts show unhighlighted
         log.warning("model %s: no tokenizer for highlighting (%s)", model, err)
         return None
@@ -271,8 +272,9 @@ def _decoder(cfg: Any, model: str) -> Callable[[int], str] | None:
 
 
 def interpret_probes(cfg: Any, target: Any, results: Any, frame: pd.DataFrame, pooled_handle: Any,
-                     names: Mapping[int, str], partition: str) -> Interpretation | None:
-    """``interpret_partition`` wired to a partition's stored matrices, codes and the model's tokenizer."""
+                     names: Mapping[int, str], partition: str, models: Any = None) -> Interpretation | None:
+    """``interpret_partition`` wired to a partition's stored matrices, codes and the model's tokenizer
+    (``models``: a ``ModelCache`` whose held model's tokenizer is used)."""
     from mosaic_dag.features.pooled import PooledResult, read_matrix
     from mosaic_dag.features.pooling import binarize
 
@@ -292,7 +294,7 @@ def interpret_probes(cfg: Any, target: Any, results: Any, frame: pd.DataFrame, p
         codes_dir = Path(json.loads(meta.read_text())["codes"])
     return interpret_partition(partition, results.runs, matrix, frame, names,
                                neuronpedia_id=pooled.neuronpedia_id, codes_dir=codes_dir,
-                               decode=_decoder(cfg, target.model) if codes_dir else None)
+                               decode=_decoder(cfg, target.model, models) if codes_dir else None)
 
 
 def _py(v: Any) -> Any:

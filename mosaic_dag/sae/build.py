@@ -20,7 +20,7 @@ from mosaic_dag.lm.hidden_states import hidden_cache
 from mosaic_dag.sae.compat import check_compatible, sae_info
 from mosaic_dag.sae.integrity import discard_if_corrupt
 from mosaic_dag.sae.resolve import (
-    forget_saes,
+    SaeCache,
     load_target_sae,
     registry_hint,
     sae_config,
@@ -73,14 +73,16 @@ def _train_tokens(target: TargetKey, training: Mapping[str, tuple[HiddenHandle, 
 
 
 def build_sae(cfg: ExperimentConfig, target: TargetKey, hf_name: str, d_model: int,
-              hidden: Mapping[str, HiddenHandle | None], data: Mapping[str, DatasetHandle | None]) -> SaeResult:
+              hidden: Mapping[str, HiddenHandle | None], data: Mapping[str, DatasetHandle | None],
+              saes: SaeCache | None = None) -> SaeResult:
     """Resolve the target's SAE: train it here on its training partitions (or reuse), else load and check it.
 
     ``hidden``/``data``: the upstream handles by dataset partition key (None where not materialized);
-    only a local SAE reads them, and only those of its ``training_partitions``."""
+    only a local SAE reads them, and only those of its ``training_partitions``. ``saes``: where loaded
+    SAEs are held."""
     scfg = sae_config(cfg, target)
     if scfg.origin != "train":
-        info = sae_info(load_target_sae(cfg, target), hint=registry_hint(cfg, target))
+        info = sae_info(load_target_sae(cfg, target, saes=saes), hint=registry_hint(cfg, target))
         spec = sae_spec(cfg, target)
         handle = SaeHandle(target=target.key, origin=scfg.origin, identity=spec_identity(spec), path=spec.path,
                            release=scfg.release, sae_id=scfg.sae_id, width=int(info.width),
@@ -101,15 +103,15 @@ def build_sae(cfg: ExperimentConfig, target: TargetKey, hf_name: str, d_model: i
     training = {k: (hidden[k], data[k]) for k in keys}
     ids = [training_identity(h, d, target.model, target.layer) for h, d in training.values()]  # type: ignore[arg-type]
     folder = trained_dir(cfg, target, ids)
-    if discard_if_corrupt(folder):  # failed its checksums: removed, trained again below
-        forget_saes()
+    if discard_if_corrupt(folder) and saes is not None:  # failed its checksums: removed, trained again below
+        saes.forget(folder)
 
     def handle_of(info: Any) -> SaeHandle:
         return SaeHandle(target=target.key, origin="train", identity=f"trained:{folder.name}", path=str(folder),
                          width=int(info.width), architecture=str(info.architecture), training_data=sorted(ids))
 
     if (folder / "cfg.json").exists():
-        info = sae_info(load_target_sae(cfg, target, SaeHandle(target.key, "train", "", str(folder))))
+        info = sae_info(load_target_sae(cfg, target, SaeHandle(target.key, "train", "", str(folder)), saes))
         return SaeResult(handle_of(info), info, read_training_metrics(folder) or {}, True)
     acts = _train_tokens(target, training, limit=max(scfg.training_tokens, scfg.batch_size), seed=scfg.seed)  # type: ignore[arg-type]
     batch = min(scfg.batch_size, max(16, len(acts) // 4))
@@ -124,10 +126,11 @@ def build_sae(cfg: ExperimentConfig, target: TargetKey, hf_name: str, d_model: i
         training_tokens=scfg.training_tokens, architecture=scfg.architecture, width=scfg.width, k=scfg.k,
         lr=scfg.lr, batch_size=batch, seed=scfg.seed, layer=target.layer, held_out=held_out if held_out.size else None,
     )
-    forget_saes()
+    if saes is not None:  # the folder's weights are new: nothing held under its old identity is used again
+        saes.forget(folder)
     metrics = dict(trained.metrics)
     metrics.setdefault("unique_train_tokens", len(acts))
     probe = SaeHandle(target.key, "train", "", str(trained.path))
-    info = sae_info(load_target_sae(cfg, target, probe))
+    info = sae_info(load_target_sae(cfg, target, probe, saes))
     return SaeResult(handle_of(info), info, metrics, False)
 

@@ -25,7 +25,7 @@ from mosaic_dag.sae.codes_io import read_codes, write_codes
 from mosaic_dag.sae.compat import sae_info
 from mosaic_dag.sae.encode import encode_sparse
 from mosaic_dag.sae.integrity import check_reconstruction, discard_if_corrupt
-from mosaic_dag.sae.resolve import check_target, forget_saes, load_target_sae, registry_hint
+from mosaic_dag.sae.resolve import SaeCache, check_target, load_target_sae, registry_hint
 from mosaic_dag.sae.stats import encode_stats
 from mosaic_dag.storage import atomic_dir
 
@@ -62,22 +62,24 @@ class CodesStore:
 
 def build_codes(
     cfg: ExperimentConfig, target: TargetKey, sae_handle: SaeHandle, hidden_handle: HiddenHandle,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, saes: SaeCache | None = None,
 ) -> CodesResult:
-    """Encode one dataset partition's cached hidden states, shard by shard, into sparse codes."""
+    """Encode one dataset partition's cached hidden states, shard by shard, into sparse codes
+    (``saes``: where the loaded SAE is held)."""
     hidden = hidden_cache(hidden_handle, target.model, target.layer)
     hman = hidden.manifest()
     data = hidden_handle.data
     dataset, _, language = data.key.partition(".")
     if sae_handle.origin == "train" and sae_handle.path and discard_if_corrupt(Path(sae_handle.path)):
-        forget_saes()
+        if saes is not None:
+            saes.forget(sae_handle.path)
         raise UpstreamMissing(f"sae {target.key!r}: the trained SAE at {sae_handle.path} failed its checksums and "
                               "was removed; re-materialize the 'sae' asset for it")
-    check_target(cfg, target, hman["hf_name"], hman["d_model"], handle=sae_handle)
+    check_target(cfg, target, hman["hf_name"], hman["d_model"], handle=sae_handle, saes=saes)
     out = CodesStore(codes_dir(cfg, target, hidden.path.name, sae_handle.identity))
     if out.is_valid():
         return CodesResult(out.path, True, out.manifest(), _codes_handle(out.path, hidden_handle, sae_handle))
-    sae = load_target_sae(cfg, target, sae_handle)
+    sae = load_target_sae(cfg, target, sae_handle, saes)
     info = sae_info(sae, hint=registry_hint(cfg, target))
     width = int(info.width)
     active = np.zeros(width, dtype=bool)

@@ -22,8 +22,6 @@ from mosaic_dag.sae.spec import SaeMismatchError, SaeSpec, default_sae_name
 from mosaic_dag.sae.training import RECIPE_VERSION
 from mosaic_dag.storage import stable_hash
 
-_SAES: dict[str, Any] = {}
-_LOCK = threading.Lock()
 
 
 def sae_config(cfg: ExperimentConfig, target: TargetKey) -> SaeConfig:
@@ -85,19 +83,44 @@ def spec_identity(spec: SaeSpec) -> str:
     return f"local:{spec.path}@{stable_hash(stamp)}"
 
 
-def load_target_sae(cfg: ExperimentConfig, target: TargetKey, handle: SaeHandle | None = None) -> Any:
-    """Load (or reuse from this process) the target's SAE; a trained one from its handle's folder."""
+class SaeCache:
+    """SAEs loaded once and shared by every step given this cache (the SAE resource holds one).
+
+    Keyed by ``spec_identity``: a local folder's key includes its weights' size and time, so a
+    rewritten folder is loaded again.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def load(self, spec: SaeSpec) -> Any:
+        ident = spec_identity(spec)
+        with self._lock:
+            if ident not in self._held:
+                self._held[ident] = load_sae(spec)
+            return self._held[ident]
+
+    def forget(self, folder: Path | str) -> None:
+        """Drop what is held of a local folder (its weights were removed or rewritten)."""
+        prefix = f"local:{folder}@"
+        with self._lock:
+            for ident in [i for i in self._held if i.startswith(prefix)]:
+                del self._held[ident]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+def load_target_sae(cfg: ExperimentConfig, target: TargetKey, handle: SaeHandle | None = None,
+                    saes: SaeCache | None = None) -> Any:
+    """The target's SAE (a trained one from its handle's folder), held in ``saes`` when given."""
     spec = sae_spec(cfg, target, handle.path if handle is not None and handle.origin == "train" else None)
-    ident = spec_identity(spec)
-    with _LOCK:
-        if ident not in _SAES:
-            _SAES[ident] = load_sae(spec)
-        return _SAES[ident]
-
-
-def forget_saes() -> None:
-    with _LOCK:
-        _SAES.clear()
+    return saes.load(spec) if saes is not None else load_sae(spec)
 
 
 def registry_hint(cfg: ExperimentConfig, target: TargetKey) -> str | None:
@@ -112,14 +135,14 @@ def registry_hint(cfg: ExperimentConfig, target: TargetKey) -> str | None:
 
 
 def check_target(cfg: ExperimentConfig, target: TargetKey, hf_name: str, d_model: int,
-                 handle: SaeHandle | None = None) -> Any:
+                 handle: SaeHandle | None = None, saes: SaeCache | None = None) -> Any:
     """Fail fast (before any forward pass) when the SAE cannot read this model's layer.
 
     A local SAE not trained yet is compatible by construction (it will be trained on this layer)."""
     scfg = sae_config(cfg, target)
     if scfg.origin == "train" and handle is None:
         return None
-    info = sae_info(load_target_sae(cfg, target, handle), hint=registry_hint(cfg, target))
+    info = sae_info(load_target_sae(cfg, target, handle, saes), hint=registry_hint(cfg, target))
     try:
         from mosaic_dag.lm.vlm import sae_model_name
 

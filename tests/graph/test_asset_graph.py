@@ -50,7 +50,7 @@ def _stale(instance: DagsterInstance, config: Path) -> dict[tuple[str, str], str
 
 
 def test_a_step_alone_on_a_fresh_instance_names_its_missing_upstream_and_computes_nothing(
-        tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
+        tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
     config = tiny_config(tmp_path, tiny_model_dir, layers=[1])
     cfg = load_config(config)
     instance = DagsterInstance.get()
@@ -71,7 +71,7 @@ def test_a_step_alone_on_a_fresh_instance_names_its_missing_upstream_and_compute
 
 
 def test_every_step_is_its_own_materialization_and_reads_its_upstream(tmp_path: Path, tiny_model_dir: Path,
-                                                                       dagster_home: Path, clean):
+                                                                       dagster_home: Path):
     config = tiny_config(tmp_path, tiny_model_dir, layers=[1])
     summary = run_experiment(config, progress=False, echo=lambda *_: None)
     instance = DagsterInstance.get()
@@ -86,7 +86,7 @@ def test_every_step_is_its_own_materialization_and_reads_its_upstream(tmp_path: 
 
 
 def test_editing_one_dataset_marks_exactly_its_downstream_stale(tmp_path: Path, tiny_model_dir: Path,
-                                                                 dagster_home: Path, clean):
+                                                                 dagster_home: Path):
     config = _two_dataset_config(tmp_path, tiny_model_dir, train_on=["other"])
     run_experiment(config, progress=False, echo=lambda *_: None)
     instance = DagsterInstance.get()
@@ -110,7 +110,7 @@ def test_editing_one_dataset_marks_exactly_its_downstream_stale(tmp_path: Path, 
 
 
 def test_a_new_language_the_sae_does_not_train_on_changes_nothing_upstream_of_it(
-        tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
+        tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
     config = _two_dataset_config(tmp_path, tiny_model_dir, train_on=["toy"], extra=False)
     run_experiment(config, progress=False, echo=lambda *_: None)
     instance = DagsterInstance.get()
@@ -188,7 +188,7 @@ def test_release_sensor_ticks_add_partitions_and_automation_requests_the_runs(
 
 
 def test_two_workers_run_a_stages_partitions_at_once_with_the_same_results(tmp_path: Path, tiny_model_dir: Path,
-                                                                           dagster_home: Path, clean):
+                                                                           dagster_home: Path):
     """Independent partitions in two worker processes: the same table as one at a time."""
     from mosaic_dag.evaluation.results import results_table
     from mosaic_dag.evaluation.schema import RESULT_COLUMNS

@@ -23,7 +23,6 @@ import yaml
 
 from mosaic_dag.cli import main
 from mosaic_dag.lm.extract import HiddenCache
-from mosaic_dag.lm.models import forget_loaded
 from tests.support.models import fast_config
 from tests.support.runs import (
     assert_no_dataset_artifact,
@@ -314,7 +313,6 @@ def _flip_bytes(path: Path, at: int, n: int = 8) -> None:
 def test_corrupt_cache_is_recomputed_not_crashed_on(tmp_path: Path, tiny_model_dir: Path, home: Path):
     from mosaic_dag.runner import run_experiment
 
-    forget_loaded()
     config = fast_config(tmp_path, tiny_model_dir, layers=[0, 2])
     run_experiment(config, progress=False, echo=lambda *_: None)
     caches = {int(p.parent.parent.name[1:]): HiddenCache(p.parent) for p in (tmp_path / "data" / "hidden").rglob("manifest.json")}
@@ -326,7 +324,6 @@ def test_corrupt_cache_is_recomputed_not_crashed_on(tmp_path: Path, tiny_model_d
     caches[2].manifest_path.write_text(caches[2].manifest_path.read_text()[:40])  # truncated JSON
     assert not caches[0].is_valid(deep=True) and not caches[2].is_valid(deep=False)
 
-    forget_loaded()
     second = run_experiment(config, progress=False, echo=lambda *_: None)
 
     hidden = {s.partition: s.metadata for s in second.steps if s.asset == "hidden_states"}

@@ -9,15 +9,13 @@ import yaml
 from dagster import AssetKey, DagsterInstance
 
 from mosaic_dag.cli import main
-from mosaic_dag.lm.models import forget_loaded
 from mosaic_dag.runner import run_experiment
-from tests.support.models import tiny_config
+from tests.support.models import fast_config, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_run_materializes_into_the_instance_and_reuses_the_cache(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
-    forget_loaded()
     config = tiny_config(tmp_path, tiny_model_dir, layers=[0, 2])
     first = run_experiment(config, progress=False, echo=lambda *_: None)
     hidden = [s for s in first.steps if s.asset == "hidden_states"]
@@ -47,6 +45,37 @@ def test_run_materializes_into_the_instance_and_reuses_the_cache(tmp_path: Path,
     assert any("tokens" in r.data.metrics for r in runs)
 
 
+def test_model_and_sae_load_once_across_the_partition_runs_of_one_process(tmp_path: Path, tiny_model_dir: Path,
+                                                                          dagster_home: Path, monkeypatch: pytest.MonkeyPatch):
+    """`mosaic run` runs every partition as its own Dagster run: the model and SAE resources keep their loads
+    across those runs (the caches are the resources', not the process's)."""
+    import mosaic_dag.lm.models as models
+    import mosaic_dag.sae.resolve as resolve
+
+    loads = {"model": 0, "sae": 0}
+    real_model, real_sae = models.load_model, resolve.load_sae
+
+    def count_model(*args, **kwargs):  # type: ignore[no-untyped-def]
+        loads["model"] += 1
+        return real_model(*args, **kwargs)
+
+    def count_sae(*args, **kwargs):  # type: ignore[no-untyped-def]
+        loads["sae"] += 1
+        return real_sae(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", count_model)
+    monkeypatch.setattr(resolve, "load_sae", count_sae)
+    config = fast_config(tmp_path, tiny_model_dir, layers=[0, 2])
+    raw = yaml.safe_load(config.read_text())
+    # the quality check needs the model again in every sae_codes run (loss recovered); no floors to meet
+    raw["sae_quality"] = {"enabled": True, "texts": 8, "min_explained_variance": None, "min_loss_recovered": None}
+    config.write_text(yaml.safe_dump(raw))
+    summary = run_experiment(config, progress=False, echo=lambda *_: None)
+    runs_needing_the_model = [s for s in summary.steps if s.asset in ("hidden_states", "sae_codes")]
+    assert len(runs_needing_the_model) == 3  # one hidden_states run, one sae_codes run per target
+    assert loads == {"model": 1, "sae": 2}  # one SAE per target, loaded once after training
+
+
 def test_cli_bad_config_exits_non_zero_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], dagster_home: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"models": [{"name": "m", "layers": [1], "layres": 2}], "datasets": [{"name": "d", "path": "x"}]}))
@@ -57,7 +86,6 @@ def test_cli_bad_config_exits_non_zero_with_one_line(tmp_path: Path, capsys: pyt
 
 def test_cli_layer_out_of_range_fails_the_step_with_the_message(tmp_path: Path, tiny_model_dir: Path,
                                                                 capsys: pytest.CaptureFixture[str], dagster_home: Path):
-    forget_loaded()
     config = tiny_config(tmp_path, tiny_model_dir, layers=[9])
     assert main(["run", "--config", str(config), "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

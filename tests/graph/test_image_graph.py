@@ -32,7 +32,7 @@ def vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm-graph"))
 
 
-def test_mosaic_run_on_digits_with_a_tiny_vlm(tmp_path: Path, vlm_dir: Path, dagster_home: Path, clean,
+def test_mosaic_run_on_digits_with_a_tiny_vlm(tmp_path: Path, vlm_dir: Path, dagster_home: Path,
                                               capsys: pytest.CaptureFixture[str]):
     config = tmp_path / "digits.yaml"
     config.write_text(yaml.safe_dump({
@@ -96,7 +96,7 @@ def _hidden(cfg, model: str, layer: int, dataset: str, language: str, verify: bo
     return done, hidden_cache(result.handle, model, layer)
 
 
-def test_paligemma_partition_through_the_library_steps(tmp_path: Path, clean):
+def test_paligemma_partition_through_the_library_steps(tmp_path: Path):
     """Without Dagster: dataset -> hidden states of a tiny PaliGemma, its 16 image tokens per image counted."""
     from mosaic_dag.config import parse_config
     from mosaic_dag.data.step import build_dataset

@@ -91,7 +91,7 @@ def test_planted_latent_flips_the_probe_and_an_inert_one_never_does():
                           min_flip_share=0.01, min_effect=0.01)["verdict"].iloc[0] == "drives the probe, not the model"
 
 
-def test_interventions_in_the_graph(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
+def test_interventions_in_the_graph(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
     from mosaic_dag.config import load_config
     from mosaic_dag.evaluation.results import results_table
     from mosaic_dag.runner import run_experiment

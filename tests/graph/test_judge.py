@@ -70,8 +70,7 @@ def test_judge_config_is_strict(tmp_path: Path, tiny_model_dir: Path):
         parse_config(raw | {"judge": {"shot": 2}})
 
 
-def test_judge_in_the_graph_results_comparisons_and_report(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path,
-                                                          clean):
+def test_judge_in_the_graph_results_comparisons_and_report(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
     from mosaic_dag.report.build import comparisons_table
     from mosaic_dag.config import load_config
     from mosaic_dag.evaluation.results import results_table

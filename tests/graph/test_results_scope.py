@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from mosaic_dag.cli import main
-from mosaic_dag.lm.models import forget_loaded
 from tests.support.runs import error_line
 from tests.support.models import fast_config
 from tests.support.runs import mosaic_env
@@ -35,13 +34,11 @@ def _csv(capsys: pytest.CaptureFixture[str], *args: str) -> pd.DataFrame:
 
 
 def test_output_is_the_current_configs_partitions_only(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path,
-                                                       clean, capsys: pytest.CaptureFixture[str]):
+                                                       capsys: pytest.CaptureFixture[str]):
     config = fast_config(tmp_path, tiny_model_dir, layers=[0])
-    forget_loaded()
     assert main(["run", "--config", str(config), "--quiet"]) == 0
     capsys.readouterr()
     _set_layers(config, [2])  # the user moves on to another layer, same data folder
-    forget_loaded()
     assert main(["run", "--config", str(config), "--quiet"]) == 0
     printed = capsys.readouterr().out
     best = printed.split("selected probe per feature source")[1].split("\n\n")[1]

@@ -33,7 +33,7 @@ def _data_region(weights: Path) -> tuple[int, int]:
 
 
 def test_flipped_bytes_in_a_trained_sae_retrain_it(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path,
-                                                   clean, capsys: pytest.CaptureFixture[str]):
+                                                   capsys: pytest.CaptureFixture[str]):
     config = fast_config(tmp_path, tiny_model_dir, layers=[0])
     code, err = run_cli(config, capsys)
     assert code == 0, err
@@ -58,7 +58,7 @@ def test_flipped_bytes_in_a_trained_sae_retrain_it(tmp_path: Path, tiny_model_di
 
 
 def test_a_corrupt_local_sae_stops_the_run_naming_it(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path,
-                                                     clean, capsys: pytest.CaptureFixture[str]):
+                                                     capsys: pytest.CaptureFixture[str]):
     sae = make_sae("jumprelu", d_in=64, width=64, hook_name="model.layers.0", model_name="tiny-gemma3")
     folder = tmp_path / "my_sae"
     sae.save_model(str(folder))

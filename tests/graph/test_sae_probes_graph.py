@@ -9,7 +9,7 @@ import yaml
 
 from mosaic_dag.cli import main
 from mosaic_dag.sae.codes import CodesStore
-from mosaic_dag.sae.resolve import forget_saes, load_target_sae
+from mosaic_dag.sae.resolve import load_target_sae
 from mosaic_dag.handles import SaeHandle
 from mosaic_dag.config import load_config
 from mosaic_dag.evaluation.results import results_table
@@ -34,7 +34,7 @@ def _config(tmp_path: Path, model_dir: Path, **extra) -> Path:
     return path
 
 
-def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
+def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
     config = _config(tmp_path / "a", tiny_model_dir)
     summary = run_experiment(config, progress=False, echo=lambda *_: None)
     assets = {s.asset for s in summary.steps}
@@ -86,7 +86,6 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
     # SAE trained on TRAIN texts only: its metadata says so and the asset reports training metrics
     assert sae_step.metadata["cache_hit"] is False and sae_step.metadata["width"] == 128
     # a second run in another folder gives the identical table (seeds fixed), MLflow ids aside
-    forget_saes()
     config_b = _config(tmp_path / "b", tiny_model_dir)
     run_experiment(config_b, progress=False, echo=lambda *_: None)
     other = results_table(load_config(config_b))
@@ -94,7 +93,7 @@ def test_graph_end_to_end_and_deterministic(tmp_path: Path, tiny_model_dir: Path
     pd.testing.assert_frame_equal(table[cols], other[cols])
 
 
-def test_results_cli_formats(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean, capsys):
+def test_results_cli_formats(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, capsys):
     config = _config(tmp_path, tiny_model_dir)
     assert main(["run", "--config", str(config), "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -108,7 +107,7 @@ def test_results_cli_formats(tmp_path: Path, tiny_model_dir: Path, dagster_home:
 
 
 def test_mismatched_sae_fails_before_any_forward_pass(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path,
-                                                      clean, capsys):
+                                                      capsys):
     sae = make_sae("jumprelu", d_in=32, width=64, hook_name="model.layers.1", model_name="tiny-gemma3")
     sae.save_model(str(tmp_path / "wrong_sae"))
     path = tiny_config(tmp_path, tiny_model_dir, layers=[1],
@@ -120,7 +119,7 @@ def test_mismatched_sae_fails_before_any_forward_pass(tmp_path: Path, tiny_model
 
 
 def test_bad_sae_is_stopped_by_the_quality_check(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path,
-                                                clean, capsys):
+                                                capsys):
     """A random SAE that fits the model's shape misses the default floors: codes are written, no probe runs."""
     sae = make_sae("jumprelu", d_in=64, width=64, hook_name="model.layers.1", model_name="tiny-gemma3")
     sae.save_model(str(tmp_path / "random_sae"))

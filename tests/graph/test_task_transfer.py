@@ -118,7 +118,7 @@ def _csv(path: Path, good_name: str, bad_name: str, offset: int) -> Path:
     return path
 
 
-def test_task_transfer_in_the_graph(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
+def test_task_transfer_in_the_graph(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
     from mosaic_dag.evaluation.transfer import transfer_matrices
     from mosaic_dag.runner import run_experiment
 

@@ -11,7 +11,6 @@ import yaml
 from dagster import AssetKey, DagsterInstance
 
 from mosaic_dag.config import load_config
-from mosaic_dag.lm.models import forget_loaded
 from mosaic_dag.provenance import config_hash, resolved_yaml
 from mosaic_dag.runner import run_experiment
 from tests.support.models import tiny_config
@@ -20,7 +19,6 @@ from tests.support.models import tiny_config
 def test_mlflow_runs_and_dagster_metadata_link_both_ways(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
     from mlflow.tracking import MlflowClient
 
-    forget_loaded()
     config = tiny_config(tmp_path, tiny_model_dir, layers=[1])
     run_experiment(config, progress=False, echo=lambda *_: None)
     cfg = load_config(config)

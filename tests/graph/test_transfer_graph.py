@@ -48,7 +48,7 @@ def write_config(tmp_path: Path, model_dir: Path, datasets: list[dict], **extra)
     return path
 
 
-def test_transfer_conditions_behaviour_and_report(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
+def test_transfer_conditions_behaviour_and_report(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
     csv = two_language_csv(tmp_path / "tox.csv")
     config = write_config(tmp_path, tiny_model_dir, [
         {"name": "tox", "path": str(csv), "language": None, "language_field": "lang", "languages": ["en", "fr"]},
@@ -91,7 +91,7 @@ def test_transfer_conditions_behaviour_and_report(tmp_path: Path, tiny_model_dir
 
 
 @pytest.mark.integration
-def test_eight_language_sentiment_matrices(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path, clean):
+def test_eight_language_sentiment_matrices(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
     folder = SHARED_DATA / "tweet_sentiment_multilingual"
     if not folder.exists():
         pytest.skip(f"shared data not found at {folder} (only present on project machines)")

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from mosaic_dag.cli import main
-from mosaic_dag.lm.models import forget_loaded
 from tests.support.models import WORDS, fast_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +30,6 @@ def error_line(stderr: str) -> str:
 
 
 def run_cli(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    forget_loaded()
     code = main(["run", "--config", str(config), "--quiet"])
     return code, capsys.readouterr().err
 

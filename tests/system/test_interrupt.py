@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from mosaic_dag.lm.extract import HiddenCache
-from mosaic_dag.lm.models import forget_loaded
 from mosaic_dag.storage import sweep_temp
 from tests.support.runs import (
     TEXTS_PER_DATASET,
@@ -95,7 +94,6 @@ def test_killed_run_resumes_without_recomputing_or_corrupting(tmp_path: Path, ti
         monkeypatch.setenv("DAGSTER_HOME", str(home))
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
         monkeypatch.delenv("MOSAIC_CONFIG", raising=False)
-        forget_loaded()
         summary = run_experiment(config, progress=False, echo=lambda *_: None)
         os.environ.pop("MOSAIC_PROGRESS", None)
 

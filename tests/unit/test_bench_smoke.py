@@ -37,9 +37,7 @@ def test_count_densify_sees_big_toarray_only():
 
 def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Path):
     from mosaic_dag.lm.extract import tokenize
-    from mosaic_dag.lm.models import forget_loaded
 
-    forget_loaded()
     out = tmp_path / "results"
     args = [
         "--model-id", str(tiny_model_dir), "--layer", "2", "--synthetic-texts",

@@ -9,7 +9,7 @@ import torch
 from mosaic_dag.config import ModelConfig
 from mosaic_dag.errors import ModelError
 from mosaic_dag.lm.extract import HiddenCache, extract_to_cache, forward_layers, make_batches, tokenize
-from mosaic_dag.lm.models import decoder_layers, default_batch_tokens, fingerprint, forget_loaded, load_model, resolve_dtype
+from mosaic_dag.lm.models import decoder_layers, default_batch_tokens, fingerprint, load_model, resolve_dtype
 
 TEXTS = [
     "hello world",
@@ -22,7 +22,6 @@ TEXTS = [
 
 @pytest.fixture
 def tiny(tiny_model_dir: Path, tmp_path: Path):
-    forget_loaded()
     return load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[0], dtype="float32"), tmp_path)
 
 
@@ -60,7 +59,6 @@ def test_cached_activation_equals_block_output(tiny, tmp_path: Path):
 
 def test_bfloat16_cache_is_the_same_hook_point_within_bf16_rounding(tiny_model_dir: Path, tmp_path: Path):
     """bf16 (the default where the CPU multiplies it natively): still resid_post of block L, and close to fp32."""
-    forget_loaded()
     l16 = load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[2], dtype="bfloat16"), tmp_path)
     l32 = load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[2], dtype="float32"), tmp_path)
     assert l16.dtype == torch.bfloat16 and l32.dtype == torch.float32 and l16.fingerprint != l32.fingerprint

@@ -20,7 +20,7 @@ from mosaic_dag.lm.fused.attention import _causal_attention, _causal_rows_only, 
 from mosaic_dag.lm.fused.base import _onednn
 from mosaic_dag.lm.fused.mlp import _fused_mlp
 from mosaic_dag.lm.fused.norm import _inplace_rms_norm
-from mosaic_dag.lm.models import decoder_layers, forget_loaded, load_model
+from mosaic_dag.lm.models import decoder_layers, load_model
 
 TEXTS = ["hello world", "you are a stupid idiot and i hate your post", "thank you my friend", "bonjour",
          "we love this great idea and the lovely day here with you"]
@@ -28,7 +28,6 @@ TEXTS = ["hello world", "you are a stupid idiot and i hate your post", "thank yo
 
 @pytest.fixture
 def pair(tiny_model_dir: Path, tmp_path: Path):
-    forget_loaded()
     l16 = load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[2], dtype="bfloat16"), tmp_path)
     l32 = load_model(ModelConfig(name="tiny", id=str(tiny_model_dir), layers=[2], dtype="float32"), tmp_path)
     return l16, l32

@@ -29,7 +29,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 from mosaic_dag.cli import main  # noqa: E402
 from mosaic_dag.lm.extract import HiddenCache  # noqa: E402
-from mosaic_dag.lm.models import forget_loaded  # noqa: E402
 from tests.support.models import WORDS
 from tests.support.models import FAST_CLASSIFICATION, FAST_SAE
 
@@ -141,7 +140,6 @@ def test_random_input_ends_in_results_or_one_clear_line(data, over, tiny_model_d
         if over["split"]:
             config["split"] = over["split"]
         (folder / "c.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-        forget_loaded()
         capsys.readouterr()
         code = main(["run", "--config", str(folder / "c.yaml"), "--quiet"])
         err = capsys.readouterr().err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tests.support.sae import GS2_D_MODEL, FakeHubSae
 
-from mosaic_dag.sae.resolve import check_target, forget_saes
+from mosaic_dag.sae.resolve import check_target
 from mosaic_dag.config import parse_config
 from mosaic_dag.keys import TargetKey, targets
 from mosaic_dag.sae.spec import SaeMismatchError
@@ -17,7 +17,6 @@ from resources import SaeResource
                          indirect=True)
 def test_registry_sae_through_the_resource(fake_gemma_scope_2: FakeHubSae, tmp_path: Path) -> None:
     fake = fake_gemma_scope_2
-    forget_saes()
     cfg = parse_config({
         "data_dir": str(tmp_path),
         "models": [{"name": "gemma-3-270m", "id": "google/gemma-3-270m", "layers": [5],
@@ -32,4 +31,3 @@ def test_registry_sae_through_the_resource(fake_gemma_scope_2: FakeHubSae, tmp_p
     assert info.neuronpedia_id == "gemma-3-270m/5-gemmascope-2-res-16k"
     with pytest.raises(SaeMismatchError, match="sae 'gs2-16k-medium': sae layer=5"):
         check_target(cfg, TargetKey("gemma-3-270m", 6, target.sae), "google/gemma-3-270m", GS2_D_MODEL)
-    forget_saes()

@@ -48,7 +48,7 @@ def _extract(loaded, pngs, layers, tmp_path: Path, tokens: str, prompt: str, bat
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "paligemma"])
-def test_image_mask_matches_processor_image_token_ids(kind: str, vlm_dirs, tmp_path: Path, clean):
+def test_image_mask_matches_processor_image_token_ids(kind: str, vlm_dirs, tmp_path: Path):
     loaded = _load(vlm_dirs[kind], tmp_path)
     proc = loaded.processor
     proc_image_ids = set(getattr(proc, "image_token_ids", None) or [proc.image_token_id])
@@ -64,7 +64,7 @@ def test_image_mask_matches_processor_image_token_ids(kind: str, vlm_dirs, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "paligemma"])
-def test_cached_activation_equals_hook_on_language_model_block(kind: str, vlm_dirs, tmp_path: Path, clean):
+def test_cached_activation_equals_hook_on_language_model_block(kind: str, vlm_dirs, tmp_path: Path):
     loaded = _load(vlm_dirs[kind], tmp_path)
     layers = [0, 1, loaded.n_layers - 1]  # first, middle and last block
     pngs = _pngs(3)
@@ -94,7 +94,7 @@ def test_cached_activation_equals_hook_on_language_model_block(kind: str, vlm_di
             np.testing.assert_allclose(shard.acts[a:b].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
 
 
-def test_forward_stops_after_deepest_requested_block(vlm_dirs, tmp_path: Path, clean):
+def test_forward_stops_after_deepest_requested_block(vlm_dirs, tmp_path: Path):
     loaded = _load(vlm_dirs["gemma3"], tmp_path)
     ran: list[str] = []
     blocks = decoder_layers(loaded.model)
@@ -109,7 +109,7 @@ def test_forward_stops_after_deepest_requested_block(vlm_dirs, tmp_path: Path, c
     assert ran == ["block0", "block1"]
 
 
-def test_token_selection_and_masked_positions_never_reach_pooling(vlm_dirs, tmp_path: Path, clean):
+def test_token_selection_and_masked_positions_never_reach_pooling(vlm_dirs, tmp_path: Path):
     loaded = _load(vlm_dirs["gemma3"], tmp_path)
     pngs = _pngs(4)
     selected = {tokens: _extract(loaded, pngs, [2], tmp_path, tokens, PROMPTS["gemma3"])[1][2]
@@ -136,7 +136,7 @@ def test_token_selection_and_masked_positions_never_reach_pooling(vlm_dirs, tmp_
         np.testing.assert_allclose(mean[0], manual, rtol=1e-5, atol=1e-6)
 
 
-def test_image_rows_longer_than_max_length_fail_with_one_line(vlm_dirs, tmp_path: Path, clean):
+def test_image_rows_longer_than_max_length_fail_with_one_line(vlm_dirs, tmp_path: Path):
     loaded = _load(vlm_dirs["gemma3"], tmp_path)
     with pytest.raises(ModelError, match=r"takes 10 tokens but max_length is 6.*raise models\[vlm\].max_length") as err:
         extract_images_to_cache(loaded, _pngs(2), [0], {0: tmp_path / "c"}, prompt_template=PROMPTS["gemma3"],
@@ -145,7 +145,7 @@ def test_image_rows_longer_than_max_length_fail_with_one_line(vlm_dirs, tmp_path
     assert not (tmp_path / "c").exists()  # no partial artifact
 
 
-def test_text_model_cannot_read_images(tiny_model_dir: Path, tmp_path: Path, clean):
+def test_text_model_cannot_read_images(tiny_model_dir: Path, tmp_path: Path):
     loaded = load_model(ModelConfig(name="txt", id=str(tiny_model_dir), layers=[0], dtype="float32"), tmp_path)
     assert loaded.processor is None
     with pytest.raises(ModelError, match="reads no images"):
@@ -165,7 +165,7 @@ def test_paligemma_language_model_is_what_its_saes_must_match():
 
 
 @pytest.mark.integration
-def test_real_gemma3_tokenizer_image_tokens_mask_and_parity(tmp_path: Path, clean):
+def test_real_gemma3_tokenizer_image_tokens_mask_and_parity(tmp_path: Path):
     """The bundled model's tokenizer is Gemma 3's: the processor's output tokenizes into the real ids."""
     from mosaic_dag.lm.models import bundled_snapshot
     from mosaic_dag.paths import models_dir
