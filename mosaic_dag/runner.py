@@ -195,11 +195,19 @@ def _failed_check_line(run_id: str, label: str) -> str:
 _WORKER_RESOURCES: dict[str, object] | None = None
 
 
-def _start_worker(config_path: str) -> None:
-    """A worker process's resources, made once when the pool starts it, so its runs share their loads."""
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _start_worker(config_path: str, threads: int) -> None:
+    """A worker process's resources, made once when the pool starts it, so its runs share their loads;
+    ``threads``: its share of the cores (workers x threads = the cores, not more)."""
     global _WORKER_RESOURCES
+    import torch
+
     from mosaic_dag.definitions import resources
 
+    torch.set_num_threads(threads)
     _WORKER_RESOURCES = resources(config_path or None)
 
 
@@ -254,8 +262,9 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=min(n_workers, len(parts)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_start_worker, initargs=(abs_config,)) as pool:
+        n_procs = min(n_workers, len(parts))
+        with ProcessPoolExecutor(max_workers=n_procs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_worker, initargs=(abs_config, max(1, _cores() // n_procs))) as pool:
             futures = [pool.submit(_run_in_worker, abs_config, job, None if p is None else str(p), label)
                        for p, label in parts]
             errors = []
