@@ -123,11 +123,50 @@ def run(rows: int = 1000, workers: tuple[int, ...] = (1, 2), training_tokens: in
     return res
 
 
+# Gemma 3 270M: d_model 640; per block q 640x1024, k and v 640x256, o 1024x640, gate/up 640x2048, down 2048x640
+D_MODEL, BLOCK_LINEAR_WEIGHTS = 640, 5_570_560
+
+
+def stage_flops(r: dict[str, Any], run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Countable FLOPs per stage of one run, and its share of the roofline (``r["peak"]``) over that stage's seconds.
+
+    Forward: 2 x the linear weights of blocks 0..12 per real token (attention, norms not counted); SAE
+    training: ``step_flops`` per trained token, per SAE; codes: the encoder product 2 x d x width per
+    token and layer (the probes in the same runs are not counted). The forward runs in the default
+    dtype (bf16 where the CPU has it), the SAE in float32.
+    """
+    from mosaic_dag.sae.step import step_flops
+
+    peak = r.get("peak")
+    if not peak:
+        return {}
+    bf16 = r.get("machine", {}).get("cpu_kind", {}).get("auto_dtype") == "bfloat16"
+    out: dict[str, dict[str, Any]] = {}
+    width, k = 4096, 32
+    for name, x in run["stages"].items():
+        if name.startswith("dataset+hidden_states"):
+            flops = 2.0 * BLOCK_LINEAR_WEIGHTS * (max(r["layers"]) + 1) * x["tokens"]
+            rate = peak["bfloat16" if bf16 else "float32"]["gflops"]
+        elif name == "sae":
+            per = step_flops(1024, D_MODEL, width, nnz=k * 1024)["total"] / 1024
+            flops, rate = per * r["training_tokens"] * x["steps"], peak["float32"]["gflops"]
+        elif name.startswith("sae_codes"):
+            flops, rate = 2.0 * D_MODEL * width * x["tokens"], peak["float32"]["gflops"]
+        else:
+            continue
+        out[name] = {"flops": flops, "roofline_s": flops / rate / 1e9, "share": flops / rate / 1e9 / x["seconds"]}
+    return out
+
+
 def table_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     base = r["runs"].get("1") or next(iter(r["runs"].values()))
+    counted = stage_flops(r, base)
     for name, x in sorted(base["stages"].items(), key=lambda kv: -kv[1]["seconds"]):
-        rows.append((f"8 stage {name} ({x['steps']} runs)", f"{x['seconds']:.1f} s"))
+        f = counted.get(name)
+        extra = (f"; {f['flops'] / 1e12:.2f} TFLOP counted, {f['roofline_s']:.1f} s at the roofline = "
+                 f"{100 * f['share']:.0f}% of it" if f else "")
+        rows.append((f"8 stage {name} ({x['steps']} runs)", f"{x['seconds']:.1f} s{extra}"))
     rows.append(("8 load average at start / end", f"{r.get('load_average_start')} / {r.get('load_average_end')}"))
     rows.append(("8 whole run vs sum of its steps (workers 1)",
                  f"{base['wall_s']:.0f} s vs {base['sum_of_steps_s']:.0f} s: orchestration {base['wall_s'] - base['sum_of_steps_s']:.0f} s"))
@@ -150,13 +189,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-quality-floors", action="store_true",
                    help="turn the SAE quality floors off (a scaled-down run's SAE cannot meet them)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "end_to_end.json")
+    p.add_argument("--table-from", type=Path, default=None,
+                   help="print the table of a saved result (its JSON) with the roofline measured now, and run nothing")
     args = p.parse_args(argv)
+    if args.table_from:
+        from bench.common import peak_matmul_gflops
+
+        saved = json.loads(args.table_from.read_text())
+        saved["peak"] = saved.get("peak") or peak_matmul_gflops(3)
+        print("\n".join(["| measurement | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table_rows(saved)]))
+        return
     if args.child:
         Path(args.result).write_text(json.dumps(child(argparse.Namespace(config=args.config, workers=args.workers[0]))))
         return
     from bench.common import machine, write_json
 
+    from bench.common import peak_matmul_gflops
+
+    peak = peak_matmul_gflops(3)  # for the stages' roofline shares
     res = run(args.rows, tuple(args.workers), args.training_tokens, quality_floors=not args.no_quality_floors)
+    res["peak"] = peak
     res["quality_floors"] = not args.no_quality_floors
     res["machine"] = machine()
     rows = table_rows(res)

@@ -114,3 +114,30 @@ def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Pat
     assert len(targets) == 7 and all(isinstance(v["pass"], bool) for v in targets)
     assert all(v["pass"] is None for v in saved["verdicts"] if v not in targets)  # fp32 option: shown, not judged
     assert "| target | measured | goal | result |" in (out / "latest.md").read_text()
+
+
+def test_end_to_end_table_counts_stage_flops_against_the_roofline():
+    from bench.end_to_end import BLOCK_LINEAR_WEIGHTS, stage_flops, stages, table_rows
+    from mosaic_dag.sae.step import step_flops
+
+    steps = [{"asset": "dataset", "partition": "d.en", "seconds": 10.0, "metadata": {}},
+             {"asset": "hidden_states", "partition": "d.en", "seconds": 10.0, "metadata": {"tokens": 1000}},
+             {"asset": "sae", "partition": "m.L6.s", "seconds": 4.0, "metadata": {}},
+             {"asset": "sae_codes", "partition": "m.L6.s|d.en", "seconds": 2.0, "metadata": {"tokens": 1000}},
+             {"asset": "probes", "partition": "m.L6.s|d.en", "seconds": 2.0, "metadata": {}}]
+    run = {"wall_s": 17.0, "steps": steps}
+    run["stages"] = stages(run)
+    run["sum_of_steps_s"] = sum(x["seconds"] for x in run["stages"].values())
+    assert run["stages"]["dataset+hidden_states"] == {"seconds": 10.0, "steps": 1, "tokens": 1000}
+    r = {"runs": {"1": run}, "layers": [6, 12], "training_tokens": 2048,
+         "peak": {"float32": {"gflops": 100.0}, "bfloat16": {"gflops": 200.0}},
+         "machine": {"cpu_kind": {"auto_dtype": "bfloat16"}}}
+    f = stage_flops(r, run)
+    forward = 2.0 * BLOCK_LINEAR_WEIGHTS * 13 * 1000  # blocks 0..12, bf16 here
+    assert f["dataset+hidden_states"]["flops"] == forward
+    assert f["dataset+hidden_states"]["share"] == pytest.approx(forward / 200e9 / 10.0)
+    assert f["sae"]["flops"] == pytest.approx(step_flops(1024, 640, 4096, nnz=32 * 1024)["total"] * 2)
+    assert f["sae_codes+probes"]["roofline_s"] == pytest.approx(2.0 * 640 * 4096 * 1000 / 100e9)
+    assert "report" not in f and any("TFLOP counted" in v for _, v in table_rows(r))
+    r["machine"]["cpu_kind"]["auto_dtype"] = "float32"  # a CPU without native bf16: the forward against fp32
+    assert stage_flops(r, run)["dataset+hidden_states"]["share"] == pytest.approx(forward / 100e9 / 10.0)
