@@ -8,8 +8,9 @@ subprocess with its own data folder and Dagster instance (``run_experiment``), s
 
 Per stage: the wall seconds of every materialised step (Dagster's own timings) summed over partitions;
 the sum of the steps against the whole run's wall time is what orchestration costs (process starts,
-Dagster runs, event storage). Per-stage FLOPs and roofline shares are not counted here (sections 1
-and 5 count them for the forward + codes and for SAE training). Section 7 runs the same experiment with ``--workers 1`` and ``--workers 2`` and reports the speed-up.
+Dagster runs, event storage). FLOPs are counted for the stages where they are countable (forward,
+SAE training, encode: ``stage_flops``) against the roofline measured at the start. Section 7 runs
+the same experiment with ``--workers 1`` and ``--workers 2`` and reports the speed-up.
 """
 
 from __future__ import annotations
