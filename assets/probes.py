@@ -82,6 +82,7 @@ def build(cfg: ExperimentConfig | None) -> list[AssetsDefinition]:
                                             else top_latents_markdown(results, label_names(frame))),
             "majority_macro_f1": round(checks.majority_macro_f1, 4),
             "n_test": int(table["n_test"].iloc[0]) if len(table) else 0,
+            **{f"seconds_{family}": round(s, 2) for family, s in results.seconds.items()},  # where the step's time went
         }, run)
         yield from probe_results(checks)
 

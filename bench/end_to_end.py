@@ -59,7 +59,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     summary = run_experiment(args.config, progress=False, echo=lambda *_: None, workers=args.workers)
     wall = time.perf_counter() - t0
-    steps = [{"asset": s.asset, "partition": s.partition, "seconds": s.seconds,
+    steps = [{"asset": s.asset, "partition": s.partition, "seconds": s.seconds, "step_seconds": s.step_seconds,
               "metadata": {k: v for k, v in s.metadata.items() if isinstance(v, (int, float, str)) and len(str(v)) < 200}}
              for s in summary.steps]
     return {"wall_s": wall, "steps": steps, "workers": args.workers}
@@ -100,6 +100,20 @@ def stages(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
         x["seconds"] += seconds
         x["steps"] += 1
         x["tokens"] += sum(int(r["metadata"].get("tokens", 0) or 0) for r in recs)
+    return dict(out)
+
+
+def inside_stages(res: dict[str, Any]) -> dict[str, float]:
+    """Seconds summed over partitions of each asset's own step (Dagster's step events), and of each probe
+    family inside the probes step (its ``seconds_<family>`` metadata)."""
+    out: dict[str, float] = defaultdict(float)
+    for s in res["steps"]:
+        own = s.get("step_seconds")
+        if isinstance(own, (int, float)) and own == own:  # not NaN
+            out[f"asset {s['asset']}"] += own
+        for key, value in s["metadata"].items():
+            if s["asset"] == "probes" and key.startswith("seconds_") and isinstance(value, (int, float)):
+                out[f"probes: {key.removeprefix('seconds_')}"] += value
     return dict(out)
 
 
@@ -168,6 +182,8 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         extra = (f"; {f['flops'] / 1e12:.2f} TFLOP counted, {f['roofline_s']:.1f} s at the roofline = "
                  f"{100 * f['share']:.0f}% of it" if f else "")
         rows.append((f"8 stage {name} ({x['steps']} runs)", f"{x['seconds']:.1f} s{extra}"))
+    for name, seconds in sorted(inside_stages(base).items(), key=lambda kv: -kv[1]):
+        rows.append((f"8 inside the runs, {name} (summed over partitions)", f"{seconds:.1f} s"))
     rows.append(("8 load average at start / end", f"{r.get('load_average_start')} / {r.get('load_average_end')}"))
     rows.append(("8 whole run vs sum of its steps (workers 1)",
                  f"{base['wall_s']:.0f} s vs {base['sum_of_steps_s']:.0f} s: orchestration {base['wall_s'] - base['sum_of_steps_s']:.0f} s"))

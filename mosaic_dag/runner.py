@@ -49,10 +49,13 @@ def dagster_home() -> Path:
 
 @dataclass
 class StepRecord:
+    """One materialization: ``seconds`` of the whole Dagster run it came from, ``step_seconds`` of its own step."""
+
     asset: str
     partition: str
     seconds: float
     metadata: dict[str, Any]
+    step_seconds: float = float("nan")
 
 
 @dataclass
@@ -172,11 +175,30 @@ def run_partition(config_path: str, job_name: str, partition: Any, label: str,
     except DagsterAssetCheckFailedError:
         raise MosaicError(_failed_check_line(run_id, label)) from None
     secs = time.perf_counter() - t0
-    steps = [StepRecord(ev.asset_key.to_user_string(), label, secs, _metadata_values(ev))
+    own = _step_seconds(run_id)
+    steps = [StepRecord(ev.asset_key.to_user_string(), label, secs, _metadata_values(ev), own.get(ev.step_key or "", float("nan")))
              for ev in result.get_asset_materialization_events()]
     if any(not e.passed and e.blocking for e in result.get_asset_check_evaluations()):
         raise MosaicError(_failed_check_line(run_id, label))
     return PartitionRun(job_name, label, secs, steps)
+
+
+def _step_seconds(run_id: str) -> dict[str, float]:
+    """Seconds from each step's start to its success, from the run's events in the instance."""
+    from dagster import DagsterEventType, DagsterInstance
+
+    start: dict[str, float] = {}
+    out: dict[str, float] = {}
+    records = DagsterInstance.get().all_logs(run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS})
+    for record in sorted(records, key=lambda r: r.timestamp):
+        event = record.dagster_event
+        if event is None or event.step_key is None:
+            continue
+        if event.event_type == DagsterEventType.STEP_START:
+            start[event.step_key] = record.timestamp
+        elif event.step_key in start:
+            out[event.step_key] = record.timestamp - start[event.step_key]
+    return out
 
 
 def _failed_check_line(run_id: str, label: str) -> str:

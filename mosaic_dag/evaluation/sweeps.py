@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +119,7 @@ class PartitionResults:
     train_ids: list[str] = field(default_factory=list)
     predictions: pd.DataFrame | None = None
     comparisons: list[Paired] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # fit + score seconds per probe family
 
 
 def fit_spec(spec: ProbeSpec, X: Any, rows: SplitRows, seed: int, n_boot: int, language: str) -> ProbeResult:
@@ -151,6 +153,7 @@ def build_probes(
     cache: dict[str, Any] = {}
     runs: list[ProbeRun] = []
     records = []
+    seconds: dict[str, float] = {}
     for i, spec in enumerate(specs):
         X = None
         if spec.features != "tfidf":
@@ -162,7 +165,10 @@ def build_probes(
                 X = binarize(X, spec.threshold, signed=pooled.signed)
         if spec.k is not None and X is not None and spec.k > X.shape[1]:
             continue
+        t0 = time.perf_counter()
         result = fit_spec(spec, X, rows, cls.seed, cls.bootstrap, language)
+        family = "tfidf" if spec.features == "tfidf" else spec.classifier
+        seconds[family] = seconds.get(family, 0.0) + time.perf_counter() - t0
         runs.append(ProbeRun(spec, result, rows.test_ids))
         m = result.metrics
         records.append(result_row(
@@ -181,9 +187,11 @@ def build_probes(
     majority = majority_baseline_f1(rows.y(np.concatenate([rows.train, rows.validation])), rows.y(rows.test))
     train_ids = frame["id"].to_numpy()[np.concatenate([rows.train, rows.validation])].tolist()
     predictions = predictions_frame(runs, rows.test_ids, rows.y(rows.test))
+    t0 = time.perf_counter()
     comparisons = partition_comparisons(runs, rows.y(rows.test), n_boot=cls.bootstrap, seed=cls.seed)
+    seconds["comparisons"] = time.perf_counter() - t0
     table = with_verdicts(table, comparisons)
-    return PartitionResults(table, runs, pooled, majority, train_ids, predictions, comparisons)
+    return PartitionResults(table, runs, pooled, majority, train_ids, predictions, comparisons, seconds)
 
 
 def predictions_frame(runs: list[ProbeRun], test_ids: list[str], y_test: np.ndarray) -> pd.DataFrame:

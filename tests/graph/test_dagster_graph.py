@@ -23,6 +23,10 @@ def test_run_materializes_into_the_instance_and_reuses_the_cache(tmp_path: Path,
     assert len(hidden) == 1
     assert hidden[0].metadata["layers_computed"] == {"tiny": [0, 2]} and hidden[0].metadata["cache_hit"] is False
     assert first.forward_calls() > 0
+    # each materialization also has its own step's seconds (Dagster's step events), within its run's
+    assert all(0 < s.step_seconds <= s.seconds for s in first.steps)
+    probes = [s for s in first.steps if s.asset == "probes"]
+    assert probes and all(s.metadata["seconds_logistic"] > 0 and s.metadata["seconds_tfidf"] > 0 for s in probes)
 
     instance = DagsterInstance.get()
     assert sorted(instance.get_dynamic_partitions("target")) == ["tiny.L0.btk", "tiny.L2.btk"]

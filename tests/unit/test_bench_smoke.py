@@ -117,14 +117,15 @@ def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Pat
 
 
 def test_end_to_end_table_counts_stage_flops_against_the_roofline():
-    from bench.end_to_end import BLOCK_LINEAR_WEIGHTS, stage_flops, stages, table_rows
+    from bench.end_to_end import BLOCK_LINEAR_WEIGHTS, inside_stages, stage_flops, stages, table_rows
     from mosaic_dag.sae.step import step_flops
 
     steps = [{"asset": "dataset", "partition": "d.en", "seconds": 10.0, "metadata": {}},
              {"asset": "hidden_states", "partition": "d.en", "seconds": 10.0, "metadata": {"tokens": 1000}},
              {"asset": "sae", "partition": "m.L6.s", "seconds": 4.0, "metadata": {}},
              {"asset": "sae_codes", "partition": "m.L6.s|d.en", "seconds": 2.0, "metadata": {"tokens": 1000}},
-             {"asset": "probes", "partition": "m.L6.s|d.en", "seconds": 2.0, "metadata": {}}]
+             {"asset": "probes", "partition": "m.L6.s|d.en", "seconds": 2.0, "step_seconds": 1.5,
+              "metadata": {"seconds_logistic": 1.0, "seconds_tree": 0.25}}]
     run = {"wall_s": 17.0, "steps": steps}
     run["stages"] = stages(run)
     run["sum_of_steps_s"] = sum(x["seconds"] for x in run["stages"].values())
@@ -139,5 +140,6 @@ def test_end_to_end_table_counts_stage_flops_against_the_roofline():
     assert f["sae"]["flops"] == pytest.approx(step_flops(1024, 640, 4096, nnz=32 * 1024)["total"] * 2)
     assert f["sae_codes+probes"]["roofline_s"] == pytest.approx(2.0 * 640 * 4096 * 1000 / 100e9)
     assert "report" not in f and any("TFLOP counted" in v for _, v in table_rows(r))
+    assert inside_stages(run) == {"asset probes": 1.5, "probes: logistic": 1.0, "probes: tree": 0.25}
     r["machine"]["cpu_kind"]["auto_dtype"] = "float32"  # a CPU without native bf16: the forward against fp32
     assert stage_flops(r, run)["dataset+hidden_states"]["share"] == pytest.approx(forward / 100e9 / 10.0)
