@@ -18,19 +18,7 @@ from dagster import (
 from mosaic_dag.config import load_config
 from mosaic_dag.definitions import build_assets, build_definitions, resources
 from mosaic_dag.runner import register_partitions, run_experiment
-from tests.support.models import TINY_SAE, tiny_config, write_csv_dataset
-
-
-def _two_dataset_config(tmp_path: Path, model_dir: Path, train_on: list[str] | None, extra: bool = True) -> Path:
-    path = tiny_config(tmp_path, model_dir, layers=[1])
-    cfg = yaml.safe_load(path.read_text())
-    cfg["models"][0]["saes"] = [{**TINY_SAE, **({"train_on": train_on} if train_on else {})}]
-    if extra:
-        other = write_csv_dataset(tmp_path / "other.csv", n_per_class=20)
-        cfg["datasets"].append({"name": "other", "path": str(other), "text_field": "message", "label_field": "tox",
-                                "language": "en"})
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from tests.support.models import tiny_config, two_dataset_config
 
 
 def _stale(instance: DagsterInstance, config: Path) -> dict[tuple[str, str], str]:
@@ -87,7 +75,7 @@ def test_every_step_is_its_own_materialization_and_reads_its_upstream(tmp_path: 
 
 def test_editing_one_dataset_marks_exactly_its_downstream_stale(tmp_path: Path, tiny_model_dir: Path,
                                                                  dagster_home: Path):
-    config = _two_dataset_config(tmp_path, tiny_model_dir, train_on=["other"])
+    config = two_dataset_config(tmp_path, tiny_model_dir, train_on=["other"])
     run_experiment(config, progress=False, echo=lambda *_: None)
     instance = DagsterInstance.get()
     csv = tmp_path / "toy.csv"
@@ -111,7 +99,7 @@ def test_editing_one_dataset_marks_exactly_its_downstream_stale(tmp_path: Path, 
 
 def test_a_new_language_the_sae_does_not_train_on_changes_nothing_upstream_of_it(
         tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
-    config = _two_dataset_config(tmp_path, tiny_model_dir, train_on=["toy"], extra=False)
+    config = two_dataset_config(tmp_path, tiny_model_dir, train_on=["toy"], extra=False)
     run_experiment(config, progress=False, echo=lambda *_: None)
     instance = DagsterInstance.get()
 
@@ -120,7 +108,7 @@ def test_a_new_language_the_sae_does_not_train_on_changes_nothing_upstream_of_it
         return event.asset_materialization.tags["dagster/data_version"]
 
     before = sae_version()
-    config = _two_dataset_config(tmp_path, tiny_model_dir, train_on=["toy"], extra=True)  # adds other.en
+    config = two_dataset_config(tmp_path, tiny_model_dir, train_on=["toy"], extra=True)  # adds other.en
     summary = run_experiment(config, progress=False, echo=lambda *_: None)
     sae_steps = [s for s in summary.steps if s.asset == "sae"]
     assert sae_steps and all(s.metadata["cache_hit"] for s in sae_steps)  # not retrained
@@ -185,24 +173,3 @@ def test_release_sensor_ticks_add_partitions_and_automation_requests_the_runs(
     assert {s.name for s in repo.sensor_defs} == {"config_partitions_sensor", "new_sae_release_sensor",
                                                   "mosaic_automation"}
     assert not repo.schedule_defs  # the weekly refresh is the dataset asset's cron condition
-
-
-def test_two_workers_run_a_stages_partitions_at_once_with_the_same_results(tmp_path: Path, tiny_model_dir: Path,
-                                                                           dagster_home: Path):
-    """Independent partitions in two worker processes: the same table as one at a time."""
-    from mosaic_dag.evaluation.results import results_table
-    from mosaic_dag.evaluation.schema import RESULT_COLUMNS
-
-    tables = {}
-    for workers in (1, 2):
-        folder = tmp_path / f"w{workers}"
-        folder.mkdir()
-        config = _two_dataset_config(folder, tiny_model_dir, train_on=None)
-        lines: list[str] = []
-        summary = run_experiment(config, progress=False, echo=lines.append, workers=workers)
-        assert {s.asset for s in summary.steps} >= {"dataset", "hidden_states", "sae", "probes", "report"}
-        assert (f"{workers} workers" in lines[0]) == (workers > 1)
-        tables[workers] = results_table(load_config(config))
-    cols = [c for c in RESULT_COLUMNS if c != "mlflow_run_id"]
-    pd.testing.assert_frame_equal(tables[1][cols], tables[2][cols])
-    assert set(tables[2]["dataset"]) == {"toy", "other"}

@@ -99,3 +99,18 @@ def fast_config(tmp_path: Path, model_dir: Path, *, layers: list[int] | None = N
                 datasets: list[dict] | None = None, **model_extra: object) -> Path:
     """``tiny_config(fast=True)``: the preset the end-to-end reliability tests run."""
     return tiny_config(tmp_path, model_dir, layers=layers, fast=True, datasets=datasets, **model_extra)
+
+
+def two_dataset_config(tmp_path: Path, model_dir: Path, train_on: list[str] | None, extra: bool = True) -> Path:
+    """``tiny_config`` at layer 1 with TINY_SAE (trained on ``train_on``), plus a second CSV dataset ``other`` when ``extra``."""
+    import yaml
+
+    path = tiny_config(tmp_path, model_dir, layers=[1])
+    cfg = yaml.safe_load(path.read_text())
+    cfg["models"][0]["saes"] = [{**TINY_SAE, **({"train_on": train_on} if train_on else {})}]
+    if extra:
+        other = write_csv_dataset(tmp_path / "other.csv", n_per_class=20)
+        cfg["datasets"].append({"name": "other", "path": str(other), "text_field": "message", "label_field": "tox",
+                                "language": "en"})
+    path.write_text(yaml.safe_dump(cfg))
+    return path

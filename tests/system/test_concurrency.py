@@ -1,4 +1,5 @@
-"""Concurrent writers: two processes materializing the same partition leave one valid cache, never a mix.
+"""Concurrent runs: two processes materializing the same partition leave one valid cache, never a mix; two
+worker processes give the same results as one.
 
 Every artifact is written into a temp folder/file and renamed into place (``atomic_dir`` /
 ``atomic_path``); whichever writer renames last wins, whole.
@@ -14,12 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from mosaic_dag import storage
+from mosaic_dag.config import load_config
 from mosaic_dag.lm.extract import HiddenCache
+from mosaic_dag.runner import run_experiment
 from mosaic_dag.storage import atomic_dir
-from tests.support.models import fast_config
+from tests.support.models import fast_config, two_dataset_config
 from tests.support.runs import temp_leftovers
 from tests.support.runs import TEXTS_PER_DATASET, finished_caches, kill_group, mosaic_env, write_texts
 
@@ -179,3 +183,24 @@ def test_rename_retries_when_the_blocking_folder_vanished(tmp_path: Path, monkey
     with atomic_dir(tmp_path / "cache") as tmp:
         (tmp / "part").write_text("A")
     assert (tmp_path / "cache" / "part").read_text() == "A" and len(calls) == 2
+
+
+def test_two_workers_run_a_stages_partitions_at_once_with_the_same_results(tmp_path: Path, tiny_model_dir: Path,
+                                                                           dagster_home: Path):
+    """Independent partitions in two worker processes: the same table as one at a time."""
+    from mosaic_dag.evaluation.results import results_table
+    from mosaic_dag.evaluation.schema import RESULT_COLUMNS
+
+    tables = {}
+    for workers in (1, 2):
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        config = two_dataset_config(folder, tiny_model_dir, train_on=None)
+        lines: list[str] = []
+        summary = run_experiment(config, progress=False, echo=lines.append, workers=workers)
+        assert {s.asset for s in summary.steps} >= {"dataset", "hidden_states", "sae", "probes", "report"}
+        assert (f"{workers} workers" in lines[0]) == (workers > 1)
+        tables[workers] = results_table(load_config(config))
+    cols = [c for c in RESULT_COLUMNS if c != "mlflow_run_id"]
+    pd.testing.assert_frame_equal(tables[1][cols], tables[2][cols])
+    assert set(tables[2]["dataset"]) == {"toy", "other"}
