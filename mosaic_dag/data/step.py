@@ -14,8 +14,8 @@ from mosaic_dag.config import ExperimentConfig, ModelConfig
 from mosaic_dag.data import datasets as ds
 from mosaic_dag.errors import DatasetError
 from mosaic_dag.handles import DatasetHandle, UpstreamMissing
-from mosaic_dag.lm.models import LoadedModel, ModelCache, load_model
-from mosaic_dag.paths import dataset_file, models_dir
+from mosaic_dag.lm.models import LoadedModel, ModelCache, load_held
+from mosaic_dag.paths import dataset_file
 from mosaic_dag.storage import stable_hash, write_parquet
 
 
@@ -30,7 +30,7 @@ def load_behaviour_model(cfg: ExperimentConfig, name: str, models: ModelCache | 
     """The behaviour model: a configured model by name, else any id/folder/bundled model (held in ``models``)."""
     known = {m.name: m for m in cfg.models}
     mcfg = known.get(name) or ModelConfig(name="behaviour-target", id=name, layers=[0])
-    return models.load(mcfg, models_dir()) if models is not None else load_model(mcfg, models_dir())
+    return load_held(mcfg, models)
 
 
 def with_behaviour_labels(cfg: ExperimentConfig, dataset: str, language: str, raw: pd.DataFrame,

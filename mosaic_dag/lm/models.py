@@ -356,21 +356,18 @@ class ModelCache:
                     return held.tokenizer
         return load_tokenizer(cfg, cache_root)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._held.clear()
-
-    def __len__(self) -> int:
-        return len(self._held)
-
 
 ModelLoader = Callable[[str], LoadedModel]
 
 
-def load_named_model(cfg: ExperimentConfig, model: str, cache: ModelCache | None = None) -> LoadedModel:
-    """The config's model called ``model``, its snapshots under the machine's model cache; held in ``cache`` if given."""
-    mcfg = cfg.model(model)
+def load_held(mcfg: ModelConfig, cache: ModelCache | None = None) -> LoadedModel:
+    """The model of ``mcfg``, its snapshots under the machine's model cache; held in ``cache`` if given."""
     return cache.load(mcfg, models_dir()) if cache is not None else load_model(mcfg, models_dir())
+
+
+def load_named_model(cfg: ExperimentConfig, model: str, cache: ModelCache | None = None) -> LoadedModel:
+    """The config's model called ``model`` (``load_held``)."""
+    return load_held(cfg.model(model), cache)
 
 
 def model_loader(cfg: ExperimentConfig, cache: ModelCache | None = None) -> ModelLoader:

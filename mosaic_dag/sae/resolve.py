@@ -108,13 +108,6 @@ class SaeCache:
             for ident in [i for i in self._held if i.startswith(prefix)]:
                 del self._held[ident]
 
-    def clear(self) -> None:
-        with self._lock:
-            self._held.clear()
-
-    def __len__(self) -> int:
-        return len(self._held)
-
 
 def load_target_sae(cfg: ExperimentConfig, target: TargetKey, handle: SaeHandle | None = None,
                     saes: SaeCache | None = None) -> Any:

@@ -19,6 +19,7 @@ SAE classes here fall back to sae-lens's own step anywhere else.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -171,23 +172,17 @@ def _ranked_pre(s: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, norm:
     return torch.addmm(b_enc, s, W_enc).mul_(norm)
 
 
-_ONEDNN: bool | None = None
-
-
+@functools.cache
 def _onednn_linear() -> bool:
     """Whether this torch has oneDNN's linear op and it computes a small product correctly."""
-    global _ONEDNN
-    if _ONEDNN is None:
-        ok = torch.backends.mkldnn.is_available() and hasattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise")
-        if ok:
-            try:
-                x, w, b = torch.randn(5, 7), torch.randn(7, 3), torch.randn(3)
-                got = torch.ops.mkldnn._linear_pointwise(x, w.t(), b, "none", [], "")
-                ok = torch.allclose(got, torch.addmm(b, x, w), rtol=1e-5, atol=1e-5)
-            except RuntimeError:
-                ok = False
-        _ONEDNN = ok
-    return _ONEDNN
+    if not (torch.backends.mkldnn.is_available() and hasattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise")):
+        return False
+    x, w, b = (torch.linspace(-1.0, 1.0, n).reshape(shape) for n, shape in ((35, (5, 7)), (21, (7, 3)), (3, (3,))))  # no RNG draw
+    try:
+        got = torch.ops.mkldnn._linear_pointwise(x, w.t(), b, "none", [], "")
+    except RuntimeError:
+        return False
+    return torch.allclose(got, torch.addmm(b, x, w), rtol=1e-5, atol=1e-5)
 
 
 def _aux_entries(h: torch.Tensor, norm: torch.Tensor, dead: torch.Tensor, k_aux: int) -> tuple[torch.Tensor, ...]:
