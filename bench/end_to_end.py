@@ -31,6 +31,7 @@ import yaml
 from bench.common import REPO, SHARED_DATA, MissingData
 
 LANGS = {"en": "english", "fr": "french", "de": "german", "es": "spanish", "it": "italian"}
+WIDTH, K = 4096, 32  # the local BatchTopK SAE per layer
 
 
 def config(rows: int, data_dir: Path, training_tokens: int, layers: tuple[int, ...] = (6, 12),
@@ -44,8 +45,8 @@ def config(rows: int, data_dir: Path, training_tokens: int, layers: tuple[int, .
         **({} if quality_floors else {"sae_quality": {"enabled": False}}),
         "data_dir": str(data_dir),
         "models": [{"name": "gemma-3-270m", "id": "bundled:gemma-3-270m", "layers": list(layers), "max_length": 64,
-                    "saes": [{"origin": "train", "name": "local-btk4k", "architecture": "batchtopk", "width": 4096,
-                              "k": 32, "training_tokens": training_tokens}]}],
+                    "saes": [{"origin": "train", "name": "local-btk4k", "architecture": "batchtopk", "width": WIDTH,
+                              "k": K, "training_tokens": training_tokens}]}],
         "datasets": [{"name": "sentiment", "language": None, "max_rows": rows,
                       "label_names": {0: "negative", 1: "neutral", 2: "positive"},
                       "paths": {k: str(root / v) for k, v in LANGS.items()}}],
@@ -157,7 +158,7 @@ def stage_flops(r: dict[str, Any], run: dict[str, Any]) -> dict[str, dict[str, A
         return {}
     bf16 = r.get("machine", {}).get("cpu_kind", {}).get("auto_dtype") == "bfloat16"
     out: dict[str, dict[str, Any]] = {}
-    width, k = 4096, 32
+    width, k = WIDTH, K
     for name, x in run["stages"].items():
         if name.startswith("dataset+hidden_states"):
             flops = 2.0 * BLOCK_LINEAR_WEIGHTS * (max(r["layers"]) + 1) * x["tokens"]
