@@ -24,11 +24,17 @@ check-latest:   # newest allowed versions in a throwaway env: fast tests + fused
 demo: setup
 	$(VENV)/bin/mosaic demo
 
+# unit + graph run in one pytest-xdist worker per core (each worker gets its share of torch threads);
+# services, browsers, PostgreSQL, killed runs and the real Gemma run one at a time after them.
+PARALLEL := -n logical --dist worksteal
+
 test: setup   # every tier: unit, graph, system, integration (what CI runs)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) tests/unit tests/graph -m "not integration"; fast=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider -m "system or integration"; rest=$$?; \
+	exit $$(( fast || rest ))
 
 test-fast: setup   # unit + graph tiers without the real Gemma: the inner loop
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/graph -m "not integration"
+	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) tests/unit tests/graph -m "not integration"
 
 ui: setup
 	$(VENV)/bin/mosaic ui

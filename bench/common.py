@@ -147,18 +147,22 @@ def _gflops(fn: Callable[[], Any], flops: float, repeats: int) -> float:
     return flops / min(times) / 1e9
 
 
-def peak_matmul_gflops(repeats: int = 5) -> dict[str, Any]:
+SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (4096, 640, 2048), (4096, 2048, 640))
+
+
+def peak_matmul_gflops(repeats: int = 5, max_dim: int = 4096) -> dict[str, Any]:
     """Measured matmul roofline per dtype: the best GFLOP/s of ``repeats`` runs over shapes and libraries.
 
     Shapes: square 1024/2048/4096 and the Gemma 3 270M MLP shapes at 4096 rows, each through
     ``torch.matmul`` and through oneDNN directly (on the AMD CPU we measured, oneDNN's float32 product
     was up to ~1.4x faster than torch.matmul's; leaving it out would understate the fp32 roofline). The best
     (not the median) run is the roofline: what this machine demonstrably reaches, so fractions of it
-    are conservative. Contention from other processes can only lower it.
+    are conservative. Contention from other processes can only lower it. ``max_dim`` leaves out the
+    bigger shapes: a quicker, lower roofline, for smoke runs.
     """
     import torch
 
-    shapes = [(1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (4096, 640, 2048), (4096, 2048, 640)]
+    shapes = [s for s in SHAPES if max(s) <= max_dim] or [min(SHAPES, key=max)]
     out: dict[str, Any] = {}
     with torch.inference_mode():
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):

@@ -243,6 +243,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-widths", type=int, nargs="*", default=[16384, 65536])
     p.add_argument("--dense-widths", type=int, nargs="*", default=[16384, 65536])
     p.add_argument("--dense-timeout", type=float, default=180)
+    p.add_argument("--peak-max-dim", type=int, default=4096,
+                   help="largest matmul dimension of the roofline measurement (smaller: quicker and lower)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: usable cores)")
     p.add_argument("--sae-train-texts", type=int, default=1000, help="tweets whose activations section 5 trains on")
     p.add_argument("--sae-train-batches", type=int, nargs="*", default=[1024, 2048, 4096])
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return res
 
         print("[peak] measuring matmul roofline ...", flush=True)
-        res["peak"] = peak_matmul_gflops()
+        res["peak"] = peak_matmul_gflops(max_dim=args.peak_max_dim)
         print(f"[peak] fp32 {res['peak']['float32']['gflops']} GFLOP/s, bf16 {res['peak']['bfloat16']['gflops']} GFLOP/s", flush=True)
 
         t0 = time.perf_counter()
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # Roofline = the best of all measurements (before and after the section, and the spot
             # measurements before each run of (a)).
             res["peak_first"] = res["peak"]
-            res["peak"] = merge_peaks(res["peak"], peak_matmul_gflops(), *res["throughput"]["mosaic"].get("spot_peaks", []))
+            res["peak"] = merge_peaks(res["peak"], peak_matmul_gflops(max_dim=args.peak_max_dim), *res["throughput"]["mosaic"].get("spot_peaks", []))
             throughput.refraction(res["throughput"], res["peak"])
             t = res["throughput"]
             print(f"[1] mosaic {t['mosaic']['tokens_per_s']:.0f} tok/s, seed loop {t['seed_loop']['tokens_per_s']:.1f} tok/s, "

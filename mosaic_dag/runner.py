@@ -153,43 +153,45 @@ def _provenance_tags(config_path: str) -> dict[str, str]:
 
 
 def run_partition(config_path: str, job_name: str, partition: Any, label: str,
-                  resource_defs: dict[str, object] | None = None) -> PartitionRun:
+                  resource_defs: dict[str, object] | None = None, instance: Any = None) -> PartitionRun:
     """Execute one stage job for one partition in this process's Dagster instance.
 
     ``resource_defs``: the resources to run with (``definitions.resources``); passing the same ones to
-    every partition's run is what lets the model and SAE resources keep their loads between runs."""
+    every partition's run is what lets the model and SAE resources keep their loads between runs.
+    ``instance``: the open Dagster instance (default: ``DagsterInstance.get()``, which opens it anew)."""
     from dagster import DagsterInstance
     from dagster._core.errors import DagsterAssetCheckFailedError
 
     from mosaic_dag.errors import MosaicError
 
     console_level = os.environ.get("MOSAIC_LOG_LEVEL", "CRITICAL")
+    instance = instance if instance is not None else DagsterInstance.get()
     job = _definitions(config_path, resource_defs).resolve_job_def(job_name)
     t0 = time.perf_counter()
     run_id = str(uuid.uuid4())
     try:
         result = job.execute_in_process(
-            partition_key=str(partition) if partition is not None else None, instance=DagsterInstance.get(),
+            partition_key=str(partition) if partition is not None else None, instance=instance,
             tags={"mosaic/config": config_path or "demo", **_provenance_tags(config_path)}, run_id=run_id,
             run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
     except DagsterAssetCheckFailedError:
-        raise MosaicError(_failed_check_line(run_id, label)) from None
+        raise MosaicError(_failed_check_line(instance, run_id, label)) from None
     secs = time.perf_counter() - t0
-    own = _step_seconds(run_id)
+    own = _step_seconds(instance, run_id)
     steps = [StepRecord(ev.asset_key.to_user_string(), label, secs, _metadata_values(ev), own.get(ev.step_key or "", float("nan")))
              for ev in result.get_asset_materialization_events()]
     if any(not e.passed and e.blocking for e in result.get_asset_check_evaluations()):
-        raise MosaicError(_failed_check_line(run_id, label))
+        raise MosaicError(_failed_check_line(instance, run_id, label))
     return PartitionRun(job_name, label, secs, steps)
 
 
-def _step_seconds(run_id: str) -> dict[str, float]:
+def _step_seconds(instance: Any, run_id: str) -> dict[str, float]:
     """Seconds from each step's start to its success, from the run's events in the instance."""
-    from dagster import DagsterEventType, DagsterInstance
+    from dagster import DagsterEventType
 
     start: dict[str, float] = {}
     out: dict[str, float] = {}
-    records = DagsterInstance.get().all_logs(run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS})
+    records = instance.all_logs(run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS})
     for record in sorted(records, key=lambda r: r.timestamp):
         event = record.dagster_event
         if event is None or event.step_key is None:
@@ -201,11 +203,11 @@ def _step_seconds(run_id: str) -> dict[str, float]:
     return out
 
 
-def _failed_check_line(run_id: str, label: str) -> str:
+def _failed_check_line(instance: Any, run_id: str, label: str) -> str:
     """The line of the blocking check that failed in a run (its description names the number and the fix)."""
-    from dagster import DagsterEventType, DagsterInstance
+    from dagster import DagsterEventType
 
-    for record in DagsterInstance.get().all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION):
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION):
         evaluation = record.dagster_event.event_specific_data
         if not evaluation.passed and evaluation.blocking:
             key = evaluation.asset_check_key
@@ -215,6 +217,7 @@ def _failed_check_line(run_id: str, label: str) -> str:
 
 
 _WORKER_RESOURCES: dict[str, object] | None = None
+_WORKER_INSTANCE: Any = None
 
 
 def _cores() -> int:
@@ -222,15 +225,17 @@ def _cores() -> int:
 
 
 def _start_worker(config_path: str, threads: int) -> None:
-    """A worker process's resources, made once when the pool starts it, so its runs share their loads;
-    ``threads``: its share of the cores (workers x threads = the cores, not more)."""
-    global _WORKER_RESOURCES
+    """A worker process's resources and Dagster instance, made once when the pool starts it, so its runs
+    share their loads; ``threads``: its share of the cores (workers x threads = the cores, not more)."""
+    global _WORKER_RESOURCES, _WORKER_INSTANCE
     import torch
+    from dagster import DagsterInstance
 
     from mosaic_dag.definitions import resources
 
     torch.set_num_threads(threads)
     _WORKER_RESOURCES = resources(config_path or None)
+    _WORKER_INSTANCE = DagsterInstance.get()
 
 
 def _run_in_worker(config_path: str, job_name: str, partition: str | None, label: str) -> PartitionRun:
@@ -238,7 +243,7 @@ def _run_in_worker(config_path: str, job_name: str, partition: str | None, label
     from mosaic_dag.cli import _root_cause
 
     try:
-        return run_partition(config_path, job_name, partition, label, _WORKER_RESOURCES)
+        return run_partition(config_path, job_name, partition, label, _WORKER_RESOURCES, _WORKER_INSTANCE)
     except Exception as err:  # noqa: BLE001 - reported as one line by the parent
         return PartitionRun(job_name, label, 0.0, [], error=str(_root_cause(err)))
 
@@ -279,7 +284,7 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
         parts = _stage_partitions(cfg, stage[0].partitions_def)
         if n_workers <= 1 or len(parts) <= 1:
             for partition, label in parts:
-                show(run_partition(abs_config, job, partition, label, shared))
+                show(run_partition(abs_config, job, partition, label, shared, instance))
             continue
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor

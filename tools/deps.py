@@ -28,7 +28,7 @@ HEADER = (
     "# Refresh with `make lock` (newest allowed versions, full test suite, rewritten only if it passes).\n"
 )
 # The fast tier: everything but the real-model, service and process tests, plus the fused-forward checks.
-FAST_TESTS = ["tests/unit", "tests/graph", "-m", "not integration"]
+FAST_TESTS = ["-n", "logical", "--dist", "worksteal", "tests/unit", "tests/graph", "-m", "not integration"]
 FUSED_TESTS = ["tests/unit/test_fused.py", "tests/unit/test_extract.py"]
 
 

@@ -18,7 +18,7 @@ from dagster import (
 from mosaic_dag.config import load_config
 from mosaic_dag.definitions import build_assets, build_definitions, resources
 from mosaic_dag.runner import register_partitions, run_experiment
-from tests.support.models import tiny_config, two_dataset_config
+from tests.support.models import fast_config, tiny_config, two_dataset_config
 
 
 def _stale(instance: DagsterInstance, config: Path) -> dict[tuple[str, str], str]:
@@ -60,7 +60,7 @@ def test_a_step_alone_on_a_fresh_instance_names_its_missing_upstream_and_compute
 
 def test_every_step_is_its_own_materialization_and_reads_its_upstream(tmp_path: Path, tiny_model_dir: Path,
                                                                        dagster_home: Path):
-    config = tiny_config(tmp_path, tiny_model_dir, layers=[1])
+    config = fast_config(tmp_path, tiny_model_dir, layers=[1])
     summary = run_experiment(config, progress=False, echo=lambda *_: None)
     instance = DagsterInstance.get()
     for asset in ("dataset", "hidden_states", "sae", "sae_codes", "pooled_features", "probes", "conditions",

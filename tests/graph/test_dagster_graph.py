@@ -10,13 +10,16 @@ from dagster import AssetKey, DagsterInstance
 
 from mosaic_dag.cli import main
 from mosaic_dag.runner import run_experiment
-from tests.support.models import fast_config, tiny_config
+from tests.support.models import FAST_SAE, fast_config, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_run_materializes_into_the_instance_and_reuses_the_cache(tmp_path: Path, tiny_model_dir: Path, dagster_home: Path):
-    config = tiny_config(tmp_path, tiny_model_dir, layers=[0, 2])
+    config = fast_config(tmp_path, tiny_model_dir, layers=[0, 2], saes=[{**FAST_SAE, "name": "btk"}])
+    raw = yaml.safe_load(config.read_text())
+    raw["classification"]["tfidf"] = ["word"]  # the TF-IDF probe's seconds are asserted below
+    config.write_text(yaml.safe_dump(raw))
     first = run_experiment(config, progress=False, echo=lambda *_: None)
     hidden = [s for s in first.steps if s.asset == "hidden_states"]
     # one hidden_states partition per dataset: one forward pass served both layers (and both targets)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -64,6 +68,18 @@ TINY_CLASSIFICATION = {"poolings": ["mean"], "thresholds": [None], "top_n": [4],
                        "tfidf": ["word"], "bootstrap": 50}
 
 
+@functools.cache
+def _empty_mlflow_store() -> Path:
+    """An MLflow sqlite store with its tables made, once per test process (making them takes seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="mosaic-mlflow-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 def tiny_config(tmp_path: Path, model_dir: Path, layers: list[int] | None = None, *, fast: bool = False,
                 datasets: list[dict] | None = None, **model_extra: object) -> Path:
     """A config file over the tiny model and a small CSV, with everything under tmp_path. ``fast``: a
@@ -84,6 +100,8 @@ def tiny_config(tmp_path: Path, model_dir: Path, layers: list[int] | None = None
         # a tiny random model gives no healthy SAE: the quality floors have their own tests
         "sae_quality": {"enabled": False},
     }
+    if not (tmp_path / "mlflow.db").exists():  # a copy of an empty store: the run's first MLflow call skips the migration
+        shutil.copyfile(_empty_mlflow_store(), tmp_path / "mlflow.db")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -102,12 +120,13 @@ def fast_config(tmp_path: Path, model_dir: Path, *, layers: list[int] | None = N
 
 
 def two_dataset_config(tmp_path: Path, model_dir: Path, train_on: list[str] | None, extra: bool = True) -> Path:
-    """``tiny_config`` at layer 1 with TINY_SAE (trained on ``train_on``), plus a second CSV dataset ``other`` when ``extra``."""
+    """The fast preset at layer 1, its SAE named ``btk`` (target ``tiny.L1.btk``) and trained on ``train_on``,
+    plus a second CSV dataset ``other`` when ``extra``."""
     import yaml
 
-    path = tiny_config(tmp_path, model_dir, layers=[1])
+    path = fast_config(tmp_path, model_dir, layers=[1])
     cfg = yaml.safe_load(path.read_text())
-    cfg["models"][0]["saes"] = [{**TINY_SAE, **({"train_on": train_on} if train_on else {})}]
+    cfg["models"][0]["saes"] = [{**FAST_SAE, "name": "btk", **({"train_on": train_on} if train_on else {})}]
     if extra:
         other = write_csv_dataset(tmp_path / "other.csv", n_per_class=20)
         cfg["datasets"].append({"name": "other", "path": str(other), "text_field": "message", "label_field": "tox",

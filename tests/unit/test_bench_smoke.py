@@ -41,7 +41,7 @@ def test_bench_runs_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Pat
     out = tmp_path / "results"
     args = [
         "--model-id", str(tiny_model_dir), "--layer", "2", "--synthetic-texts",
-        "--texts", "24", "--max-length", "24", "--batch-tokens", "64", "--repeats", "1", "--seed-texts", "6",
+        "--texts", "24", "--max-length", "24", "--peak-max-dim", "1024", "--batch-tokens", "64", "--repeats", "1", "--seed-texts", "6",
         "--sae-width", "128", "--small-sae-width", "64", "--sae-training-tokens", "1000",
         "--sweep", "32", "128", "--cache-texts", "16", "--cache-max-length", "16",
         "--memory-sizes", "20", "60", "--memory-max-length", "8",

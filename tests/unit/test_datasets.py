@@ -141,8 +141,14 @@ def test_missing_path_and_unknown_type(tmp_path: Path):
 
 
 def test_unknown_hub_dataset_offline(monkeypatch: pytest.MonkeyPatch):
+    import datasets
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # both libraries read the variable once, at import: set what they read, or this test goes online
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DatasetError, match="hf_name 'no-such-org/no-such-dataset' could not be loaded"):
         ds.load_dataset(DatasetConfig(name="x", hf_name="no-such-org/no-such-dataset"), "en", SPLIT)
 
