@@ -19,6 +19,7 @@ from mosaic_dag.evaluation.results import results_table
 from mosaic_dag.lm.extract import HiddenCache
 from mosaic_dag.data.step import dataset_handle, read_dataset
 from mosaic_dag.lm.hidden_states import build_hidden_states, hidden_cache
+from tests.support.models import mlflow_store
 from tests.support.vlm import build_tiny_vlm
 
 SAE = {"origin": "train", "name": "btk", "architecture": "batchtopk", "width": 64, "k": 4, "training_tokens": 4000,
@@ -45,7 +46,7 @@ def test_mosaic_run_on_digits_with_a_tiny_vlm(tmp_path: Path, vlm_dir: Path, dag
         "classification": {"poolings": ["mean", "max"], "thresholds": [None], "top_n": [4], "classifiers": ["logistic"],
                            "tfidf": ["word"], "bootstrap": 50},
         "conditions": {"enabled": True, "sizes": [20, None], "imbalances": [0.5], "noise_rates": [0.0, 0.2]},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "mlflow": {"tracking_uri": mlflow_store(tmp_path)},
         "sae_quality": {"enabled": False},  # tiny random model: no healthy SAE
     }))
     assert main(["run", "--config", str(config), "--quiet"]) == 0, capsys.readouterr().err

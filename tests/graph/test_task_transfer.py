@@ -11,7 +11,7 @@ from mosaic_dag.config import load_config, parse_config
 from mosaic_dag.errors import ConfigError
 from mosaic_dag.evaluation.tasks import common_labels
 from mosaic_dag.evaluation.transfer_matrix import Split, offdiag_mean, tfidf_transfer_matrix, transfer_matrix
-from tests.support.models import SHARED_DATA, TINY_SAE, WORDS
+from tests.support.models import SHARED_DATA, TINY_SAE, WORDS, mlflow_store
 
 CLASSES = ["not_offensive", "offensive"]
 A_MAP = {"ok": "not_offensive", "toxic": "offensive"}
@@ -132,7 +132,7 @@ def test_task_transfer_in_the_graph(tmp_path: Path, tiny_model_dir: Path, dagste
             {"name": "b", "path": str(b), "task": "off", "task_classes": {"neither": "no", "offensive": "yes"}}],
         "classification": {"poolings": ["mean"], "thresholds": [None], "top_n": [4], "classifiers": ["logistic"],
                            "tfidf": ["word"], "bootstrap": 50},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "sae_quality": {"enabled": False},
+        "mlflow": {"tracking_uri": mlflow_store(tmp_path)}, "sae_quality": {"enabled": False},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg_raw))

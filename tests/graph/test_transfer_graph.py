@@ -14,7 +14,7 @@ from mosaic_dag.config import load_config
 from mosaic_dag.evaluation.results import results_table
 from mosaic_dag.data.step import read_dataset
 from mosaic_dag.runner import run_experiment
-from tests.support.models import TINY_SAE, SHARED_DATA, WORDS
+from tests.support.models import TINY_SAE, SHARED_DATA, WORDS, mlflow_store
 
 FAST = {"poolings": ["mean"], "thresholds": [None], "top_n": [4], "classifiers": ["logistic"],
         "tfidf": ["word"], "bootstrap": 50}
@@ -40,7 +40,7 @@ def write_config(tmp_path: Path, model_dir: Path, datasets: list[dict], **extra)
         "models": [{"name": "tiny", "id": str(model_dir), "layers": [1], "max_length": 24, "batch_tokens": 256,
                     "saes": [TINY_SAE]}],
         "datasets": datasets, "classification": FAST,
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "mlflow": {"tracking_uri": mlflow_store(tmp_path)},
         "sae_quality": {"enabled": False}, **extra,  # tiny random model: no healthy SAE
     }
     path = tmp_path / "config.yaml"

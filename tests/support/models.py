@@ -80,6 +80,16 @@ def _empty_mlflow_store() -> Path:
     return path
 
 
+def mlflow_store(folder: Path) -> str:
+    """Tracking URI of ``folder/mlflow.db``, a copy of an empty store where there is none yet (the run's first
+    MLflow call then finds its tables made and skips the migration)."""
+    path = folder / "mlflow.db"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_mlflow_store(), path)
+    return f"sqlite:///{path}"
+
+
 def tiny_config(tmp_path: Path, model_dir: Path, layers: list[int] | None = None, *, fast: bool = False,
                 datasets: list[dict] | None = None, **model_extra: object) -> Path:
     """A config file over the tiny model and a small CSV, with everything under tmp_path. ``fast``: a
@@ -96,12 +106,10 @@ def tiny_config(tmp_path: Path, model_dir: Path, layers: list[int] | None = None
         "classification": dict(FAST_CLASSIFICATION) if fast else TINY_CLASSIFICATION,
         "datasets": datasets if datasets is not None else [
             {"name": "toy", "path": str(csv), "text_field": "message", "label_field": "tox", "language": "en"}],
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "mlflow": {"tracking_uri": mlflow_store(tmp_path)},
         # a tiny random model gives no healthy SAE: the quality floors have their own tests
         "sae_quality": {"enabled": False},
     }
-    if not (tmp_path / "mlflow.db").exists():  # a copy of an empty store: the run's first MLflow call skips the migration
-        shutil.copyfile(_empty_mlflow_store(), tmp_path / "mlflow.db")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -30,7 +30,7 @@ from hypothesis import strategies as st  # noqa: E402
 from mosaic_dag.cli import main  # noqa: E402
 from mosaic_dag.lm.extract import HiddenCache  # noqa: E402
 from tests.support.models import WORDS
-from tests.support.models import FAST_CLASSIFICATION, FAST_SAE
+from tests.support.models import FAST_CLASSIFICATION, FAST_SAE, mlflow_store
 
 EXAMPLES = int(os.environ.get("MOSAIC_FUZZ_EXAMPLES", "8"))
 RAW_EXCEPTION = re.compile(r"^[A-Z][A-Za-z0-9_]*(Error|Exception|Warning)\b")
@@ -135,7 +135,7 @@ def test_random_input_ends_in_results_or_one_clear_line(data, over, tiny_model_d
                         "batch_tokens": 64, "saes": [dict(FAST_SAE)]}],
             "datasets": [{"name": "fz", "path": str(path), "language": "en"}],
             "classification": {**FAST_CLASSIFICATION, **over["classification"]},
-            "mlflow": {"tracking_uri": f"sqlite:///{dagster_home / 'mlflow.db'}"},
+            "mlflow": {"tracking_uri": mlflow_store(dagster_home)},
         }
         if over["split"]:
             config["split"] = over["split"]
