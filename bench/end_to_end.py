@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import REPO, SHARED_DATA, MissingData
+from bench.common import REPO, SHARED_DATA, MissingData, machine, peak_matmul_gflops, write_json
 
 LANGS = {"en": "english", "fr": "french", "de": "german", "es": "spanish", "it": "italian"}
 WIDTH, K = 4096, 32  # the local BatchTopK SAE per layer
@@ -119,12 +119,15 @@ def inside_stages(res: dict[str, Any]) -> dict[str, float]:
 
 
 def run(rows: int = 1000, workers: tuple[int, ...] = (1, 2), training_tokens: int = 200_000,
-        timeout: float = 3600, quality_floors: bool = True) -> dict[str, Any]:
+        timeout: float = 3600, quality_floors: bool = True, peak: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The experiment once per worker count; ``peak``: the roofline for the stages' FLOP shares (measured
+    here first when not given)."""
     from bench.common import load_average
 
     res: dict[str, Any] = {"rows_per_language": rows, "languages": list(LANGS), "layers": [6, 12],
-                           "sae": "local BatchTopK 4096, k 32", "training_tokens": training_tokens, "runs": {},
-                           "load_average_start": load_average()}
+                           "sae": f"local BatchTopK {WIDTH}, k {K}", "training_tokens": training_tokens, "runs": {},
+                           "quality_floors": quality_floors, "machine": machine(),
+                           "peak": peak or peak_matmul_gflops(3), "load_average_start": load_average()}
     with tempfile.TemporaryDirectory(prefix="mosaic-e2e-") as tmp:
         for w in workers:
             print(f"[7/8] end-to-end, {rows} texts x {len(LANGS)} languages, workers {w} ...", flush=True)
@@ -158,16 +161,15 @@ def stage_flops(r: dict[str, Any], run: dict[str, Any]) -> dict[str, dict[str, A
         return {}
     bf16 = r.get("machine", {}).get("cpu_kind", {}).get("auto_dtype") == "bfloat16"
     out: dict[str, dict[str, Any]] = {}
-    width, k = WIDTH, K
     for name, x in run["stages"].items():
         if name.startswith("dataset+hidden_states"):
             flops = 2.0 * BLOCK_LINEAR_WEIGHTS * (max(r["layers"]) + 1) * x["tokens"]
             rate = peak["bfloat16" if bf16 else "float32"]["gflops"]
         elif name == "sae":
-            per = step_flops(1024, D_MODEL, width, nnz=k * 1024)["total"] / 1024
+            per = step_flops(1024, D_MODEL, WIDTH, nnz=K * 1024)["total"] / 1024
             flops, rate = per * r["training_tokens"] * x["steps"], peak["float32"]["gflops"]
         elif name.startswith("sae_codes"):
-            flops, rate = 2.0 * D_MODEL * width * x["tokens"], peak["float32"]["gflops"]
+            flops, rate = 2.0 * D_MODEL * WIDTH * x["tokens"], peak["float32"]["gflops"]
         else:
             continue
         out[name] = {"flops": flops, "roofline_s": flops / rate / 1e9, "share": flops / rate / 1e9 / x["seconds"]}
@@ -195,6 +197,10 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def table_markdown(r: dict[str, Any]) -> str:
+    return "\n".join(["| measurement | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table_rows(r)])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.end_to_end", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,26 +217,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="print the table of a saved result (its JSON) with the roofline measured now, and run nothing")
     args = p.parse_args(argv)
     if args.table_from:
-        from bench.common import peak_matmul_gflops
-
         saved = json.loads(args.table_from.read_text())
         saved["peak"] = saved.get("peak") or peak_matmul_gflops(3)
-        print("\n".join(["| measurement | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table_rows(saved)]))
+        print(table_markdown(saved))
         return
     if args.child:
         Path(args.result).write_text(json.dumps(child(argparse.Namespace(config=args.config, workers=args.workers[0]))))
         return
-    from bench.common import machine, write_json
-
-    from bench.common import peak_matmul_gflops
-
-    peak = peak_matmul_gflops(3)  # for the stages' roofline shares
     res = run(args.rows, tuple(args.workers), args.training_tokens, quality_floors=not args.no_quality_floors)
-    res["peak"] = peak
-    res["quality_floors"] = not args.no_quality_floors
-    res["machine"] = machine()
-    rows = table_rows(res)
-    md = "\n".join(["| measurement | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    md = table_markdown(res)
     res["table_markdown"] = md
     print(md)
     write_json(args.out, res)

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["wide_sae"] = wide_sae.run(args.wide_texts, tuple(args.wide_widths), threads, args.synthetic_texts, args.model_id)
         if "7" in args.sections or "8" in args.sections:
             w = (1, 2) if "7" in args.sections else (1,)
-            res["end_to_end"] = end_to_end.run(args.e2e_rows, w, args.e2e_training_tokens)
+            res["end_to_end"] = end_to_end.run(args.e2e_rows, w, args.e2e_training_tokens, peak=res["peak"])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     res["verdicts"] = verdicts(res)

@@ -220,7 +220,8 @@ _WORKER_RESOURCES: dict[str, object] | None = None
 _WORKER_INSTANCE: Any = None
 
 
-def _cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -291,7 +292,7 @@ def run_experiment(config_path: str | Path | None, *, progress: bool = True, ech
 
         n_procs = min(n_workers, len(parts))
         with ProcessPoolExecutor(max_workers=n_procs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_start_worker, initargs=(abs_config, max(1, _cores() // n_procs))) as pool:
+                                 initializer=_start_worker, initargs=(abs_config, max(1, usable_cores() // n_procs))) as pool:
             futures = [pool.submit(_run_in_worker, abs_config, job, None if p is None else str(p), label)
                        for p, label in parts]
             errors = []

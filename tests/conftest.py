@@ -60,8 +60,6 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
-
 def _share_cores_between_workers() -> None:
     """Under pytest-xdist each worker gets its share of the cores (torch's default, all of them per
     worker, oversubscribes the machine and slows every worker down)."""
@@ -69,8 +67,9 @@ def _share_cores_between_workers() -> None:
     if workers > 1:
         import torch
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // workers))
+        from mosaic_dag.runner import usable_cores
+
+        torch.set_num_threads(max(1, usable_cores() // workers))
 
 
 _share_cores_between_workers()
